@@ -1,0 +1,183 @@
+"""What every distillation method takes in, the base class it derives from, and the shared helpers.
+
+How AID weights reach a method (the same rule for every method in this package):
+
+- *pixel-wise* terms (attention-masked feature loss, FitNet, FGD foreground) use ``pixel_weights`` (one (B, H, W) map
+  per level: the instance weight inside a box's footprint, 1 elsewhere);
+- *global* terms (attention transfer, non-local, FGD attention and global terms) use ``image_weights`` (B,);
+- *every* term of level ``l`` is multiplied by ``level_weights[l]``.
+
+A weight that is missing (``None``) counts as 1. Weights are applied so that a constant weight ``w`` scales a term by
+exactly ``w``: for squared-error terms (FitNet, FGD) the weight multiplies the squared error; for L2-norm terms
+(attention-masked feature loss, attention transfer, non-local: ``sqrt`` of a sum of squares) it multiplies the
+residual, i.e. ``w**2`` weights the squared error inside the square root. All weights equal to 1 give back the
+unweighted loss exactly, and the ``instance``, ``image`` and ``level`` granularities of AID agree when their weights
+agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class DistillInputs:
+    """Everything a distillation method sees for one batch (docs/architecture.md).
+
+    student: per FPN level (finest first) the student features (B, Cs, H, W).
+    teacher: per level the teacher features (B, Ct, H, W), detached.
+    strides: per level the feature stride in input pixels.
+    boxes: per image the ground-truth boxes (N_i, 4), xyxy in input-tensor pixels.
+    pixel_weights: per level (B, H, W): AID weight inside boxes, 1 elsewhere; ``None`` = all ones.
+    image_weights: (B,) weights of the global terms; ``None`` = all ones.
+    level_weights: (L,) one weight per level for all its terms; ``None`` = all ones.
+    """
+
+    student: list[Tensor]
+    teacher: list[Tensor]
+    strides: list[int]
+    boxes: list[Tensor]
+    pixel_weights: list[Tensor] | None = None
+    image_weights: Tensor | None = None
+    level_weights: Tensor | None = None
+
+
+class DistillMethod(nn.Module):
+    """Base of the method modules: owns adapters / learnable parts for ``num_levels`` FPN levels.
+
+    Subclasses set ``name`` and implement ``forward(inputs: DistillInputs) -> dict[str, Tensor]`` that returns named,
+    already weighted loss terms summed over levels. ``check(inputs)`` (called by ``forward``) fails loudly, naming
+    the level, when the inputs do not fit the module.
+    """
+
+    name: ClassVar[str] = "base"
+    uses_boxes: ClassVar[bool] = False
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
+        super().__init__()
+        for what, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels),
+                            ("num_levels", num_levels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{self.name}: {what} must be a positive int, got {value!r}")
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.num_levels = num_levels
+
+    def extra_repr(self) -> str:
+        return (f"student_channels={self.student_channels}, teacher_channels={self.teacher_channels}, "
+                f"num_levels={self.num_levels}")
+
+    def _level_name(self, level: int, inputs: DistillInputs) -> str:
+        if len(inputs.strides) == len(inputs.student) and level < len(inputs.strides):
+            return f"level {level} (stride {inputs.strides[level]})"
+        return f"level {level}"
+
+    def check(self, inputs: DistillInputs) -> None:
+        """Validate level count, shapes and channel counts; raise ``ValueError`` naming the offending level."""
+        n = self.name
+        L = self.num_levels
+        if len(inputs.student) != L or len(inputs.teacher) != L:
+            raise ValueError(f"{n}: built for {L} FPN levels but got {len(inputs.student)} student and "
+                             f"{len(inputs.teacher)} teacher levels")
+        if len(inputs.strides) != L:
+            raise ValueError(f"{n}: got {len(inputs.strides)} strides for {L} levels")
+        batch = inputs.student[0].shape[0] if inputs.student[0].dim() == 4 else None
+        for i, (s, t) in enumerate(zip(inputs.student, inputs.teacher)):
+            where = f"{n}: {self._level_name(i, inputs)}"
+            if s.dim() != 4 or t.dim() != 4:
+                raise ValueError(f"{where}: features must be (B, C, H, W); got student {tuple(s.shape)}, "
+                                 f"teacher {tuple(t.shape)}")
+            if s.shape[0] != t.shape[0] or s.shape[0] != batch:
+                raise ValueError(f"{where}: batch size mismatch: student {s.shape[0]}, teacher {t.shape[0]} "
+                                 f"(level 0 has {batch})")
+            if s.shape[-2:] != t.shape[-2:]:
+                raise ValueError(f"{where}: spatial size mismatch: student {tuple(s.shape[-2:])} vs teacher "
+                                 f"{tuple(t.shape[-2:])}")
+            if s.shape[1] != self.student_channels:
+                raise ValueError(f"{where}: student has {s.shape[1]} channels but the adapter expects "
+                                 f"{self.student_channels}")
+            if t.shape[1] != self.teacher_channels:
+                raise ValueError(f"{where}: teacher has {t.shape[1]} channels but the adapter expects "
+                                 f"{self.teacher_channels}")
+            if inputs.pixel_weights is not None:
+                if len(inputs.pixel_weights) != L:
+                    raise ValueError(f"{n}: got {len(inputs.pixel_weights)} pixel-weight maps for {L} levels")
+                pw = inputs.pixel_weights[i]
+                expected = (s.shape[0], s.shape[2], s.shape[3])
+                if tuple(pw.shape) != expected:
+                    raise ValueError(f"{where}: pixel_weights shape {tuple(pw.shape)} != {expected} (B, H, W)")
+        if inputs.image_weights is not None and tuple(inputs.image_weights.shape) != (batch,):
+            raise ValueError(f"{n}: image_weights shape {tuple(inputs.image_weights.shape)} != ({batch},)")
+        if inputs.level_weights is not None and tuple(inputs.level_weights.shape) != (L,):
+            raise ValueError(f"{n}: level_weights shape {tuple(inputs.level_weights.shape)} != ({L},)")
+        if self.uses_boxes:
+            if len(inputs.boxes) != batch:
+                raise ValueError(f"{n}: got boxes for {len(inputs.boxes)} images but the batch has {batch}")
+            for b, bx in enumerate(inputs.boxes):
+                if bx.dim() != 2 or bx.shape[-1] != 4:
+                    raise ValueError(f"{n}: boxes of image {b} must be (N, 4) xyxy, got {tuple(bx.shape)}")
+
+    @staticmethod
+    def _pixel_weight(inputs: DistillInputs, level: int) -> Tensor | None:
+        return None if inputs.pixel_weights is None else inputs.pixel_weights[level]
+
+    @staticmethod
+    def _level_weight(inputs: DistillInputs, level: int) -> Tensor | float:
+        return 1.0 if inputs.level_weights is None else inputs.level_weights[level]
+
+
+def make_adapter(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """1x1 conv adapter from student to teacher channels."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+
+def weighted_norm(residual: Tensor, image_weights: Tensor | None = None) -> Tensor:
+    """L2 norm of ``residual`` (B, ...) over the whole batch, each image's residual scaled by its weight.
+
+    ``sqrt(sum_b w_b**2 * ||r_b||**2)``: equal to ``||r||_2`` when all weights are 1 and to ``w * ||r||_2`` for a
+    constant weight ``w``. Uses ``vector_norm`` so the gradient at a zero residual is 0, not NaN.
+    """
+    if image_weights is not None:
+        residual = residual * image_weights.to(residual.dtype).view(-1, *([1] * (residual.dim() - 1)))
+    return torch.linalg.vector_norm(residual)
+
+
+def weighted_batch_mean(per_image: Tensor, image_weights: Tensor | None = None) -> Tensor:
+    """``sum_b w_b * per_image[b] / B`` (the plain batch mean when weights are ``None`` or all 1)."""
+    if image_weights is not None:
+        per_image = per_image * image_weights.to(per_image.dtype)
+    return per_image.sum() / per_image.shape[0]
+
+
+def box_cell_owner(boxes: Tensor, height: int, width: int, stride: int | float) -> Tensor:
+    """For one image, the index of the box that owns each feature cell, or -1 for background. Shape (H, W), int64.
+
+    A cell (x, y) belongs to box k when its centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside the box
+    (``x1 <= cx < x2`` and ``y1 <= cy < y2``). A box that covers no cell centre (small boxes, boxes off the map)
+    claims the cell holding its own centre, clamped into the map. Where boxes overlap, the smallest box (by area)
+    wins; ties go to the lower index. Vectorised over boxes and cells.
+    """
+    device = boxes.device
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.full((height, width), -1, dtype=torch.long, device=device)
+    boxes = boxes.to(torch.float32)
+    cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride  # (W,)
+    cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride  # (H,)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    inside_x = (cx[None, :] >= x1[:, None]) & (cx[None, :] < x2[:, None])  # (N, W)
+    inside_y = (cy[None, :] >= y1[:, None]) & (cy[None, :] < y2[:, None])  # (N, H)
+    member = inside_y[:, :, None] & inside_x[:, None, :]  # (N, H, W)
+    empty = ~member.flatten(1).any(dim=1)  # (N,)
+    if bool(empty.any()):
+        centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
+        centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
+        k = torch.nonzero(empty).squeeze(1)
+        member[k, centre_row[k], centre_col[k]] = True
+    area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0))  # (N,)
+    keyed = torch.where(member, area[:, None, None], torch.full_like(area, float("inf"))[:, None, None])
+    owner = keyed.argmin(dim=0)  # (H, W), first minimum wins ties
+    return torch.where(member.any(dim=0), owner, torch.full_like(owner, -1))

@@ -1,0 +1,146 @@
+"""The distiller: a frozen teacher, a trainable student and the distillation methods between their FPN features.
+
+The teacher is held *outside* the module tree (`FrozenTeacher` is a plain object, not an ``nn.Module`` attribute),
+so it is never in ``state_dict()``, never handed to the optimizer and never wrapped for gradient sync — no
+``__setattr__`` tricks. It runs in eval mode under ``torch.no_grad()``; one forward per step yields both its FPN
+features and (for AID) its per-instance losses.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from aidkd.distill.aid import AIDWeighting
+from aidkd.distill.base import DistillInputs
+from aidkd.distill.registry import build_method
+from aidkd.models.ops import detection_losses, extract_features, feature_strides, teacher_losses
+
+log = logging.getLogger("aidkd.distill")
+
+
+class FrozenTeacher:
+    """A trained detector used only for inference: eval mode, no gradients, batch norm statistics frozen."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def to(self, device) -> "FrozenTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def features(self, images):
+        self.model.eval()  # stays in eval even if someone called .train() on it
+        return extract_features(self.model, images)
+
+
+@dataclass
+class LevelMatch:
+    """Student level index -> teacher level index, matched by stride."""
+
+    student_idx: list[int]
+    teacher_idx: list[int]
+    strides: list[int]
+
+
+def match_levels(s_strides: list[int], t_strides: list[int]) -> LevelMatch:
+    common = [s for s in s_strides if s in t_strides]
+    if not common:
+        raise ValueError(f"student FPN strides {s_strides} and teacher FPN strides {t_strides} share no level; "
+                         "distillation needs at least one common stride")
+    return LevelMatch([s_strides.index(s) for s in common], [t_strides.index(s) for s in common], common)
+
+
+class Distiller(nn.Module):
+    """Student + distillation modules (trainable, checkpointed) with a frozen teacher beside them.
+
+    ``forward(images, targets)`` returns the student's detection losses plus every weighted distillation term
+    (keys ``distill/<method>/<term>``) and AID statistics in ``self.last_stats``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
+                 sample_shape: tuple[int, int] = (128, 256)):
+        super().__init__()
+        self.student = student
+        self.teacher = FrozenTeacher(teacher)
+        self.aid = aid
+        self._check_transforms()
+        self.levels, s_ch, t_ch = self._dry_run(sample_shape)
+        n = len(self.levels.strides)
+        self.methods = nn.ModuleDict({name: build_method(params.pop("name", name), s_ch, t_ch, n, **params)
+                                      for name, params in ((k, dict(v)) for k, v in methods.items())})
+        if not self.methods:
+            raise ValueError("distillation needs at least one method (e.g. attention, nonlocal, fitnet, fgd)")
+        self.last_stats: dict[str, float] = {}
+        self.last_inputs: DistillInputs | None = None
+
+    # ------------------------------------------------------------------ wiring checks
+    def _check_transforms(self) -> None:
+        s, t = self.student.transform, self.teacher.model.transform
+        if list(s.image_mean) != list(t.image_mean) or list(s.image_std) != list(t.image_std):
+            raise ValueError(f"teacher and student normalise differently (mean {t.image_mean} vs {s.image_mean}, "
+                             f"std {t.image_std} vs {s.image_std}); they must see the same input tensor")
+
+    @torch.no_grad()
+    def _dry_run(self, shape: tuple[int, int]) -> tuple[LevelMatch, int, int]:
+        """Run both backbones once on a blank image: every tapped level must exist and shapes must line up."""
+        was_training = self.student.training
+        self.student.eval()
+        images, _ = self.student.transform([torch.zeros(3, *shape)])
+        s_feats = extract_features(self.student, images)
+        t_feats = self.teacher.features(images)
+        self.student.train(was_training)
+        if not s_feats or not t_feats:
+            raise ValueError("a backbone returned no FPN features")
+        match = match_levels(feature_strides(images, s_feats), feature_strides(images, t_feats))
+        s_list, t_list = list(s_feats.values()), list(t_feats.values())
+        for si, ti, st in zip(match.student_idx, match.teacher_idx, match.strides):
+            if s_list[si].shape[-2:] != t_list[ti].shape[-2:]:
+                raise ValueError(f"stride {st}: student level {si} is {tuple(s_list[si].shape[-2:])} but teacher "
+                                 f"level {ti} is {tuple(t_list[ti].shape[-2:])}")
+        s_ch = {f.shape[1] for f in s_list}
+        t_ch = {f.shape[1] for f in t_list}
+        if len(s_ch) != 1 or len(t_ch) != 1:
+            raise ValueError(f"FPN levels must share one width; student {s_ch}, teacher {t_ch}")
+        log.info("distiller wired: strides %s, student %d ch -> teacher %d ch", match.strides, *s_ch, *t_ch)
+        return match, s_ch.pop(), t_ch.pop()
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.model.eval()
+        return self
+
+    # ------------------------------------------------------------------ one step
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        student = self.student
+        image_list, targets = student.transform(images, targets)
+        s_feats = extract_features(student, image_list)
+        losses = detection_losses(student, image_list, s_feats, targets)
+
+        t_feats = self.teacher.features(image_list)
+        s_all, t_all = list(s_feats.values()), list(t_feats.values())
+        s_sel = [s_all[i] for i in self.levels.student_idx]
+        t_sel = [t_all[i].detach() for i in self.levels.teacher_idx]
+        boxes = [t["boxes"] for t in targets]
+
+        pixel_w = image_w = level_w = None
+        if self.aid is not None:
+            with torch.no_grad():
+                tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
+                per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
+                pixel_w, image_w, level_w = self.aid.make(
+                    tl.per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
+                    self.levels.strides, len(images))
+                self.last_stats = self.aid.stats(tl.per_instance)
+        inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
+                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
+        self.last_inputs = inputs
+        for name, method in self.methods.items():
+            for term, value in method(inputs).items():
+                losses[f"distill/{name}/{term}"] = value
+        return losses

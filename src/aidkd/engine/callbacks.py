@@ -1,0 +1,118 @@
+"""Callbacks that watch a run: model export, instance-weight and attention images, interrupt checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from aidkd.engine.model_io import save_model_file
+
+log = logging.getLogger("aidkd.engine")
+
+
+class ExportModel(L.Callback):
+    """After each validation: write ``model_last.pt`` and, when the monitored metric improves, ``model_best.pt``.
+
+    These hold the student detector alone (no teacher, no distillation modules) and load with ``aidkd eval``.
+    """
+
+    def __init__(self, out_dir: str | Path, monitor: str = "coco/AP"):
+        self.out_dir = Path(out_dir)
+        self.monitor = monitor
+        self.best = -float("inf")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not pl_module.last_metrics:
+            return
+        metrics = dict(pl_module.last_metrics, epoch=trainer.current_epoch, step=trainer.global_step)
+        save_model_file(self.out_dir / "model_last.pt", pl_module.model, pl_module.meta, metrics)
+        value = metrics.get(self.monitor, -float("inf"))
+        if value > self.best:
+            self.best = value
+            save_model_file(self.out_dir / "model_best.pt", pl_module.model, pl_module.meta, metrics)
+            (self.out_dir / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
+        with open(self.out_dir / "metrics_history.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best", self.best)
+
+
+class InterruptCheckpoint(L.Callback):
+    """On Ctrl-C (SIGINT) save ``checkpoints/interrupted.ckpt`` before Lightning shuts the run down."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.ckpt_dir = Path(ckpt_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            path = self.ckpt_dir / "interrupted.ckpt"
+            trainer.save_checkpoint(path)
+            log.warning("interrupted: checkpoint saved to %s (resume with --resume %s)", path, path)
+
+
+class DistillImages(L.Callback):
+    """Every ``every`` steps, log to TensorBoard the AID instance weights over the input and the attention masks."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        d = pl_module.distiller
+        if (d is None or self.every <= 0 or trainer.global_step % self.every or d.last_inputs is None
+                or not trainer.is_global_zero):
+            return
+        writer = _tensorboard(trainer)
+        if writer is None:
+            return
+        images, targets = batch
+        inputs = d.last_inputs
+        image = images[0].detach().cpu()
+        weights = None
+        if d.aid is not None and inputs.pixel_weights is not None:
+            weights = d.aid.instance_weights_of_last_batch(0) if hasattr(d.aid, "instance_weights_of_last_batch") \
+                else None
+        writer.add_image("distill/instance_weights", weight_overlay(image, targets[0]["boxes"].cpu(), weights,
+                                                                     inputs.pixel_weights),
+                         trainer.global_step)
+        from aidkd.distill.attention import attention_masks
+
+        spatial, _ = attention_masks(inputs.teacher[0][:1].float(), 0.5)
+        writer.add_image("distill/teacher_spatial_attention", _heat(spatial[0]), trainer.global_step)
+
+
+def _tensorboard(trainer):
+    for lg in trainer.loggers:
+        if isinstance(lg, L.pytorch.loggers.TensorBoardLogger):
+            return lg.experiment
+    return None
+
+
+def _heat(m: torch.Tensor) -> torch.Tensor:
+    m = m.detach().float().cpu()
+    m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+    return m.unsqueeze(0)
+
+
+def weight_overlay(image: torch.Tensor, boxes: torch.Tensor, weights, pixel_weights) -> torch.Tensor:
+    """The input image with the finest level's per-pixel AID weight blended in red (low weight = red)."""
+    img = image.clone().float()
+    if pixel_weights is not None:
+        pw = pixel_weights[0][0].detach().float().cpu()[None, None]
+        pw = torch.nn.functional.interpolate(pw, size=img.shape[-2:], mode="nearest")[0, 0]
+        img[0] = torch.clamp(img[0] + (1 - pw) * 0.8, 0, 1)
+        img[1:] = img[1:] * pw.clamp(0.2, 1)
+    for b in boxes.round().long().tolist():
+        x1, y1, x2, y2 = [int(np.clip(v, 0, s - 1)) for v, s in zip(b, [img.shape[2], img.shape[1]] * 2)]
+        img[:, y1, x1:x2 + 1] = torch.tensor([1.0, 1.0, 0.0])[:, None]
+        img[:, y2, x1:x2 + 1] = torch.tensor([1.0, 1.0, 0.0])[:, None]
+        img[:, y1:y2 + 1, x1] = torch.tensor([1.0, 1.0, 0.0])[:, None]
+        img[:, y1:y2 + 1, x2] = torch.tensor([1.0, 1.0, 0.0])[:, None]
+    return img

@@ -1,0 +1,271 @@
+"""Typed run configuration, loaded from YAML (``yaml.safe_load``) and validated strictly.
+
+An unknown key or a value of the wrong type is an error that names the dotted key, e.g.
+``config key 'train.lr': expected float, got str 'fast'``. ``--set key=value`` overrides use the same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+KITTI_CLASSES = ["Car", "Pedestrian", "Cyclist"]
+KITTI_IGNORE = ["Van", "Truck", "Person_sitting", "Tram", "Misc", "DontCare"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class SynthConfig:
+    num_images: int = 160
+    seed: int = 0
+    width: int = 320
+    height: int = 96
+    hard_fraction: float = 0.2
+    mislabel_fraction: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    format: Literal["kitti", "coco", "synth"] = "synth"
+    root: str | None = None  # KITTI root (training/image_2, training/label_2) or where synth data is written
+    train_split: str = "train"
+    val_split: str = "val"
+    train_split_file: str | None = None
+    val_split_file: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    train_ann: str | None = None  # COCO json
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    classes: list[str] | None = None  # default: KITTI's three classes, or all COCO categories
+    ignore_classes: list[str] | None = None  # default (KITTI/synth): Van, Truck, Person_sitting, Tram, Misc, DontCare
+    min_size: int = 96
+    max_size: int = 320
+    hflip: float = 0.5
+    batch_size: int = 4
+    val_batch_size: int | None = None
+    num_workers: int = 0
+    skip_invalid: bool = False
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["retinanet", "fcos", "fasterrcnn", "gfl"] = "retinanet"
+    backbone: str = "resnet18"
+    fpn_channels: int = 64
+    weights: str | None = None  # a local detector checkpoint, or a torchvision weight enum name (needs internet)
+    backbone_weights: str | None = None  # a local ImageNet state dict, or e.g. "ResNet50_Weights.IMAGENET1K_V1"
+    trainable_backbone_layers: int = 5
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the torchvision detector constructor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_steps: int = -1
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    warmup_factor: float = 0.001
+    scheduler: Literal["step", "cosine", "none"] = "step"
+    milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the total steps
+    gamma: float = 0.1
+    grad_clip: float | None = 10.0
+    precision: str = "auto"  # "auto": 16-mixed on GPU, 32 on CPU
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    deterministic: bool = False
+    val_every: int = 1  # epochs
+    log_every: int = 10  # steps
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    kitti: bool | None = None  # KITTI AP_R40 (default: on for KITTI/synth data)
+    score_thresh: float = 0.05
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str | None = None  # aidkd model file or Lightning checkpoint of a trained teacher
+    arch: str | None = None  # defaults from the checkpoint's metadata
+    backbone: str | None = None
+    fpn_channels: int | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = "attention"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AIDConfig:
+    enabled: bool = True
+    granularity: Literal["instance", "image", "level"] = "instance"
+    alpha: float = 0.1
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    methods: list[MethodConfig] = field(default_factory=list)
+    aid: AIDConfig = field(default_factory=AIDConfig)
+    image_log_every: int = 200  # steps between instance-weight / attention images in TensorBoard (0: never)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; build nested dataclasses; error names ``key``."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got "
+            f"{type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}': expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
