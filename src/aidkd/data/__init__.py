@@ -1,0 +1,78 @@
+"""Data: KITTI / COCO readers, the detection dataset, dataset checks and the synthetic driving-scene generator."""
+from .check import ScanResult, check_dataset, combine_errors, sort_errors
+from .coco import (
+    TRAFFIC_CLASSES_11,
+    TRAFFIC_CLASSES_13,
+    TRAFFIC_KEEP_IMAGE_CLASSES,
+    coco_category_ids,
+    default_image_dir,
+    load_coco_records,
+    make_coco_traffic,
+    read_coco_json,
+    scan_coco,
+)
+from .dataset import DetectionDataset, collate_fn, validate_record, validate_records
+from .images import check_image, image_to_tensor, read_image, read_image_size
+from .kitti import (
+    KITTI_CLASSES,
+    KITTI_DEFAULT_CLASSES,
+    KITTI_DEFAULT_IGNORE,
+    format_kitti_line,
+    kitti_dirs,
+    load_kitti_records,
+    parse_kitti_label_file,
+    parse_kitti_line,
+    read_kitti_label_dir,
+    read_split_file,
+    scan_kitti,
+    split_stems,
+    write_kitti_label_file,
+)
+from .structures import DatasetError, ImageRecord, ObjectAnnotation
+from .synth import generate_synth, render_scene
+from .transforms import resize_image, resize_scale, resized_size
+
+__all__ = [
+    "KITTI_CLASSES",
+    "KITTI_DEFAULT_CLASSES",
+    "KITTI_DEFAULT_IGNORE",
+    "TRAFFIC_CLASSES_11",
+    "TRAFFIC_CLASSES_13",
+    "TRAFFIC_KEEP_IMAGE_CLASSES",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageRecord",
+    "ObjectAnnotation",
+    "ScanResult",
+    "check_dataset",
+    "check_image",
+    "coco_category_ids",
+    "collate_fn",
+    "combine_errors",
+    "default_image_dir",
+    "format_kitti_line",
+    "generate_synth",
+    "image_to_tensor",
+    "kitti_dirs",
+    "load_coco_records",
+    "load_kitti_records",
+    "make_coco_traffic",
+    "parse_kitti_label_file",
+    "parse_kitti_line",
+    "read_coco_json",
+    "read_image",
+    "read_image_size",
+    "read_kitti_label_dir",
+    "read_split_file",
+    "render_scene",
+    "resize_image",
+    "resize_scale",
+    "resized_size",
+    "scan_coco",
+    "scan_kitti",
+    "sort_errors",
+    "split_stems",
+    "validate_record",
+    "validate_records",
+    "write_kitti_label_file",
+]

@@ -43,6 +43,10 @@ class ObjectAnnotation:
     alpha: float = -10.0  # KITTI observation angle; -10 when unknown
     iscrowd: bool = False  # COCO crowd regions are ignore regions
     extra: tuple[float, ...] = ()  # KITTI 3D fields (dims, location, rotation_y) kept for round trips
+    score: float | None = None  # KITTI prediction files: the optional 16th field
+    # Where the object was read from, for error messages (not part of equality).
+    line: int | None = field(default=None, compare=False)  # 1-based line in a KITTI label file
+    location: str | None = field(default=None, compare=False)  # json path, e.g. "annotations[12]"
 
 
 @dataclass

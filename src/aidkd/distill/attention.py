@@ -75,7 +75,7 @@ def masked_feature_loss(
     if pixel_weight is not None:
         if tuple(pixel_weight.shape) != (b, h, w):
             raise ValueError(f"masked_feature_loss: pixel_weight {tuple(pixel_weight.shape)} != {(b, h, w)}")
-        residual = residual * pixel_weight.detach().to(residual.dtype)[:, None, :, :]
+        residual = residual * pixel_weight.detach().to(device=residual.device, dtype=residual.dtype)[:, None, :, :]
     return torch.linalg.vector_norm(residual)
 
 

@@ -2,8 +2,8 @@
 
 How AID weights reach a method (the same rule for every method in this package):
 
-- *pixel-wise* terms (attention-masked feature loss, FitNet, FGD foreground) use ``pixel_weights`` (one (B, H, W) map
-  per level: the instance weight inside a box's footprint, 1 elsewhere);
+- *pixel-wise* terms (attention-masked feature loss, FitNet, FGD fg/bg feature losses) use ``pixel_weights`` (one
+  (B, H, W) map per level: the instance weight inside a box's footprint, 1 elsewhere);
 - *global* terms (attention transfer, non-local, FGD attention and global terms) use ``image_weights`` (B,);
 - *every* term of level ``l`` is multiplied by ``level_weights[l]``.
 
@@ -126,7 +126,7 @@ class DistillMethod(nn.Module):
 
     @staticmethod
     def _level_weight(inputs: DistillInputs, level: int) -> Tensor | float:
-        return 1.0 if inputs.level_weights is None else inputs.level_weights[level]
+        return 1.0 if inputs.level_weights is None else inputs.level_weights[level].detach()
 
 
 def make_adapter(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -141,29 +141,30 @@ def weighted_norm(residual: Tensor, image_weights: Tensor | None = None) -> Tens
     constant weight ``w``. Uses ``vector_norm`` so the gradient at a zero residual is 0, not NaN.
     """
     if image_weights is not None:
-        residual = residual * image_weights.to(residual.dtype).view(-1, *([1] * (residual.dim() - 1)))
+        weights = image_weights.detach().to(device=residual.device, dtype=residual.dtype)
+        residual = residual * weights.view(-1, *([1] * (residual.dim() - 1)))
     return torch.linalg.vector_norm(residual)
 
 
 def weighted_batch_mean(per_image: Tensor, image_weights: Tensor | None = None) -> Tensor:
     """``sum_b w_b * per_image[b] / B`` (the plain batch mean when weights are ``None`` or all 1)."""
     if image_weights is not None:
-        per_image = per_image * image_weights.to(per_image.dtype)
+        per_image = per_image * image_weights.detach().to(device=per_image.device, dtype=per_image.dtype)
     return per_image.sum() / per_image.shape[0]
 
 
-def box_cell_owner(boxes: Tensor, height: int, width: int, stride: int | float) -> Tensor:
-    """For one image, the index of the box that owns each feature cell, or -1 for background. Shape (H, W), int64.
+def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """Which feature cells each box of one image covers: bool (N, H, W).
 
     A cell (x, y) belongs to box k when its centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside the box
     (``x1 <= cx < x2`` and ``y1 <= cy < y2``). A box that covers no cell centre (small boxes, boxes off the map)
-    claims the cell holding its own centre, clamped into the map. Where boxes overlap, the smallest box (by area)
-    wins; ties go to the lower index. Vectorised over boxes and cells.
+    claims the cell holding its own centre, clamped into the map, so every box covers at least one cell.
+    Vectorised over boxes and cells.
     """
     device = boxes.device
     n = boxes.shape[0]
     if n == 0:
-        return torch.full((height, width), -1, dtype=torch.long, device=device)
+        return torch.zeros((0, height, width), dtype=torch.bool, device=device)
     boxes = boxes.to(torch.float32)
     cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride  # (W,)
     cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride  # (H,)
@@ -171,13 +172,29 @@ def box_cell_owner(boxes: Tensor, height: int, width: int, stride: int | float) 
     inside_x = (cx[None, :] >= x1[:, None]) & (cx[None, :] < x2[:, None])  # (N, W)
     inside_y = (cy[None, :] >= y1[:, None]) & (cy[None, :] < y2[:, None])  # (N, H)
     member = inside_y[:, :, None] & inside_x[:, None, :]  # (N, H, W)
-    empty = ~member.flatten(1).any(dim=1)  # (N,)
-    if bool(empty.any()):
-        centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
-        centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
-        k = torch.nonzero(empty).squeeze(1)
-        member[k, centre_row[k], centre_col[k]] = True
-    area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0))  # (N,)
-    keyed = torch.where(member, area[:, None, None], torch.full_like(area, float("inf"))[:, None, None])
-    owner = keyed.argmin(dim=0)  # (H, W), first minimum wins ties
+    empty = ~(inside_x.any(dim=1) & inside_y.any(dim=1))  # (N,): no cell centre inside
+    centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
+    centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
+    k = torch.arange(n, device=device)
+    # Set the centre cell of empty boxes without a host sync: non-empty boxes write their (already True or
+    # False) value back unchanged.
+    current = member[k, centre_row, centre_col]
+    member[k, centre_row, centre_col] = current | empty
+    return member
+
+
+def box_cell_owner(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """For one image, the index of the box that owns each feature cell, or -1 for background. Shape (H, W), int64.
+
+    Cells are assigned as in ``box_cell_membership``; where boxes overlap, the smallest box (by area in pixels)
+    wins; ties go to the lower index.
+    """
+    member = box_cell_membership(boxes, height, width, stride)
+    if member.shape[0] == 0:
+        return torch.full((height, width), -1, dtype=torch.long, device=boxes.device)
+    x1, y1, x2, y2 = boxes.to(torch.float32).unbind(-1)
+    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (N,)
+    inf = torch.full_like(area, float("inf"))
+    keyed = torch.where(member, area[:, None, None], inf[:, None, None])
+    owner = keyed.argmin(dim=0)  # (H, W); argmin returns the first minimum, so ties go to the lower index
     return torch.where(member.any(dim=0), owner, torch.full_like(owner, -1))

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
 from aidkd.distill.registry import build_method
-from aidkd.models.ops import detection_losses, extract_features, feature_strides, teacher_losses
+from aidkd.models.ops import (detection_losses, extract_features, feature_strides, prepare_inputs,
+                              teacher_losses)
 
 log = logging.getLogger("aidkd.distill")
 
@@ -118,7 +119,7 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ one step
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         student = self.student
-        image_list, targets = student.transform(images, targets)
+        image_list, targets = prepare_inputs(student, images, targets)
         s_feats = extract_features(student, image_list)
         losses = detection_losses(student, image_list, s_feats, targets)
 

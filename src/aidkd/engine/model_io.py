@@ -2,27 +2,25 @@
 
 A model file is ``{"format": "aidkd-model/1", "state_dict": ..., "meta": {...}, "metrics": {...}}`` written
 atomically and refused when any weight is non-finite. ``load_detector`` also accepts a Lightning checkpoint written
-by ``aidkd train`` / ``aidkd distill`` (its ``aidkd_meta`` entry and the ``model.``/``distiller.student.`` prefixes).
+by ``aidkd train`` / ``aidkd distill`` (its ``aidkd_meta`` entry; ``build_detector`` strips the module prefixes).
 Both load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from aidkd.models import build_detector
 from aidkd.models.checkpoint import load_checkpoint, save_checkpoint
 
 MODEL_FORMAT = "aidkd-model/1"
-STUDENT_PREFIXES = ("distiller.student.", "model.")
 
 
-def model_meta(cfg_model, classes: list[str], min_size: int, max_size: int) -> dict:
-    return {"arch": cfg_model.arch, "backbone": cfg_model.backbone, "fpn_channels": cfg_model.fpn_channels,
-            "num_classes": len(classes) + 1, "classes": list(classes), "min_size": min_size, "max_size": max_size,
-            "kwargs": dict(cfg_model.kwargs)}
+def model_meta(model: nn.Module, classes: list[str], min_size: int, max_size: int, kwargs: dict) -> dict:
+    """What it takes to rebuild ``model``: its ``aidkd_meta`` plus class names, input size and detector kwargs."""
+    return {**model.aidkd_meta, "classes": list(classes), "min_size": min_size, "max_size": max_size,
+            "kwargs": dict(kwargs)}
 
 
 def save_model_file(path: str | Path, model: nn.Module, meta: dict, metrics: dict | None = None) -> Path:
@@ -32,18 +30,12 @@ def save_model_file(path: str | Path, model: nn.Module, meta: dict, metrics: dic
     return Path(path)
 
 
-def read_model_file(path: str | Path) -> tuple[dict, dict]:
-    """Return (detector state_dict, meta) from an aidkd model file or an aidkd Lightning checkpoint."""
+def read_meta(path: str | Path) -> dict:
     ckpt = load_checkpoint(path)
-    if ckpt.get("format") == MODEL_FORMAT:
-        return ckpt["state_dict"], ckpt["meta"]
-    if "aidkd_meta" in ckpt and "state_dict" in ckpt:
-        full = ckpt["state_dict"]
-        for prefix in STUDENT_PREFIXES:
-            picked = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-            if picked:
-                return picked, ckpt["aidkd_meta"]
-    raise ValueError(f"{path}: not an aidkd model file or aidkd Lightning checkpoint (no meta found)")
+    meta = ckpt.get("meta") if ckpt.get("format") == MODEL_FORMAT else ckpt.get("aidkd_meta")
+    if not isinstance(meta, dict) or "classes" not in meta:
+        raise ValueError(f"{path}: not an aidkd model file or aidkd Lightning checkpoint (no metadata)")
+    return meta
 
 
 def check_meta(meta: dict, path: str | Path, classes: list[str] | None = None, arch: str | None = None,
@@ -62,12 +54,10 @@ def check_meta(meta: dict, path: str | Path, classes: list[str] | None = None, a
 
 def load_detector(path: str | Path, classes: list[str] | None = None, arch: str | None = None,
                   backbone: str | None = None) -> tuple[nn.Module, dict]:
-    state, meta = read_model_file(path)
+    """Rebuild and load a trained detector, refusing it when classes / arch / backbone differ from the request."""
+    meta = read_meta(path)
     check_meta(meta, path, classes, arch, backbone)
     model = build_detector(meta["arch"], meta["backbone"], meta["num_classes"], min_size=meta["min_size"],
-                           max_size=meta["max_size"], fpn_channels=meta["fpn_channels"], **meta.get("kwargs", {}))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit a {meta['arch']}/{meta['backbone']} detector: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                           max_size=meta["max_size"], fpn_channels=meta["fpn_channels"], weights=str(path),
+                           frozen_bn=meta.get("frozen_bn"), **meta.get("kwargs", {}))
     return model, meta

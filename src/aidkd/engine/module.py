@@ -14,7 +14,7 @@ from aidkd.engine.config import RunConfig
 from aidkd.engine.model_io import load_detector, model_meta
 from aidkd.eval import DetectionEvaluator
 from aidkd.models import build_detector
-from aidkd.models.ops import detection_losses, extract_features
+from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 
 log = logging.getLogger("aidkd.engine")
 
@@ -35,12 +35,12 @@ class DetectionTask(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.classes = list(classes)
-        self.meta = model_meta(cfg.model, self.classes, cfg.data.min_size, cfg.data.max_size)
         m = cfg.model
         self.model = model if model is not None else build_detector(m.arch, m.backbone, len(classes) + 1, min_size=cfg.data.min_size,
                                     max_size=cfg.data.max_size, fpn_channels=m.fpn_channels, weights=m.weights,
                                     backbone_weights=m.backbone_weights,
                                     trainable_backbone_layers=m.trainable_backbone_layers, **m.kwargs)
+        self.meta = model_meta(self.model, self.classes, cfg.data.min_size, cfg.data.max_size, m.kwargs)
         self.distiller = self._build_distiller() if cfg.distill is not None and with_teacher else None
         self.val_records = val_records
         self.kitti_metrics = kitti_metrics
@@ -79,7 +79,7 @@ class DetectionTask(L.LightningModule):
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         if self.distiller is not None:
             return self.distiller(images, targets)
-        image_list, targets = self.model.transform(images, targets)
+        image_list, targets = prepare_inputs(self.model, images, targets)
         feats = extract_features(self.model, image_list)
         return detection_losses(self.model, image_list, feats, targets)
 

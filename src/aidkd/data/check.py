@@ -1,0 +1,96 @@
+"""Dataset checking: list every problem in a KITTI folder or a COCO json, each located by file + line / json path.
+
+``aidkd data check`` prints :func:`check_dataset`'s list and exits 1 when it is not empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .structures import DatasetError, ImageRecord
+
+__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "check_dataset", "combine_errors", "sort_errors"]
+
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass
+class ScanResult:
+    """What a reader found: records (bad objects already dropped), every error, and the indices (into
+    ``records``) of records that had any label error (loaders leave those images out)."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    errors: list[DatasetError] = field(default_factory=list)
+    bad: set[int] = field(default_factory=set)
+    class_names: list[str] = field(default_factory=list)  # COCO: the selected categories, in label order
+
+    def good_records(self) -> list[ImageRecord]:
+        return [r for i, r in enumerate(self.records) if i not in self.bad]
+
+
+def sort_errors(errors: list[DatasetError]) -> list[DatasetError]:
+    """Stable order for reports: by file, then line, then json location (order of discovery kept otherwise)."""
+    return sorted(errors, key=lambda e: (e.file or "", e.line if e.line is not None else -1))
+
+
+def combine_errors(errors: list[DatasetError], what: str = "dataset",
+                   limit: int = MAX_LISTED_ERRORS) -> DatasetError:
+    """One :class:`DatasetError` summarising ``errors`` (the first ``limit`` listed as ``file:line: message``).
+
+    A single error is returned unchanged. The full list is kept on the result as ``.problems``.
+    """
+    if not errors:
+        raise ValueError("combine_errors needs at least one error")
+    if len(errors) == 1:
+        err = errors[0]
+        if not hasattr(err, "problems"):
+            err.problems = [err]
+        return err
+    lines = [f"  {e.format()}" for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more (run `aidkd data check` to list all)")
+    first = errors[0]
+    err = DatasetError(f"{len(errors)} problems in {what}:\n" + "\n".join(lines),
+                       file=first.file, line=first.line, location=first.location)
+    err.problems = list(errors)
+    return err
+
+
+def _dedup(errors: list[DatasetError]) -> list[DatasetError]:
+    seen, out = set(), []
+    for e in errors:
+        key = (e.file, e.line, e.location, e.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None,
+                  decode: bool = True, with_score: bool = False) -> list[DatasetError]:
+    """List EVERY problem of a dataset; an empty list means the dataset is clean.
+
+    ``fmt="kitti"``: ``root_or_json`` is a KITTI root (``training/image_2``, ``training/label_2``, optional
+    ``ImageSets/*.txt``); checks every label line, label files without images and vice versa, split files,
+    every image (fully decoded when ``decode``), and boxes against the real image size (1 px tolerance).
+    ``fmt="coco"``: ``root_or_json`` is an instances json; ``image_dir`` defaults as in
+    :func:`aidkd.data.coco.load_coco_records`. Checks json structure/ids/boxes and every referenced image,
+    including its size against the declared ``width``/``height``.
+    ``fmt="auto"`` picks coco for a ``.json`` path, kitti otherwise.
+    """
+    from .coco import scan_coco
+    from .dataset import validate_records
+    from .kitti import scan_kitti
+
+    path = Path(root_or_json)
+    if fmt == "auto":
+        fmt = "coco" if path.suffix.lower() == ".json" else "kitti"
+    if fmt == "kitti":
+        scan = scan_kitti(path, split="all", with_score=with_score, check_split_files=True)
+    elif fmt == "coco":
+        scan = scan_coco(path, image_dir=image_dir, categories=None)
+    else:
+        raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco' or 'auto')")
+    errors = list(scan.errors)
+    errors += validate_records(scan.records, check_images=True, decode=decode)
+    return _dedup(errors)

@@ -1,0 +1,203 @@
+"""Adaptive Instance Distillation (Lan & Tian, arXiv 2201.11097): weight distillation by how well the teacher does.
+
+An instance the teacher handles well (low own detection loss D^T against the ground truth) keeps a weight near 1;
+one it gets wrong is down-weighted, ``w = exp(-alpha * D^T)``. AID is a weighting that composes with any method in
+this package: ``AIDWeighting.make`` turns the teacher's losses into the ``pixel_weights`` / ``image_weights`` /
+``level_weights`` of ``DistillInputs`` (see ``aidkd.distill.base`` for how each method applies them).
+
+Granularities (``AIDWeighting.granularity``):
+
+- ``"instance"`` (default; the paper's wording): one D^T per ground-truth box. Pixel maps per level hold the box's
+  weight on its footprint (``instance_pixel_weights``: cell-centre rule, smallest box wins) and 1 on background;
+  ``image_weights`` (for global terms) are the mean instance weight of each image (1 for an image without boxes).
+- ``"image"``: one D^T per image, the mean of its instances' losses (0, hence weight 1, without boxes). The image
+  weight scales *all* terms of that image: the pixel maps are filled with it everywhere (background included) and it
+  is the image's ``image_weights`` entry.
+- ``"level"``: the published code's behaviour: one weight per FPN level for the whole batch from the teacher's
+  per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .base import box_cell_owner
+
+Granularity = Literal["instance", "image", "level"]
+GRANULARITIES: tuple[str, ...] = ("instance", "image", "level")
+
+
+def aid_weights(teacher_loss: Tensor, alpha: float = 0.1) -> Tensor:
+    """``exp(-alpha * teacher_loss)``, detached.
+
+    Losses are clamped at 0 first (a detection loss is >= 0; a slightly negative value from numerical error would
+    otherwise give a weight > 1), so weights lie in (0, 1] for finite losses and fall monotonically with the loss;
+    an infinite loss gives 0 and NaN propagates.
+    """
+    if alpha < 0:
+        raise ValueError(f"AID alpha must be >= 0, got {alpha}")
+    return torch.exp(-alpha * teacher_loss.detach().clamp(min=0))
+
+
+def instance_pixel_weights(
+    boxes: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    height: int,
+    width: int,
+    stride: float,
+) -> Tensor:
+    """Per-pixel instance weights of one FPN level: (B, H, W), float32.
+
+    boxes: per image (N_i, 4) xyxy in input pixels; weights: per image (N_i,). A cell belongs to box k when its
+    centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); a box that
+    covers no cell centre claims the cell holding its own centre (clamped into the map); where boxes overlap the
+    smallest box (area) wins; cells of no box get 1. Vectorised over boxes and cells (loops only over images).
+    """
+    if len(boxes) != len(weights):
+        raise ValueError(f"instance_pixel_weights: {len(boxes)} box tensors but {len(weights)} weight tensors")
+    device = boxes[0].device if len(boxes) else torch.device("cpu")
+    out = torch.ones((len(boxes), height, width), dtype=torch.float32, device=device)
+    for b, (image_boxes, image_weights) in enumerate(zip(boxes, weights)):
+        if image_boxes.shape[0] != image_weights.shape[0]:
+            raise ValueError(f"instance_pixel_weights: image {b} has {image_boxes.shape[0]} boxes but "
+                             f"{image_weights.shape[0]} weights")
+        if image_boxes.shape[0] == 0:
+            continue
+        owner = box_cell_owner(image_boxes.to(device), height, width, stride)  # (H, W)
+        w = image_weights.detach().to(device=device, dtype=torch.float32)
+        out[b] = torch.where(owner >= 0, w[owner.clamp(min=0)], out[b])
+    return out
+
+
+class AIDWeights(NamedTuple):
+    """Result of ``AIDWeighting.make``; unpacks as ``pixel_weights, image_weights, level_weights``."""
+
+    pixel_weights: list[Tensor] | None
+    image_weights: Tensor | None
+    level_weights: Tensor | None
+
+
+@dataclass
+class AIDWeighting:
+    """Turns the teacher's own detection losses into AID weights.
+
+    granularity: ``"instance"`` | ``"image"`` | ``"level"`` (module docstring). alpha: the rate in
+    ``exp(-alpha * D^T)`` (paper: 0.1).
+    """
+
+    granularity: Granularity = "instance"
+    alpha: float = 0.1
+    #: instance weights (per image (N_i,)) of the last ``make`` call, for logging/visualisation; not configuration
+    last_instance_weights: list[Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown AID granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if not self.alpha >= 0:
+            raise ValueError(f"AID alpha must be >= 0, got {self.alpha}")
+
+    def instance_weights(self, per_instance_losses: Sequence[Tensor]) -> list[Tensor]:
+        """Per image (N_i,) instance weights ``exp(-alpha * D^T)``."""
+        return [aid_weights(losses, self.alpha) for losses in per_instance_losses]
+
+    def instance_weights_of_last_batch(self, index: int) -> Tensor | None:
+        """The (N_i,) instance weights of image ``index`` of the last ``make`` call (None before any, or when the
+        granularity is ``level`` and no per-instance losses were given)."""
+        if self.last_instance_weights is None or index >= len(self.last_instance_weights):
+            return None
+        return self.last_instance_weights[index]
+
+    @torch.no_grad()
+    def make(
+        self,
+        per_instance_losses: Sequence[Tensor] | None,
+        per_level_losses: Tensor | None,
+        boxes: Sequence[Tensor],
+        feature_shapes: Sequence[tuple[int, int]],
+        strides: Sequence[int],
+        batch_size: int,
+    ) -> AIDWeights:
+        """Weights for one batch.
+
+        per_instance_losses: per image (N_i,) teacher losses, one per box of ``boxes`` (instance / image);
+        per_level_losses: (L,) teacher loss per level for the whole batch (level); boxes: per image (N_i, 4) xyxy
+        input pixels; feature_shapes: per level (H, W); strides: per level. Returns
+        ``AIDWeights(pixel_weights, image_weights, level_weights)``: pixel maps per level (B, H, W) and image
+        weights (B,) for ``instance`` / ``image`` (``level_weights`` None), or level weights (L,) for ``level``
+        (the other two None). All detached.
+        """
+        self.last_instance_weights = (None if per_instance_losses is None
+                                      else self.instance_weights(per_instance_losses))
+        num_levels = len(feature_shapes)
+        if len(strides) != num_levels:
+            raise ValueError(f"AID: {len(strides)} strides for {num_levels} feature shapes")
+        if self.granularity == "level":
+            if per_level_losses is None:
+                raise ValueError("AID granularity 'level' needs per_level_losses (teacher loss per FPN level)")
+            if tuple(per_level_losses.shape) != (num_levels,):
+                raise ValueError(f"AID: per_level_losses shape {tuple(per_level_losses.shape)} != ({num_levels},)")
+            return AIDWeights(None, None, aid_weights(per_level_losses, self.alpha).to(torch.float32))
+
+        if per_instance_losses is None:
+            raise ValueError(f"AID granularity {self.granularity!r} needs per_instance_losses")
+        if len(per_instance_losses) != batch_size or len(boxes) != batch_size:
+            raise ValueError(f"AID: batch of {batch_size} images but {len(per_instance_losses)} per-instance loss "
+                             f"tensors and {len(boxes)} box tensors")
+        for b, (losses, image_boxes) in enumerate(zip(per_instance_losses, boxes)):
+            if losses.dim() != 1 or losses.shape[0] != image_boxes.shape[0]:
+                raise ValueError(f"AID: image {b} has {image_boxes.shape[0]} boxes but teacher losses of shape "
+                                 f"{tuple(losses.shape)}")
+        device = boxes[0].device if batch_size else torch.device("cpu")
+        if self.granularity == "instance":
+            weights = self.last_instance_weights
+            assert weights is not None
+            image_weights = _per_image_mean(weights, empty_value=1.0, device=device)
+            pixel_weights = [instance_pixel_weights(boxes, weights, h, w, s)
+                             for (h, w), s in zip(feature_shapes, strides)]
+            return AIDWeights(pixel_weights, image_weights, None)
+        # image granularity: D^T of an image = mean of its instances' losses (0 without boxes -> weight 1)
+        image_weights = aid_weights(_per_image_mean(per_instance_losses, empty_value=0.0, device=device), self.alpha)
+        pixel_weights = [image_weights[:, None, None].expand(batch_size, h, w).contiguous()
+                         for h, w in feature_shapes]
+        return AIDWeights(pixel_weights, image_weights, None)
+
+    @torch.no_grad()
+    def stats(self, per_instance_losses: Sequence[Tensor] | None = None,
+                per_level_losses: Tensor | None = None) -> dict[str, float]:
+        """Logging statistics: mean/min/max/count of the instance weights (``instance_w_*``), plus of the
+        weights this granularity actually applies for ``image`` (``image_w_*``) and ``level`` (``level_w_*``).
+        Missing inputs are skipped; empty sets give no keys. Calls ``.item()`` (a device sync): log, not per op."""
+        stats: dict[str, float] = {}
+
+        def add(prefix: str, values: Tensor) -> None:
+            values = values.detach().to(torch.float32).flatten()
+            if values.numel() == 0:
+                return
+            stats[f"{prefix}_mean"] = values.mean().item()
+            stats[f"{prefix}_min"] = values.min().item()
+            stats[f"{prefix}_max"] = values.max().item()
+            stats[f"{prefix}_count"] = float(values.numel())
+
+        if per_instance_losses is not None and len(per_instance_losses):
+            weights = self.instance_weights(per_instance_losses)
+            add("instance_w", torch.cat([w.flatten() for w in weights]))
+            if self.granularity == "image":
+                device = per_instance_losses[0].device
+                add("image_w", aid_weights(_per_image_mean(per_instance_losses, 0.0, device), self.alpha))
+        if per_level_losses is not None and self.granularity == "level":
+            add("level_w", aid_weights(per_level_losses, self.alpha))
+        return stats
+
+
+def _per_image_mean(values: Sequence[Tensor], empty_value: float, device: torch.device) -> Tensor:
+    """(B,) float32: the mean of each image's values, ``empty_value`` for an image with none."""
+    if not len(values):
+        return torch.zeros(0, device=device)
+    return torch.stack([
+        v.detach().to(device=device, dtype=torch.float32).mean() if v.numel()
+        else torch.full((), empty_value, device=device)
+        for v in values])

@@ -1,0 +1,150 @@
+"""Accumulate a model's predictions over a split and compute COCO, VOC and (optionally) KITTI metrics at once."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from aidkd.data.structures import ImageRecord
+from aidkd.eval.coco_map import COCO_METRIC_NAMES, coco_map, records_to_coco, split_objects
+from aidkd.eval.kitti_ap import DIFFICULTIES, MIN_OVERLAP, Detection, KittiAPResult, kitti_ap_r40
+from aidkd.eval.voc import voc_map
+
+__all__ = ["DetectionEvaluator", "format_metrics_table"]
+
+
+def _to_np(x: Any, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+class DetectionEvaluator:
+    """Collects per-image predictions and computes flat metrics (percent).
+
+    ``records``: the split's images in *original* pixels (ImageRecord.objects, KITTI fields included);
+    ``classes``: the configured class list (label ``k`` = ``classes[k-1]``); ``kitti``: also compute KITTI AP|R40
+    (classes must then be KITTI names). For COCO and VOC, objects are split as ``DetectionDataset`` splits them:
+    non-crowd objects of ``classes`` are positives, every other object (crowd, DontCare, Van, any unlisted class)
+    an ignore region (see :mod:`aidkd.eval.coco_map` and :mod:`aidkd.eval.voc`); KITTI uses the raw objects with
+    the devkit's own rules (Van ignored for Car, DontCare areas, difficulties).
+
+    ``update(image_ids, predictions)`` takes a batch: ``predictions[i]`` a dict with ``boxes`` (N,4) xyxy in
+    original image pixels, ``scores`` (N,), ``labels`` (N,) in 1..K (tensors on any device or numpy). A second
+    update of the same image replaces its predictions. ``compute()`` evaluates every record (an image never
+    updated has no detections) or, with ``restrict_to_seen=True``, only the updated images.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        classes: Sequence[str],
+        kitti: bool = False,
+        *,
+        voc_iou: float = 0.5,
+    ):
+        self.records = list(records)
+        self.classes = list(classes)
+        self.kitti = bool(kitti)
+        self.voc_iou = voc_iou
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"DetectionEvaluator: empty or duplicate class list {self.classes}")
+        self._by_id: dict[int, ImageRecord] = {}
+        for rec in self.records:
+            if int(rec.image_id) in self._by_id:
+                raise ValueError(f"DetectionEvaluator: duplicate image_id {rec.image_id}")
+            self._by_id[int(rec.image_id)] = rec
+        if self.kitti:
+            unknown = [c for c in self.classes if c.lower() not in MIN_OVERLAP]
+            if unknown:
+                raise ValueError(f"DetectionEvaluator(kitti=True): {unknown} are not KITTI classes")
+        self._preds: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.kitti_result: KittiAPResult | None = None  # set by compute() when kitti=True (PR curves etc.)
+
+    def reset(self) -> None:
+        self._preds.clear()
+        self.kitti_result = None
+
+    def __len__(self) -> int:
+        return len(self._preds)
+
+    def update(self, image_ids: Iterable[Any], predictions: Sequence[Mapping[str, Any]]) -> None:
+        ids = [int(i.item()) if hasattr(i, "item") else int(i) for i in image_ids]
+        if len(ids) != len(predictions):
+            raise ValueError(f"update: {len(ids)} image ids for {len(predictions)} predictions")
+        k = len(self.classes)
+        for img_id, pred in zip(ids, predictions):
+            if img_id not in self._by_id:
+                raise KeyError(f"update: image_id {img_id} is not in the evaluator's records")
+            boxes = _to_np(pred["boxes"], np.float64).reshape(-1, 4)
+            scores = _to_np(pred["scores"], np.float64).reshape(-1)
+            labels = _to_np(pred["labels"], np.int64).reshape(-1)
+            if not (len(boxes) == len(scores) == len(labels)):
+                raise ValueError(f"update: image {img_id}: boxes, scores and labels differ in length")
+            if labels.size and (labels.min() < 1 or labels.max() > k):
+                raise ValueError(f"update: image {img_id}: labels must be in 1..{k}, got {sorted(set(labels.tolist()))}")
+            self._preds[img_id] = (boxes, scores, labels)
+
+    def _empty(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+
+    def compute(self, restrict_to_seen: bool = False) -> dict[str, float]:
+        """Flat metrics: ``coco/AP``, ``coco/AP50``, ``coco/AP75``, ``coco/APs``, ``coco/APm``, ``coco/APl``,
+        ``coco/AP/<class>``, ``voc/mAP50``, ``voc/AP50/<class>`` and with ``kitti`` ``kitti/<class>/<difficulty>``
+        and ``kitti/moderate_mAP``. ``nan`` marks a value without ground truth to measure it."""
+        records = [r for r in self.records if int(r.image_id) in self._preds] if restrict_to_seen else self.records
+        preds = [self._preds.get(int(r.image_id)) or self._empty() for r in records]
+        metrics: dict[str, float] = {}
+
+        # COCO
+        gt = records_to_coco(records, self.classes)
+        dets = {int(r.image_id): {"boxes": p[0], "scores": p[1], "labels": p[2]} for r, p in zip(records, preds)}
+        coco = coco_map(gt, dets)
+        for name in COCO_METRIC_NAMES:
+            metrics[f"coco/{name}"] = coco[name]
+        for cls in self.classes:
+            metrics[f"coco/AP/{cls}"] = coco["per_class"].get(cls, float("nan"))
+
+        # VOC
+        gt_boxes, gt_labels, ign_boxes = [], [], []
+        for r in records:
+            positives, ignores = split_objects(r.objects, self.classes)
+            gt_boxes.append(np.array([o.box for o, _ in positives], dtype=np.float64).reshape(-1, 4))
+            gt_labels.append(np.array([lab for _, lab in positives], dtype=np.int64))
+            ign_boxes.append(np.array([o.box for o, _ in ignores], dtype=np.float64).reshape(-1, 4))
+        voc = voc_map(gt_boxes, gt_labels, ign_boxes, [p[0] for p in preds], [p[1] for p in preds],
+                      [p[2] for p in preds], num_classes=len(self.classes), iou=self.voc_iou,
+                      class_names=self.classes)
+        metrics["voc/mAP50"] = voc["mAP"]
+        for cls in self.classes:
+            metrics[f"voc/AP50/{cls}"] = voc["per_class"][cls]
+
+        # KITTI
+        if self.kitti:
+            kdets = [
+                [Detection(self.classes[lab - 1], tuple(b), s) for b, s, lab in
+                 zip(p[0].tolist(), p[1].tolist(), p[2].tolist())]
+                for p in preds
+            ]
+            res = kitti_ap_r40([r.objects for r in records], kdets, self.classes)
+            self.kitti_result = res
+            for cls in self.classes:
+                for diff in DIFFICULTIES:
+                    metrics[f"kitti/{cls}/{diff}"] = res.ap[cls][diff]
+            metrics["kitti/moderate_mAP"] = res.mean_ap("moderate")
+        return metrics
+
+
+def format_metrics_table(metrics: Mapping[str, float]) -> str:
+    """Markdown table ``| Metric | Value |`` in the given order; ``nan`` shows as ``n/a``."""
+    lines = ["| Metric | Value |", "|---|---:|"]
+    for key, val in metrics.items():
+        try:
+            v = float(val)
+            shown = "n/a" if math.isnan(v) else f"{v:.2f}"
+        except (TypeError, ValueError):
+            shown = str(val)
+        lines.append(f"| {key} | {shown} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,229 @@
+"""``build_detector``: torchvision RetinaNet / FCOS / Faster R-CNN (and aidkd's GFL) on a configurable FPN backbone."""
+from __future__ import annotations
+
+import inspect
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import get_weight
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
+
+from aidkd.models.backbones import BACKBONES, MOBILENETS, build_fpn_backbone
+from aidkd.models.checkpoint import check_compatible, load_checkpoint
+
+ARCHS = ("retinanet", "fcos", "fasterrcnn", "gfl")
+_CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
+# keyword arguments GeneralizedRCNNTransform takes (the detectors forward unknown kwargs to it, which would
+# otherwise swallow typos silently)
+_TRANSFORM_KWARGS = {"size_divisible", "fixed_size", "_skip_resize"}
+# prefixes under which a detector's weights may sit in a checkpoint's state dict (Lightning / distillation / DDP)
+STATE_PREFIXES = ("distiller.student.", "student.", "model.", "module.", "detector.")
+# torchvision weights trained with BatchNorm eps 0 (torchvision's builders call overwrite_eps(model, 0.0) for them)
+_EPS0_WEIGHTS = {"RetinaNet_ResNet50_FPN_Weights.COCO_V1", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
+
+
+def build_detector(
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    min_size: int = 800,
+    max_size: int = 1333,
+    fpn_channels: int = 256,
+    weights: str | Path | None = None,
+    backbone_weights: str | Path | None = None,
+    trainable_backbone_layers: int = 3,
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """Build a detector.
+
+    Args:
+        arch: ``retinanet`` | ``fcos`` | ``fasterrcnn`` | ``gfl``.
+        backbone: ``resnet18`` | ``resnet34`` | ``resnet50`` | ``resnet101`` | ``mobilenet_v3_large`` |
+            ``mobilenet_v3_small``. RetinaNet, FCOS and GFL use FPN levels P3-P7; Faster R-CNN uses P2-P6.
+        num_classes: number of classes *including* background (``len(classes) + 1``).
+        min_size, max_size: the model transform's resize (the aidkd datasets resize to the same, so it is a no-op).
+        fpn_channels: FPN (and head) width.
+        weights: a local detector checkpoint (a state dict, or a dict with ``state_dict`` — an aidkd model file or a
+            Lightning checkpoint; ``distiller.student.``/``model.``/... prefixes are stripped), or a torchvision
+            weight enum name for the whole detector, e.g. ``"RetinaNet_ResNet50_FPN_Weights.COCO_V1"`` (downloads;
+            only when arch, backbone, ``fpn_channels=256`` and ``num_classes`` match it).
+        backbone_weights: ImageNet weights for the trunk (local file or enum name, see ``build_fpn_backbone``).
+        trainable_backbone_layers: trunk stages left trainable (ResNet 0-5; MobileNetV3 0-6).
+        **detector_kwargs: passed to the torchvision detector constructor (e.g. ``score_thresh``,
+            ``detections_per_img``, ``fg_iou_thresh``, ``rpn_batch_size_per_image``) or to ``build_gfl``; plus
+            ``frozen_bn`` (bool; default: frozen BatchNorm when ``backbone_weights`` or ``weights`` are given,
+            trainable BatchNorm otherwise — torchvision's rule) and, for RetinaNet, ``bbox_loss``
+            (``l1`` default, ``smooth_l1``, ``giou``, ``diou``, ``ciou``).
+
+    The returned model carries ``model.aidkd_meta = {arch, backbone, num_classes, fpn_channels, frozen_bn}``.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {num_classes!r}")
+    if not isinstance(fpn_channels, int) or fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be a positive int, got {fpn_channels!r}")
+    kwargs = dict(detector_kwargs)
+    frozen_bn = kwargs.pop("frozen_bn", None)
+    bbox_loss = kwargs.pop("bbox_loss", None)
+    if bbox_loss is not None and arch != "retinanet":
+        raise ValueError(f"bbox_loss is a RetinaNet option; {arch} has a fixed box loss")
+
+    state = ckpt_meta = None
+    enum_name = None
+    if weights is not None:
+        if _is_local(weights):
+            state, ckpt_meta = _read_detector_state(weights)
+        else:
+            enum_name = str(weights)
+            _check_enum(enum_name, arch, backbone, num_classes, fpn_channels)
+    if frozen_bn is None:
+        if state is not None:  # follow the checkpoint: trainable BN leaves num_batches_tracked in the state dict
+            frozen_bn = not any("backbone.body." in k and k.endswith("num_batches_tracked") for k in state)
+        else:
+            frozen_bn = backbone_weights is not None or enum_name is not None
+    max_layers = 6 if backbone in MOBILENETS else 5
+    if not 0 <= trainable_backbone_layers <= max_layers:
+        raise ValueError(f"trainable_backbone_layers must be in [0, {max_layers}] for {backbone}, "
+                         f"got {trainable_backbone_layers}")
+
+    if arch == "gfl":
+        from aidkd.models.gfl import build_gfl
+
+        _check_kwargs(build_gfl, kwargs, arch, extra=set())
+        model = build_gfl(backbone=backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+                          fpn_channels=fpn_channels, backbone_weights=backbone_weights,
+                          trainable_backbone_layers=trainable_backbone_layers, frozen_bn=frozen_bn, **kwargs)
+    else:
+        cls = _CLASSES[arch]
+        _check_kwargs(cls.__init__, kwargs, arch, extra=_TRANSFORM_KWARGS)
+        levels = "p2p6" if arch == "fasterrcnn" else "p3p7"
+        body = build_fpn_backbone(backbone, levels=levels, out_channels=fpn_channels, weights=backbone_weights,
+                                  trainable_layers=trainable_backbone_layers, frozen_bn=frozen_bn)
+        if arch == "retinanet":
+            if bbox_loss is not None and "head" not in kwargs:
+                if bbox_loss not in {"l1", "smooth_l1", "giou", "diou", "ciou"}:
+                    raise ValueError(f"unknown bbox_loss {bbox_loss!r}; choose l1, smooth_l1, giou, diou or ciou")
+                anchor_gen = kwargs.setdefault("anchor_generator", _default_anchorgen())
+                head = RetinaNetHead(fpn_channels, anchor_gen.num_anchors_per_location()[0], num_classes)
+                head.regression_head._loss_type = bbox_loss
+                kwargs["head"] = head
+        elif arch == "fcos" and fpn_channels % 32 and "head" not in kwargs:
+            kwargs["head"] = _fcos_head(fpn_channels, num_classes)
+        model = cls(body, num_classes, min_size=min_size, max_size=max_size, **kwargs)
+
+    if state is not None:
+        if ckpt_meta is not None:
+            check_compatible(ckpt_meta, {"arch": arch, "backbone": backbone, "num_classes": num_classes,
+                                         "fpn_channels": fpn_channels}, None, None)
+        _load_state(model, state, str(weights))
+    elif enum_name is not None:
+        w = get_weight(enum_name)
+        _load_state(model, w.get_state_dict(progress=True), enum_name)
+        if enum_name in _EPS0_WEIGHTS:
+            overwrite_eps(model, 0.0)
+    model.aidkd_meta = {"arch": arch, "backbone": backbone, "num_classes": num_classes,
+                        "fpn_channels": fpn_channels, "frozen_bn": bool(frozen_bn)}
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _fcos_head(channels: int, num_classes: int) -> FCOSHead:
+    """FCOS head for a width not divisible by 32: GroupNorm with gcd(32, channels) groups."""
+    norm = partial(nn.GroupNorm, math.gcd(32, channels))
+    head = FCOSHead(32, 1, num_classes, num_convs=0)  # box coder etc.; both branches are replaced below
+    head.classification_head = FCOSClassificationHead(channels, 1, num_classes, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, norm_layer=norm)
+    return head
+
+
+def _check_kwargs(fn, kwargs: dict, arch: str, extra: set[str]) -> None:
+    params = inspect.signature(fn).parameters
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    named -= {"self", "backbone", "num_classes", "min_size", "max_size", "fpn_channels", "backbone_weights",
+              "trainable_backbone_layers", "frozen_bn"}
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()) or extra:
+        unknown = sorted(set(kwargs) - named - extra)
+        if unknown:
+            raise ValueError(f"unknown {arch} option(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(named | extra | {'frozen_bn'}))}")
+
+
+def _is_local(weights) -> bool:
+    p = Path(str(weights))
+    return p.exists() or p.suffix in {".pth", ".pt", ".ckpt", ".bin", ".safetensors"} or "/" in str(weights)
+
+
+def _read_detector_state(path) -> tuple[dict, dict | None]:
+    path = Path(str(path))
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"detector weights not found: {path}")
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), None
+    ckpt = load_checkpoint(path)
+    meta = None
+    for key in ("meta", "aidkd_meta"):
+        if isinstance(ckpt.get(key), dict):
+            meta = ckpt[key]
+            break
+    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: no detector state dict found (expected a state dict or a 'state_dict' entry)")
+    return state, meta
+
+
+def _select_state(model: nn.Module, state: dict) -> dict:
+    """The candidate (as is, or with a known prefix stripped) that covers the most of the model's keys."""
+    want = set(model.state_dict())
+    best, best_hits = state, len(want & set(state))
+    for prefix in STATE_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        hits = len(want & set(sub))
+        if hits > best_hits:
+            best, best_hits = sub, hits
+    return best
+
+
+def _load_state(model: nn.Module, state: dict, source: str) -> None:
+    state = _select_state(model, state)
+    own = model.state_dict()
+    # BatchNorm vs FrozenBatchNorm: the only difference in keys is num_batches_tracked; either way is fine to load
+    state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        raise ValueError(f"weights {source} do not fit this detector: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {shape[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def _check_enum(name: str, arch: str, backbone: str, num_classes: int, fpn_channels: int) -> None:
+    try:
+        w = get_weight(name)
+    except Exception as e:
+        raise ValueError(f"weights {name!r} is neither an existing file nor a torchvision weight enum name "
+                         f"(e.g. 'RetinaNet_ResNet50_FPN_Weights.COCO_V1'): {e}") from e
+    enum = type(w).__name__.lower()  # e.g. retinanet_resnet50_fpn_weights
+    if not enum.startswith(f"{arch}_{backbone}_fpn_weights"):
+        raise ValueError(f"torchvision weights {name} are for a different detector than {arch} + {backbone} "
+                         f"(torchvision's {type(w).__name__}); use a local checkpoint instead")
+    n = len(w.meta.get("categories", []))
+    if n != num_classes:
+        raise ValueError(f"torchvision weights {name} have {n} classes (incl. background); num_classes is "
+                         f"{num_classes}")
+    if fpn_channels != 256:
+        raise ValueError(f"torchvision weights {name} need fpn_channels=256, got {fpn_channels}")

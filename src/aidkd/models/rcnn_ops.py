@@ -1,0 +1,250 @@
+"""Faster R-CNN: per-anchor (RPN) and per-RoI (box head) loss terms for training and teacher losses.
+
+torchvision (``RegionProposalNetwork.compute_loss``, ``RoIHeads.select_training_samples`` + ``fastrcnn_loss``):
+  loss_objectness  = mean BCE over the sampled anchors of the batch (256 per image, up to half positive)
+  loss_rpn_box_reg = sum of smooth-L1 (beta 1/9) over the sampled positive anchors / number of sampled anchors
+  loss_classifier  = mean cross-entropy over the sampled RoIs of the batch (512 per image, up to 25 % positive;
+                     the ground-truth boxes are appended to the proposals first)
+  loss_box_reg     = sum of smooth-L1 (beta 1/9) of the true class's deltas over sampled positive RoIs / sampled RoIs
+Sampling uses torch's RNG in the same order as torchvision (transform, RPN sampler, RoI sampler), so under the same
+seed ``detection_losses`` equals ``model(images, targets)``.
+
+Teacher (no sampling at all, so teacher losses are deterministic and use no RNG):
+  D_k = mean over *all* RPN anchors matched to k of (objectness BCE + smooth-L1)
+      + mean over *all* positive RoIs matched to k (proposals + appended ground truth) of (CE + smooth-L1).
+  A box with no matched anchor (its best anchor taken by a box that overlaps it more) uses its best-IoU anchor; a box
+  with no matched RoI (only possible for duplicated boxes) uses its own ground-truth box as the proposal.
+  per_level[l] = sum over the positive RPN anchors on level l of (BCE + smooth-L1) / number of positive RPN anchors in
+  the batch, plus the RoI-head loss mean (mean over all positive RoIs of CE + smooth-L1) on every level. Like the
+  one-stage families, only positives count, so per_level measures how well the teacher fits the objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import boxes as box_ops
+
+from aidkd.models.ops import (
+    BELOW_LOW_THRESHOLD,
+    BETWEEN_THRESHOLDS,
+    DetectorOps,
+    TeacherLosses,
+    box_centres,
+    centres_in_boxes,
+    ignore_boxes_of,
+    level_index,
+    per_instance_mean,
+)
+
+SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
+
+
+@dataclass
+class RPNTerms:
+    matched_idxs: list[Tensor]  # Int64[A]: >= 0 matched box, -1 background, -2 ignored (between thresholds or ignore box)
+    labels: list[Tensor]  # Float[A]: 1 positive, 0 negative, -1 ignored (torchvision's RPN labels)
+    objectness: list[Tensor]  # Float[A]: BCE with logits against max(label, 0)
+    box: list[Tensor]  # Float[A]: smooth-L1 summed over the 4 deltas; 0 off the positives
+    sampled: list[Tensor] | None  # Bool[A]: chosen by the RPN's fg/bg sampler (None when not sampling)
+    num_per_level: list[int]
+
+
+@dataclass
+class RoITerms:
+    proposals: list[Tensor]  # Float[R_i, 4]: the RoIs the box head ran on
+    matched_idxs: list[Tensor]  # Int64[R_i]: matched box (valid where labels > 0)
+    labels: list[Tensor]  # Int64[R_i]: class (> 0), 0 background, -1 ignored
+    cls: list[Tensor]  # Float[R_i]: cross-entropy
+    box: list[Tensor]  # Float[R_i]: smooth-L1 of the true class's deltas; 0 off the positives
+    sampled: list[Tensor]  # Bool[R_i]: False only for the fallback ground-truth RoIs of the teacher path
+
+
+class FasterRCNNOps(DetectorOps):
+    family = "fasterrcnn"
+
+    # ------------------------------------------------------------------ RPN
+    def head_outputs(self, model, images, features) -> dict:
+        rpn = model.rpn
+        feats = list(features.values())
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(images, feats)
+        num_images = len(anchors)
+        num_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, scores = rpn.filter_proposals(proposals, objectness, images.image_sizes, num_per_level)
+        return {"objectness": objectness.view(num_images, -1), "rpn_deltas": deltas.view(num_images, -1, 4),
+                "anchors": anchors, "num_per_level": num_per_level, "proposals": boxes, "proposal_scores": scores}
+
+    def rpn_terms(self, model, outputs, targets, *, sample: bool = True) -> RPNTerms:
+        rpn = model.rpn
+        matched, labels, obj_terms, box_terms = [], [], [], []
+        for i, (anchors_i, t) in enumerate(zip(outputs["anchors"], targets)):
+            gt = t["boxes"]
+            if gt.numel() == 0:
+                m = torch.full((anchors_i.shape[0],), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors_i.device)
+            else:
+                m = rpn.proposal_matcher(rpn.box_similarity(gt, anchors_i))
+            ign = ignore_boxes_of(t)
+            if ign is not None:
+                inside = centres_in_boxes(box_centres(anchors_i), ign)
+                m = torch.where((m == BELOW_LOW_THRESHOLD) & inside, torch.full_like(m, BETWEEN_THRESHOLDS), m)
+            lab = (m >= 0).to(torch.float32)
+            lab[m == BETWEEN_THRESHOLDS] = -1.0
+            obj = outputs["objectness"][i].float()
+            obj_terms.append(F.binary_cross_entropy_with_logits(obj, lab.clamp(min=0), reduction="none"))
+            pos = torch.where(m >= 0)[0]
+            target = rpn.box_coder.encode_single(gt[m[pos]].to(anchors_i.dtype), anchors_i[pos])
+            per = F.smooth_l1_loss(outputs["rpn_deltas"][i][pos].float(), target, beta=SMOOTH_L1_BETA,
+                                   reduction="none").sum(-1)
+            box_terms.append(obj.new_zeros(m.shape[0]).scatter(0, pos, per))
+            matched.append(m)
+            labels.append(lab)
+        sampled = None
+        if sample:
+            pos_masks, neg_masks = rpn.fg_bg_sampler(labels)  # same RNG use as torchvision's RPN.compute_loss
+            sampled = [(p | n).bool() for p, n in zip(pos_masks, neg_masks)]
+        return RPNTerms(matched, labels, obj_terms, box_terms, sampled, outputs["num_per_level"])
+
+    @staticmethod
+    def reduce_rpn(terms: RPNTerms) -> dict[str, Tensor]:
+        n = max(1, int(sum(int(s.sum()) for s in terms.sampled)))
+        obj = torch.stack([(o * s).sum() for o, s in zip(terms.objectness, terms.sampled)]).sum()
+        box = torch.stack([(b * s).sum() for b, s in zip(terms.box, terms.sampled)]).sum()
+        return {"loss_objectness": obj / n, "loss_rpn_box_reg": box / n}
+
+    # ------------------------------------------------------------------ RoI head
+    def roi_terms(self, model, images, features, proposals: list[Tensor], targets, *, sample: bool) -> RoITerms:
+        """Assign RoIs like ``RoIHeads.select_training_samples``; run the box head on the sampled RoIs (``sample``,
+        the training loss) or on every positive RoI plus a ground-truth RoI for each box left without one."""
+        roi = model.roi_heads
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        props = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
+        matched, labels = [], []
+        for p, g, t in zip(props, gt_boxes, targets):
+            if g.numel() == 0:
+                m = torch.zeros((p.shape[0],), dtype=torch.int64, device=p.device)
+                lab = torch.zeros((p.shape[0],), dtype=torch.int64, device=p.device)
+            else:
+                raw = roi.proposal_matcher(box_ops.box_iou(g, p))
+                m = raw.clamp(min=0)
+                lab = t["labels"][m].to(torch.int64)
+                lab[raw == BELOW_LOW_THRESHOLD] = 0
+                lab[raw == BETWEEN_THRESHOLDS] = -1
+            ign = ignore_boxes_of(t)
+            if ign is not None:
+                inside = centres_in_boxes(box_centres(p), ign)
+                lab = torch.where((lab == 0) & inside, torch.full_like(lab, -1), lab)
+            matched.append(m)
+            labels.append(lab)
+        if sample:  # same RNG use as torchvision's RoIHeads.subsample
+            pos_masks, neg_masks = roi.fg_bg_sampler(labels)
+            keeps = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
+        else:
+            keeps = [lab > 0 for lab in labels]
+        sel_props, sel_matched, sel_labels, sel_sampled = [], [], [], []
+        for i, (p, m, lab, keep) in enumerate(zip(props, matched, labels, keeps)):
+            idx = torch.where(keep)[0]
+            p, m, lab = p[idx], m[idx], lab[idx]
+            s = torch.ones_like(lab, dtype=torch.bool)
+            if not sample and gt_boxes[i].numel():
+                n = gt_boxes[i].shape[0]
+                counts = torch.bincount(m[lab > 0], minlength=n)[:n]
+                missing = torch.where(counts == 0)[0]
+                if missing.numel():
+                    p = torch.cat((p, gt_boxes[i][missing]))
+                    m = torch.cat((m, missing))
+                    lab = torch.cat((lab, targets[i]["labels"][missing].to(torch.int64)))
+                    s = torch.cat((s, torch.zeros_like(missing, dtype=torch.bool)))
+            sel_props.append(p)
+            sel_matched.append(m)
+            sel_labels.append(lab)
+            sel_sampled.append(s)
+        box_features = roi.box_roi_pool(features, sel_props, images.image_sizes)
+        box_features = roi.box_head(box_features)
+        class_logits, box_regression = roi.box_predictor(box_features)
+        class_logits = class_logits.float()
+        box_regression = box_regression.float().reshape(class_logits.shape[0], box_regression.shape[-1] // 4, 4)
+        sizes = [p.shape[0] for p in sel_props]
+        cls_terms, box_terms = [], []
+        for i, (logits, reg, p, m, lab) in enumerate(zip(class_logits.split(sizes), box_regression.split(sizes),
+                                                          sel_props, sel_matched, sel_labels)):
+            cls_terms.append(F.cross_entropy(logits, lab.clamp(min=0), reduction="none"))
+            pos = torch.where(lab > 0)[0]
+            target = roi.box_coder.encode_single(gt_boxes[i][m[pos]], p[pos])
+            per = F.smooth_l1_loss(reg[pos, lab[pos]], target, beta=SMOOTH_L1_BETA, reduction="none").sum(-1)
+            box_terms.append(logits.new_zeros(p.shape[0]).scatter(0, pos, per))
+        return RoITerms(sel_props, sel_matched, sel_labels, cls_terms, box_terms, sel_sampled)
+
+    @staticmethod
+    def reduce_roi(terms: RoITerms) -> dict[str, Tensor]:
+        n = max(1, int(sum(int(s.sum()) for s in terms.sampled)))
+        cls = torch.stack([(c * s).sum() for c, s in zip(terms.cls, terms.sampled)]).sum()
+        box = torch.stack([(b * s).sum() for b, s in zip(terms.box, terms.sampled)]).sum()
+        return {"loss_classifier": cls / n, "loss_box_reg": box / n}
+
+    # ------------------------------------------------------------------ public ops
+    def detection_losses(self, model, images, features, targets, outputs=None) -> dict[str, Tensor]:
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        rpn = self.rpn_terms(model, outputs, targets, sample=True)
+        roi = self.roi_terms(model, images, features, outputs["proposals"], targets, sample=True)
+        losses = self.reduce_roi(roi)
+        losses.update(self.reduce_rpn(rpn))
+        return losses
+
+    def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        rpn = self.rpn_terms(model, outputs, targets, sample=False)
+        roi = self.roi_terms(model, images, features, outputs["proposals"], targets, sample=False)
+        per_instance = []
+        for i, t in enumerate(targets):
+            n = t["boxes"].shape[0]
+            rpn_total = rpn.objectness[i] + rpn.box[i]
+            rpn_mean, counts = per_instance_mean(rpn_total, rpn.matched_idxs[i], n)
+            missing = torch.where(counts == 0)[0]
+            if missing.numel():
+                rpn_mean = rpn_mean.clone()
+                rpn_mean[missing] = self._best_anchor_loss(model, outputs, i, t, missing)
+            roi_total = roi.cls[i] + roi.box[i]
+            roi_idx = torch.where(roi.labels[i] > 0, roi.matched_idxs[i], torch.full_like(roi.matched_idxs[i], -1))
+            roi_mean, _ = per_instance_mean(roi_total, roi_idx, n)
+            per_instance.append(rpn_mean + roi_mean)
+        # per level: positive RPN anchors of each level / all positive RPN anchors, + the positive-RoI loss mean
+        L = len(rpn.num_per_level)
+        per_level = rpn.objectness[0].new_zeros(L)
+        n_pos = 0
+        for m, o, b in zip(rpn.matched_idxs, rpn.objectness, rpn.box):
+            pos = m >= 0
+            lvl = level_index(rpn.num_per_level, o.device)
+            per_level = per_level.index_add(0, lvl[pos], (o + b)[pos])
+            n_pos += int(pos.sum())
+        roi_sum = sum(((c + b) * (lab > 0)).sum() for c, b, lab in zip(roi.cls, roi.box, roi.labels))
+        roi_n = sum(int((lab > 0).sum()) for lab in roi.labels)
+        return TeacherLosses(per_instance, per_level / max(1, n_pos) + roi_sum / max(1, roi_n))
+
+    def _best_anchor_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+        rpn = model.rpn
+        anchors = outputs["anchors"][i]
+        boxes = target["boxes"][which].to(anchors.dtype)
+        best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
+        obj = F.binary_cross_entropy_with_logits(outputs["objectness"][i][best].float(),
+                                                 torch.ones_like(best, dtype=torch.float32), reduction="none")
+        target_deltas = rpn.box_coder.encode_single(boxes, anchors[best])
+        box = F.smooth_l1_loss(outputs["rpn_deltas"][i][best].float(), target_deltas, beta=SMOOTH_L1_BETA,
+                               reduction="none").sum(-1)
+        return obj + box
+
+    def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        roi = model.roi_heads
+        proposals = outputs["proposals"]
+        box_features = roi.box_head(roi.box_roi_pool(features, proposals, images.image_sizes))
+        class_logits, box_regression = roi.box_predictor(box_features)
+        boxes, scores, labels = roi.postprocess_detections(class_logits, box_regression, proposals,
+                                                           images.image_sizes)
+        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from aidkd.distill import AIDWeighting, aid_weights, box_cell_owner, instance_pixel_weights
+
+
+def test_aid_weights_values_range_monotonic():
+    losses = torch.tensor([0.0, 0.5, 1.0, 2.0, 10.0, 100.0])
+    w = aid_weights(losses)
+    torch.testing.assert_close(w, torch.exp(-0.1 * losses))
+    assert w[0] == 1.0 and (w > 0).all() and (w <= 1).all()
+    assert (w[1:] < w[:-1]).all()
+    assert aid_weights(torch.tensor([-3.0])).item() == 1.0  # negative losses clamp to 0
+    assert aid_weights(torch.tensor([2.0]), alpha=0.5).item() == pytest.approx(math.exp(-1.0))
+    with pytest.raises(ValueError):
+        aid_weights(losses, alpha=-1.0)
+
+
+def test_aid_weights_detached():
+    losses = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not aid_weights(losses).requires_grad
+
+
+def test_pixel_weights_background_and_single_box():
+    boxes = [torch.tensor([[8.0, 0.0, 24.0, 8.0]])]  # stride 4 -> cell centres x 10, 14, 18, 22; y 2, 6
+    pw = instance_pixel_weights(boxes, [torch.tensor([0.5])], 4, 8, 4)
+    expected = torch.ones(4, 8)
+    expected[0:2, 2:6] = 0.5
+    torch.testing.assert_close(pw[0], expected)
+
+
+def test_pixel_weights_centre_rule_is_half_open():
+    # cell centres at 2, 6, 10 (stride 4); box [2, 2, 6, 6] contains centre 2 but not 6
+    pw = instance_pixel_weights([torch.tensor([[2.0, 2.0, 6.0, 6.0]])], [torch.tensor([0.3])], 3, 3, 4)
+    expected = torch.ones(3, 3)
+    expected[0, 0] = 0.3
+    torch.testing.assert_close(pw[0], expected)
+
+
+def test_pixel_weights_overlap_smaller_box_wins_regardless_of_order():
+    big = [0.0, 0.0, 32.0, 32.0]
+    small = [8.0, 8.0, 16.0, 16.0]
+    for order in ([big, small], [small, big]):
+        weights = torch.tensor([0.9, 0.2]) if order[0] is big else torch.tensor([0.2, 0.9])
+        pw = instance_pixel_weights([torch.tensor(order)], [weights], 4, 4, 8)
+        expected = torch.full((4, 4), 0.9)
+        expected[1, 1] = 0.2
+        torch.testing.assert_close(pw[0], expected)
+
+
+def test_pixel_weights_tiny_box_claims_its_centre_cell():
+    # box [9, 17, 11, 19] contains no centre of stride-8 cells (4, 12, 20, ...); its centre (10, 18) -> cell (2, 1)
+    pw = instance_pixel_weights([torch.tensor([[9.0, 17.0, 11.0, 19.0]])], [torch.tensor([0.4])], 4, 4, 8)
+    expected = torch.ones(4, 4)
+    expected[2, 1] = 0.4
+    torch.testing.assert_close(pw[0], expected)
+    # inside a larger box the tiny box still wins its centre cell
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [9.0, 17.0, 11.0, 19.0]])
+    pw = instance_pixel_weights([boxes], [torch.tensor([0.8, 0.4])], 4, 4, 8)
+    expected = torch.full((4, 4), 0.8)
+    expected[2, 1] = 0.4
+    torch.testing.assert_close(pw[0], expected)
+
+
+def test_pixel_weights_stride_handling():
+    box = [torch.tensor([[0.0, 0.0, 16.0, 16.0]])]
+    w = [torch.tensor([0.5])]
+    for stride, size, covered in ((4, 8, 4), (8, 4, 2), (16, 2, 1), (32, 1, 1)):
+        pw = instance_pixel_weights(box, w, size, size, stride)
+        expected = torch.ones(size, size)
+        expected[:covered, :covered] = 0.5
+        torch.testing.assert_close(pw[0], expected, msg=f"stride {stride}")
+
+
+def test_pixel_weights_boxes_partly_or_fully_outside_the_map():
+    boxes = torch.tensor([[24.0, 24.0, 100.0, 100.0],  # partly outside: covers cells (3, 3) only
+                          [200.0, 5.0, 260.0, 7.0]])    # fully outside, no centre -> clamped centre cell (0, 3)
+    pw = instance_pixel_weights([boxes], [torch.tensor([0.5, 0.25])], 4, 4, 8)
+    expected = torch.ones(4, 4)
+    expected[3, 3] = 0.5
+    expected[0, 3] = 0.25
+    torch.testing.assert_close(pw[0], expected)
+
+
+def test_pixel_weights_batch_and_empty_images():
+    boxes = [torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 8.0, 8.0]])]
+    pw = instance_pixel_weights(boxes, [torch.zeros(0), torch.tensor([0.7])], 2, 2, 8)
+    assert pw.shape == (2, 2, 2)
+    torch.testing.assert_close(pw[0], torch.ones(2, 2))
+    assert pw[1, 0, 0].item() == pytest.approx(0.7) and pw[1].sum().item() == pytest.approx(3.7)
+    with pytest.raises(ValueError):
+        instance_pixel_weights(boxes, [torch.zeros(0)], 2, 2, 8)
+
+
+def test_box_cell_owner_ties_go_to_lower_index():
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 8.0, 8.0]])
+    owner = box_cell_owner(boxes, 2, 2, 8)
+    assert owner.tolist() == [[0, -1], [-1, -1]]
+
+
+SHAPES = [(8, 8), (4, 4), (2, 2)]
+STRIDES = [8, 16, 32]
+BOXES = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [8.0, 8.0, 16.0, 16.0]]), torch.zeros(0, 4)]
+LOSSES = [torch.tensor([1.0, 3.0]), torch.zeros(0)]
+
+
+def test_aid_weighting_instance():
+    pixel, image, level = AIDWeighting("instance").make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    assert level is None and len(pixel) == 3
+    assert [tuple(p.shape) for p in pixel] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
+    w1, w3 = math.exp(-0.1), math.exp(-0.3)
+    torch.testing.assert_close(image, torch.tensor([(w1 + w3) / 2, 1.0]))
+    p0 = pixel[0][0]
+    assert p0[1, 1].item() == pytest.approx(w3) and p0[0, 0].item() == pytest.approx(w1)
+    assert p0[5, 5].item() == 1.0 and pixel[0][1].eq(1).all()
+
+
+def test_aid_weighting_image():
+    pixel, image, level = AIDWeighting("image", alpha=0.2).make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    assert level is None
+    expected = torch.tensor([math.exp(-0.2 * 2.0), 1.0])
+    torch.testing.assert_close(image, expected)
+    for p in pixel:
+        torch.testing.assert_close(p, expected[:, None, None].expand_as(p))
+
+
+def test_aid_weighting_level():
+    per_level = torch.tensor([0.0, 1.0, 5.0])
+    pixel, image, level = AIDWeighting("level").make(None, per_level, BOXES, SHAPES, STRIDES, 2)
+    assert pixel is None and image is None
+    torch.testing.assert_close(level, torch.exp(-0.1 * per_level))
+    with pytest.raises(ValueError, match="per_level_losses"):
+        AIDWeighting("level").make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+
+
+def test_aid_weighting_validation():
+    with pytest.raises(ValueError, match="granularity"):
+        AIDWeighting("box")
+    with pytest.raises(ValueError, match="alpha"):
+        AIDWeighting(alpha=-0.1)
+    with pytest.raises(ValueError, match="image 0"):
+        AIDWeighting().make([torch.tensor([1.0]), torch.zeros(0)], None, BOXES, SHAPES, STRIDES, 2)
+    with pytest.raises(ValueError, match="batch"):
+        AIDWeighting().make(LOSSES, None, BOXES, SHAPES, STRIDES, 3)
+
+
+def test_aid_stats():
+    stats = AIDWeighting().stats(LOSSES)
+    assert stats["instance_w_max"] == pytest.approx(math.exp(-0.1))
+    assert stats["instance_w_min"] == pytest.approx(math.exp(-0.3))
+    assert stats["instance_w_count"] == 2
+    assert "image_w_mean" in AIDWeighting("image").stats(LOSSES)
+    assert AIDWeighting("level").stats(None, torch.tensor([0.0, 10.0]))["level_w_min"] == pytest.approx(math.exp(-1))
+    assert AIDWeighting().stats([torch.zeros(0)]) == {}
+
+
+def test_aid_remembers_last_instance_weights():
+    aid = AIDWeighting()
+    assert aid.instance_weights_of_last_batch(0) is None
+    aid.make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    torch.testing.assert_close(aid.instance_weights_of_last_batch(0), torch.exp(-0.1 * LOSSES[0]))
+    assert aid.instance_weights_of_last_batch(1).numel() == 0 and aid.instance_weights_of_last_batch(2) is None
+    assert aid == AIDWeighting()  # runtime state is not configuration
