@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -215,8 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)])
+    # Our messages through rich; Lightning keeps its own handler (attaching to the root logger would print twice).
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
+    log.propagate = False
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     from aidkd.data.structures import DatasetError
     from aidkd.engine.config import ConfigError
 

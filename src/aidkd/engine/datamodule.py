@@ -45,13 +45,26 @@ def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
 
 
 def load_records(cfg: DataConfig, split: str, classes: list[str]):
-    """ImageRecords of one split ('train' or 'val')."""
+    """ImageRecords of one split ('train' or 'val').
+
+    Invalid labels stop the run with every problem listed, unless ``data.skip_invalid``: then the affected images
+    are left out and counted in the log.
+    """
+    errors: list | None = [] if cfg.skip_invalid else None
+    records = _load_split(cfg, split, classes, errors)
+    if errors:
+        log.warning("%s split: skipped %d invalid label(s)/image(s) (data.skip_invalid); first: %s", split,
+                    len(errors), errors[0])
+    return records
+
+
+def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | None):
     if cfg.format == "coco":
         ann = cfg.train_ann if split == "train" else cfg.val_ann
         images = cfg.train_images if split == "train" else cfg.val_images
         if not ann or not images:
             raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data")
-        records, _ = load_coco_records(ann, images, classes)
+        records, _ = load_coco_records(ann, images, classes, errors=errors)
         return records
     root = ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root or "")
     if cfg.format == "kitti" and not cfg.root:
@@ -59,7 +72,7 @@ def load_records(cfg: DataConfig, split: str, classes: list[str]):
     split_name = cfg.train_split if split == "train" else cfg.val_split
     split_file = cfg.train_split_file if split == "train" else cfg.val_split_file
     return load_kitti_records(root, split=split_name, split_file=split_file, val_fraction=cfg.val_fraction,
-                              seed=cfg.split_seed)
+                              seed=cfg.split_seed, errors=errors)
 
 
 class DetectionDataModule(L.LightningDataModule):

@@ -139,12 +139,10 @@ class DetectionTask(L.LightningModule):
         images, targets = batch
         preds = self.model(images)
         for p, t in zip(preds, targets):
-            scale = float(t["scale"])
+            sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
             keep = p["scores"] >= self.cfg.eval.score_thresh
-            boxes = p["boxes"][keep].float() / scale
-            if t.get("flipped", False):  # never in validation, but keep predictions in original pixels regardless
-                w = t["orig_size"][1]
-                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+            # Back to original pixels with the dataset's exact per-axis factors (validation never flips).
+            boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy], device=p["boxes"].device)
             self._val_preds.append((int(t["image_id"]), {"boxes": boxes.cpu(), "scores": p["scores"][keep].cpu(),
                                                          "labels": p["labels"][keep].cpu()}))
 

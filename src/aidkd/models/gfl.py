@@ -220,8 +220,10 @@ class GFL(nn.Module):
 
     Differences from MMDetection's GFLHead: ignore regions only remove background locations from QFL (MMDetection
     ignores nothing by default); pre-NMS top-k is over (location, class) pairs per level as in torchvision (MMDetection
-    takes the top-k locations by their best class); the QFL normaliser is the number of positives of this process
-    (no all-reduce across GPUs).
+    takes the top-k locations by their best class); the QFL normaliser is ``max(positives in the batch, 1)`` of this
+    process (MMDetection: the sum over images of ``max(positives, 1)``, averaged across GPUs). As in MMDetection the
+    GIoU/DFL normaliser is ``max(sum of score weights, 1)``, so these two losses *rise* over the first steps of
+    training from scratch while the scores grow from the 0.01 prior.
     """
 
     def __init__(

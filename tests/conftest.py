@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny generated driving set and tiny configs, so engine tests run in seconds on a CPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from aidkd.data import generate_synth
+
+TINY_DATA = {"format": "synth", "min_size": 64, "max_size": 192, "batch_size": 4, "hflip": 0.5,
+             "synth": {"num_images": 20, "seed": 3, "width": 192, "height": 64}}
+TINY_MODEL = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16}
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synth(root, num_images=20, seed=3, width=192, height=64)
+    (root / ".complete").write_text("ok\n")
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(synth_root, tmp_path):
+    """A config dict for a run that takes a few seconds: 16 train images, 4 val, RetinaNet-R18 with FPN 16."""
+
+    def make(name="run", **sections):
+        cfg = {"name": name, "output_dir": str(tmp_path / name), "seed": 0,
+               "data": dict(copy.deepcopy(TINY_DATA), root=str(synth_root)),
+               "model": dict(TINY_MODEL),
+               "train": {"epochs": 2, "lr": 0.01, "warmup_steps": 2, "log_every": 1, "progress_bar": False}}
+        for key, value in sections.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) and key in cfg else value
+        return cfg
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Two threads on two shared cores are slower than one for these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

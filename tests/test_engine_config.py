@@ -1,0 +1,40 @@
+import pytest
+
+from aidkd.engine.config import ConfigError, RunConfig, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.02\nmodel:\n  arch: fcos\n")
+    cfg = load_config(p, ["train.epochs=3", "data.classes=[Car, Pedestrian]", "distill.aid.alpha=0.2"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 0.02 and cfg.train.epochs == 3 and cfg.model.arch == "fcos"
+    assert cfg.data.classes == ["Car", "Pedestrian"]
+    assert cfg.distill.aid.alpha == 0.2 and cfg.distill.aid.granularity == "instance"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("train.lr=fast", "config key 'train.lr': expected float"),
+    ("model.arch=yolo", "config key 'model.arch': expected one of"),
+    ("data.classes=[1]", "config key 'data.classes[0]': expected str"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("distill.aid.granularity=pixel", "config key 'distill.aid.granularity'"),
+    ("train.epochs=1.5", "config key 'train.epochs': expected int"),
+])
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(p)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,110 @@
+"""The distiller's wiring invariants: a frozen teacher outside the module tree, a student-only checkpoint."""
+import pytest
+import torch
+
+from aidkd.data import DetectionDataset, collate_fn, load_kitti_records
+from aidkd.engine.config import config_from_dict
+from aidkd.engine.model_io import load_detector, model_meta, save_model_file
+from aidkd.engine.module import DetectionTask
+from aidkd.models import build_detector
+
+CLASSES = ["Car", "Pedestrian", "Cyclist"]
+METHODS = [{"name": "attention", "params": {"temperature": 0.5}}, {"name": "nonlocal"}]
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    torch.manual_seed(1)
+    teacher = build_detector("retinanet", "resnet18", 4, min_size=64, max_size=192, fpn_channels=32)
+    return save_model_file(tmp_path / "teacher.pt", teacher, model_meta(teacher, CLASSES, 64, 192, {}))
+
+
+@pytest.fixture
+def batch(synth_root):
+    ds = DetectionDataset(load_kitti_records(synth_root, "train"), CLASSES, min_size=64, max_size=192, train=True)
+    return collate_fn([ds[i] for i in range(2)])
+
+
+def make_task(tiny_cfg, teacher_file, aid=True, granularity="instance"):
+    cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
+                                             "aid": {"enabled": aid, "granularity": granularity}}))
+    return DetectionTask(cfg, CLASSES)
+
+
+@pytest.mark.parametrize("granularity", ["instance", "image", "level"])
+def test_teacher_frozen_and_outside_the_module(tiny_cfg, teacher_file, batch, granularity):
+    task = make_task(tiny_cfg, teacher_file, granularity=granularity)
+    teacher = task.distiller.teacher.model
+    task.train()
+    assert not teacher.training, "teacher must stay in eval mode (frozen batch norm)"
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert not teacher_params & {id(p) for p in task.parameters()}, "teacher must not be a submodule"
+    assert not any(k.startswith("distiller.teacher") for k in task.state_dict())
+    losses = task.compute_losses(*batch)
+    assert {"distill/attention/am", "distill/attention/at", "distill/nonlocal/nl"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters()), "teacher must get no gradient"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.model.parameters())
+    assert any(p.grad is not None for p in task.distiller.methods.parameters()), "adapters train with the student"
+    stats = task.distiller.last_stats
+    assert 0 < stats["instance_w_min"] <= stats["instance_w_mean"] <= stats["instance_w_max"] <= 1
+
+
+def test_optimizer_holds_student_and_adapters_only(tiny_cfg, teacher_file):
+    task = make_task(tiny_cfg, teacher_file)
+
+    class _T:  # configure_optimizers reads the total steps from the trainer
+        estimated_stepping_batches = 10
+
+    task._trainer = None
+    type(task).trainer = property(lambda self: _T())
+    try:
+        opt = task.configure_optimizers()["optimizer"]
+    finally:
+        del type(task).trainer
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    expected = {id(p) for p in list(task.model.parameters()) + list(task.distiller.methods.parameters())
+                if p.requires_grad}
+    assert in_opt == expected
+    assert not in_opt & {id(p) for p in task.distiller.teacher.model.parameters()}
+
+
+def test_kd_without_aid_has_no_weights(tiny_cfg, teacher_file, batch):
+    task = make_task(tiny_cfg, teacher_file, aid=False)
+    losses = task.compute_losses(*batch)
+    assert task.distiller.last_inputs.pixel_weights is None and "distill/attention/am" in losses
+
+
+def test_teacher_class_mismatch_is_refused(tiny_cfg, tmp_path):
+    teacher = build_detector("retinanet", "resnet18", 3, min_size=64, max_size=192, fpn_channels=16)
+    path = save_model_file(tmp_path / "t2.pt", teacher, model_meta(teacher, ["Car", "Van"], 64, 192, {}))
+    with pytest.raises(ValueError, match=r"classes \['Car', 'Van'\] in the checkpoint"):
+        make_task(tiny_cfg, path)
+
+
+def test_teacher_arch_mismatch_is_refused(tiny_cfg, teacher_file):
+    cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file), "arch": "fcos"},
+                                             "methods": METHODS}))
+    with pytest.raises(ValueError, match="arch 'retinanet' in the checkpoint vs 'fcos'"):
+        DetectionTask(cfg, CLASSES)
+
+
+def test_dry_run_fails_loudly_on_normalisation_mismatch(tiny_cfg, tmp_path):
+    teacher = build_detector("retinanet", "resnet18", 4, min_size=64, max_size=192, fpn_channels=16,
+                             image_mean=[0.5, 0.5, 0.5])
+    path = save_model_file(tmp_path / "t3.pt", teacher, model_meta(teacher, CLASSES, 64, 192,
+                                                                    {"image_mean": [0.5, 0.5, 0.5]}))
+    with pytest.raises(ValueError, match="normalise differently"):
+        make_task(tiny_cfg, path)
+
+
+def test_distilled_student_checkpoint_loads_alone(tiny_cfg, teacher_file, tmp_path):
+    task = make_task(tiny_cfg, teacher_file)
+    path = save_model_file(tmp_path / "student.pt", task.model, task.meta)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert set(state) == set(task.model.state_dict()), "the student file holds the student alone"
+    model, meta = load_detector(path, classes=CLASSES)
+    assert meta["fpn_channels"] == 16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
