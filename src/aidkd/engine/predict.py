@@ -38,19 +38,30 @@ def detect(model: torch.nn.Module, image: Image.Image, min_size: int, max_size: 
     return {k: v[keep].cpu() for k, v in pred.items()}
 
 
+def is_video_source(source: str | Path | None) -> bool:
+    """``--input`` names a video file (anything that is neither a folder nor a single image file)."""
+    if source is None:
+        return False
+    p = Path(source)
+    return not p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES
+
+
 def iter_source(source: Path):
-    """(name, PIL image) pairs from a folder of images or a video file."""
+    """(name, PIL image) pairs from a folder of images, a single image file or a video file (one per frame)."""
+    from aidkd.data.images import read_image
+
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
         for p in files:
-            from aidkd.data.images import read_image
-
             yield p.stem, _as_pil(read_image(p))
         return
     if not source.exists():
         raise FileNotFoundError(f"--input not found: {source}")
+    if source.suffix.lower() in IMAGE_SUFFIXES:
+        yield source.stem, _as_pil(read_image(source))
+        return
     from aidkd.engine.video import iter_video_frames
 
     yield from iter_video_frames(source)
@@ -62,11 +73,18 @@ def _as_pil(img) -> Image.Image:
 
 def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: str | None = None,
                     draw: bool = False, score_thresh: float = 0.3) -> int:
+    """Predict on the configured val set, or on ``source`` (a folder of images, an image or a video file).
+
+    Writes ``out/<name>.txt`` (KITTI format, one per image or video frame ``<stem>_<frame:06d>``) and, with
+    ``draw``, ``out/drawn/<name>.png`` for images or ``out/<video stem>_boxes.mp4`` (source frame rate) for a
+    video. Returns the number of images / frames.
+    """
     from aidkd.engine.datamodule import load_records, resolve_classes
     from aidkd.eval.kitti_io import write_kitti_predictions
 
     classes, _ = resolve_classes(cfg.data)
     model, meta = load_detector(checkpoint, classes=classes)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
         frames = ((r.stem or Path(r.image_path).stem, r.image_path) for r in load_records(cfg.data, "val", classes))
@@ -74,24 +92,30 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
     else:
         items = iter_source(Path(source))
     drawn_dir = out / "drawn"
-    video_frames = []
-    n = 0
-    is_video = source is not None and not Path(source).is_dir()
-    for name, image in items:
-        det = detect(model, image, meta["min_size"], meta["max_size"], score_thresh)
-        write_kitti_predictions(out / f"{name}.txt", det, meta["classes"])
-        if draw:
-            drawn = draw_detections(image, det, meta["classes"])
-            if is_video:
-                video_frames.append(np.asarray(drawn))
-            else:
-                drawn_dir.mkdir(exist_ok=True)
-                drawn.save(drawn_dir / f"{name}.png")
-        n += 1
-    if draw and is_video:
-        from aidkd.engine.video import write_video
+    writer = None
+    if draw and is_video_source(source):
+        from aidkd.engine.video import VideoWriter, video_fps
 
-        write_video(out / (Path(source).stem + "_boxes.mp4"), video_frames)
+        writer = VideoWriter(out / (Path(source).stem + "_boxes.mp4"), fps=video_fps(source))
+    n = 0
+    try:
+        for name, image in items:
+            det = detect(model, image, meta["min_size"], meta["max_size"], score_thresh)
+            write_kitti_predictions(out / f"{name}.txt", det, meta["classes"])
+            if draw:
+                drawn = draw_detections(image, det, meta["classes"])
+                if writer is not None:
+                    writer.write(np.asarray(drawn))
+                else:
+                    drawn_dir.mkdir(exist_ok=True)
+                    drawn.save(drawn_dir / f"{name}.png")
+            n += 1
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
     return n
 
 

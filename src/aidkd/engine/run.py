@@ -66,7 +66,8 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
         callbacks.append(DistillImages(cfg.distill.image_log_every))
     if t.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
-    loggers = [TensorBoardLogger(out_dir, name="tb", version=""), CSVLogger(out_dir, name="csv", version="")]
+    # A resumed run appends to TensorBoard and starts a new CSV version, so no earlier log is overwritten.
+    loggers = [TensorBoardLogger(out_dir, name="tb", version=""), CSVLogger(out_dir, name="csv")]
     return L.Trainer(
         default_root_dir=out_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg),

@@ -1,0 +1,425 @@
+"""Accuracy benchmark (issue #4): student alone vs KD vs KD+AID vs self-distillation, one- and two-stage, over seeds.
+
+One command, driven by a profile YAML (``benchmarks/profiles/<name>.yaml``). For each detector family of the
+profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):
+
+1. the teacher is trained once (teacher schedule, ``teacher_seed``);
+2. the self-distillation teacher -- a copy of the *student* architecture -- is trained once on the teacher schedule;
+3. for every seed, on the student schedule (same epochs and lr for all): ``student`` alone, ``kd`` (attention +
+   non-local), ``kd_aid_instance``, ``kd_aid_level`` and ``self_kd_aid`` (KD + AID (instance) from the
+   self-distillation teacher).
+
+Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd train`` / ``aidkd distill``) and leaves
+its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
+``final_metrics.json`` exists is skipped, so re-running the command resumes. ``--max-minutes`` stops *before* a run
+whose estimated duration (from finished runs of the same kind) would pass the budget, and before any run once the
+budget is spent; what finished is summarised either way.
+
+Results in ``benchmarks/results/accuracy_<profile>/``: ``results.json`` (every run's metrics and time, the
+aggregates), ``results.md`` (mean +- sample std over seeds of COCO AP, AP50, VOC mAP@0.5 and -- for KITTI-style
+labels -- KITTI moderate mAP) and ``accuracy.png`` (bar chart). Profiles that need fixed split files (KITTI
+``split: {first_n_train: N}``) get them written ImageSets-style into that folder (``splits/train.txt``,
+``splits/val.txt``: the first N sorted stems are train, the rest val).
+
+    .venv/bin/python benchmarks/accuracy.py --profile synth_cpu
+    .venv/bin/python benchmarks/accuracy.py --profile kitti101_cpu --only one-stage --seeds 0 1 2 --max-minutes 120
+    .venv/bin/python benchmarks/accuracy.py --profile synth_cpu --smoke       # ~2 min wiring check
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PROFILES_DIR = HERE / "profiles"
+RESULTS = HERE / "results"
+
+FAMILIES = ("one-stage", "two-stage")
+SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid")
+METRICS = [("coco/AP", "COCO AP"), ("coco/AP50", "AP50"), ("voc/mAP50", "VOC mAP@0.5"),
+           ("kitti/moderate_mAP", "KITTI moderate mAP")]
+LABELS = {"teacher": "teacher", "self_teacher": "self-distillation teacher (student arch, teacher schedule)",
+          "student": "student alone", "kd": "KD (attention + non-local)", "kd_aid_instance": "KD + AID (instance)",
+          "kd_aid_level": "KD + AID (level)", "self_kd_aid": "self-distillation, KD + AID (instance)"}
+
+log = logging.getLogger("aidkd.bench")
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def load_profile(name_or_path: str) -> dict:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = ", ".join(sorted(q.stem for q in PROFILES_DIR.glob("*.yaml")))
+        raise SystemExit(f"profile not found: {p} (known: {known})")
+    prof = yaml.safe_load(p.read_text())
+    prof.setdefault("name", p.stem)
+    unknown = set(prof) - {"name", "description", "data", "split", "families", "schedule", "train", "eval", "seeds",
+                           "teacher_seed", "aid_alpha", "variants", "smoke"}
+    if unknown:
+        raise SystemExit(f"{p}: unknown profile key(s) {sorted(unknown)}")
+    return prof
+
+
+def resolve_paths(data: dict) -> dict:
+    """Profile paths are relative to the repository root."""
+    data = copy.deepcopy(data)
+    for key in ("root", "train_ann", "train_images", "val_ann", "val_images", "train_split_file", "val_split_file"):
+        if data.get(key) and not Path(data[key]).is_absolute():
+            data[key] = str((REPO / data[key]).resolve())
+    return data
+
+
+def write_kitti_split(root: Path, out: Path, n_train: int) -> tuple[Path, Path]:
+    """ImageSets-style split files: the first ``n_train`` sorted stems of ``image_2`` are train, the rest val."""
+    stems = sorted(p.stem for p in (root / "training" / "image_2").iterdir() if p.is_file())
+    if len(stems) <= n_train:
+        raise SystemExit(f"{root}: {len(stems)} images, cannot keep {n_train} for training and some for val")
+    out.mkdir(parents=True, exist_ok=True)
+    tr, va = out / "train.txt", out / "val.txt"
+    tr.write_text("\n".join(stems[:n_train]) + "\n")
+    va.write_text("\n".join(stems[n_train:]) + "\n")
+    return tr, va
+
+
+def apply_smoke(prof: dict) -> dict:
+    """A few steps per run on tiny images: checks the wiring in about two minutes on the CPU."""
+    prof = copy.deepcopy(prof)
+    smoke = prof.pop("smoke", {}) or {}
+    data = prof["data"]
+    data.update({"min_size": 64, "max_size": 160, "batch_size": 2}, **smoke.get("data", {}))
+    if data.get("format") == "synth":
+        data["synth"] = dict(data.get("synth", {}), num_images=10, width=160, height=64)
+    for fam in prof["families"].values():
+        fam["teacher"] = {"backbone": "resnet18", "fpn_channels": 16}
+        fam["student"] = {"backbone": "resnet18", "fpn_channels": 8}
+    prof["schedule"] = {"teacher": {"epochs": 1, "warmup_steps": 1}, "student": {"epochs": 1, "warmup_steps": 1}}
+    prof["train"] = dict(prof.get("train", {}), limit_train_batches=2, limit_val_batches=2)
+    prof["seeds"] = [0]
+    return prof
+
+
+# ------------------------------------------------------------------------------------------------ run configs
+def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float) -> dict:
+    return {"teacher": {"checkpoint": teacher_ckpt},
+            "methods": [{"name": m["name"], "params": {k: v for k, v in m.items() if k != "name"}} for m in methods],
+            "aid": {"enabled": aid is not None, "granularity": aid or "instance", "alpha": alpha},
+            "image_log_every": 0}
+
+
+def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int]) -> list[dict]:
+    """Ordered list of {key, family, variant, seed, cfg (RunConfig dict), kind} -- teachers before their students."""
+    data = resolve_paths(prof["data"])
+    common_train = {"progress_bar": False, "log_every": 10, **prof.get("train", {})}
+    sched = prof["schedule"]
+    alpha = float(prof.get("aid_alpha", 0.1))
+    variants = list(prof.get("variants", SEED_VARIANTS))
+    unknown = set(variants) - set(SEED_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {SEED_VARIANTS}")
+    runs = []
+    for fam_name in families:
+        fam = prof["families"].get(fam_name)
+        if fam is None:
+            continue
+        arch = fam["arch"]
+        fam_dir = runs_dir / fam_name
+
+        def cfg(name: str, part: str, kind: str, seed: int, distill: dict | None, *, _fam=fam, _arch=arch,
+                _fam_name=fam_name, _fam_dir=fam_dir) -> dict:
+            train = {**common_train, **sched[kind]}
+            train.setdefault("val_every", int(train.get("epochs", 12)))  # validate once, at the end
+            c = {"name": f"{prof['name']}/{_fam_name}/{name}", "output_dir": str(_fam_dir / name), "seed": seed,
+                 "data": data, "model": {"arch": _arch, **_fam[part]}, "train": train, "distill": distill}
+            if prof.get("eval"):
+                c["eval"] = prof["eval"]
+            return c
+
+        tseed = int(prof.get("teacher_seed", 0))
+        teacher_ckpt = str(fam_dir / "teacher" / "model_best.pt")
+        self_ckpt = str(fam_dir / "self_teacher" / "model_best.pt")
+        need_self = "self_kd_aid" in variants
+        runs.append({"key": f"{fam_name}/teacher", "family": fam_name, "variant": "teacher", "seed": tseed,
+                     "kind": "teacher", "cfg": cfg("teacher", "teacher", "teacher", tseed, None)})
+        if need_self:
+            runs.append({"key": f"{fam_name}/self_teacher", "family": fam_name, "variant": "self_teacher",
+                         "seed": tseed, "kind": "self_teacher",
+                         "cfg": cfg("self_teacher", "student", "teacher", tseed, None)})
+        for seed in seeds:
+            for v in variants:
+                if v == "student":
+                    distill = None
+                elif v == "self_kd_aid":
+                    distill = kd_section(fam["methods"], self_ckpt, "instance", alpha)
+                else:
+                    distill = kd_section(fam["methods"], teacher_ckpt, v.removeprefix("kd_aid_") if "aid" in v
+                                         else None, alpha)
+                name = f"{v}_seed{seed}"
+                runs.append({"key": f"{fam_name}/{name}", "family": fam_name, "variant": v, "seed": seed,
+                             "kind": "distill" if distill else "student",
+                             "cfg": cfg(name, "student", "student", seed, distill)})
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def run_one(run: dict) -> dict:
+    from aidkd.engine.config import config_from_dict
+    from aidkd.engine.run import train
+
+    cfg = config_from_dict(run["cfg"])
+    out = Path(cfg.output_dir)
+    done = out / "final_metrics.json"
+    timing = out / "bench_timing.json"
+    if done.exists():
+        metrics = json.loads(done.read_text())
+        secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+        return {"metrics": metrics, "seconds": secs, "skipped": True}
+    t0 = time.time()
+    metrics = train(cfg)
+    secs = time.time() - t0
+    timing.write_text(json.dumps({"seconds": secs}) + "\n")
+    if not metrics:
+        raise RuntimeError(f"{run['key']}: training finished without validation metrics")
+    return {"metrics": metrics, "seconds": secs, "skipped": False}
+
+
+def estimate(run: dict, finished: dict[str, dict], plan: list[dict]) -> float | None:
+    """Seconds a run will take: the median of finished runs of the same kind and family (None if none)."""
+    same = [finished[r["key"]]["seconds"] for r in plan
+            if r["key"] in finished and finished[r["key"]].get("seconds") and r["kind"] == run["kind"]
+            and r["family"] == run["family"]]
+    if not same and run["kind"] == "distill":
+        same = [1.5 * finished[r["key"]]["seconds"] for r in plan if r["key"] in finished
+                and finished[r["key"]].get("seconds") and r["kind"] == "student" and r["family"] == run["family"]]
+    return statistics.median(same) if same else None
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan), len(vals)
+
+
+def aggregate(plan: list[dict], finished: dict[str, dict]) -> dict:
+    agg: dict = {}
+    for r in plan:
+        if r["key"] not in finished:
+            continue
+        fam = agg.setdefault(r["family"], {})
+        fam.setdefault(r["variant"], []).append({"seed": r["seed"], **finished[r["key"]]})
+    out: dict = {}
+    for fam, variants in agg.items():
+        out[fam] = {}
+        for v, rows in variants.items():
+            entry = {"n": len(rows), "seeds": [x["seed"] for x in rows]}
+            for key, _ in METRICS:
+                m, s, n = mean_std([x["metrics"].get(key) for x in rows])
+                entry[key] = {"mean": m, "std": s, "n": n}
+            entry["seconds_mean"] = mean_std([x.get("seconds") for x in rows])[0]
+            out[fam][v] = entry
+        base = out[fam].get("student")
+        if base:
+            for v, entry in out[fam].items():
+                for key, _ in METRICS:
+                    entry[key]["delta_vs_student"] = entry[key]["mean"] - base[key]["mean"]
+    return out
+
+
+def _cell(e: dict, with_delta: bool) -> str:
+    m, s = e["mean"], e["std"]
+    if m is None or math.isnan(m):
+        return "n/a"
+    txt = f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
+    d = e.get("delta_vs_student")
+    if with_delta and d is not None and not math.isnan(d):
+        txt += f" ({d:+.1f})"
+    return txt
+
+
+def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, elapsed: float) -> str:
+    metrics = [(k, n) for k, n in METRICS if any(
+        not math.isnan(v.get(k, {}).get("mean", math.nan)) for fam in summary.values() for v in fam.values())]
+    lines = [f"# Accuracy: KD and AID ({prof['name']}{' smoke' if args.smoke else ''})", ""]
+    if prof.get("description"):
+        lines += [prof["description"].strip(), ""]
+    d = prof["data"]
+    lines.append(f"Data: format {d.get('format')}, images {d.get('min_size')}x{d.get('max_size')} "
+                 f"(min x max side), batch {d.get('batch_size')}. Teacher schedule {prof['schedule']['teacher']}; "
+                 f"student schedule (all student runs) {prof['schedule']['student']}. AID alpha "
+                 f"{prof.get('aid_alpha', 0.1)}.")
+    lines.append("")
+    for fam_name, fam in prof["families"].items():
+        if fam_name in summary:
+            lines.append(f"- {fam_name}: {fam['arch']}, teacher {fam['teacher']}, student {fam['student']}, "
+                         f"KD methods {fam['methods']}")
+    lines += ["", ("Values: mean ± sample std over seeds (teacher rows: one run); in brackets the difference to "
+                   "the student alone."), ""]
+    for fam_name, fam in summary.items():
+        lines += [f"## {fam_name} ({prof['families'][fam_name]['arch']})", "",
+                  "| run | seeds | " + " | ".join(n for _, n in metrics) + " | train s (mean) |",
+                  "|---|---|" + "---|" * len(metrics) + "---|"]
+        for v in ("teacher", "self_teacher", *SEED_VARIANTS):
+            if v not in fam:
+                continue
+            e = fam[v]
+            cells = " | ".join(_cell(e[k], v not in ("student", "teacher", "self_teacher")) for k, _ in metrics)
+            secs = e.get("seconds_mean")
+            lines.append(f"| {LABELS[v]} | {e['n']} | {cells} | "
+                         f"{'n/a' if secs is None or math.isnan(secs) else f'{secs:.0f}'} |")
+        lines.append("")
+    missing = [r["key"] for r in plan if r["key"] not in finished]
+    if missing:
+        more = " ..." if len(missing) > 20 else ""
+        lines += [f"Not run (budget or failure): {len(missing)} of {len(plan)} runs: {', '.join(missing[:20])}{more}",
+                  ""]
+    lines += [f"Wall time of this invocation: {elapsed / 60:.1f} min.", "",
+              "Command: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`"]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(summary)
+    if not fams:
+        return
+    keys = [k for k, _ in METRICS if any(not math.isnan(v[k]["mean"]) for f in summary.values() for v in f.values())]
+    names = dict(METRICS)
+    fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4.2), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        variants = [v for v in ("teacher", "self_teacher", *SEED_VARIANTS) if v in summary[fam]]
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            e = summary[fam][v]
+            means = [e[k]["mean"] for k in keys]
+            stds = [0.0 if math.isnan(e[k]["std"]) else e[k]["std"] for k in keys]
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))]
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=LABELS[v].split(" (")[0] if v != "self_kd_aid"
+                   else "self-distil. KD+AID")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([names[k] for k in keys])
+        ax.set_title(fam)
+        ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="synth_cpu", help="name under benchmarks/profiles/ or a YAML path")
+    ap.add_argument("--only", choices=FAMILIES, help="run one detector family")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    ap.add_argument("--max-minutes", type=float, help="do not start a run that would end past this budget")
+    ap.add_argument("--smoke", action="store_true", help="tiny wiring check (~2 min on CPU), separate folders")
+    ap.add_argument("--runs-dir", help="where run folders go (default runs/accuracy/<profile>[_smoke])")
+    ap.add_argument("--results-dir", help="default benchmarks/results/accuracy_<profile> (smoke: in the runs dir)")
+    ap.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    prof = load_profile(args.profile)
+    if args.smoke:
+        prof = apply_smoke(prof)
+    tag = prof["name"] + ("_smoke" if args.smoke else "")
+    runs_dir = Path(args.runs_dir) if args.runs_dir else REPO / "runs" / "accuracy" / tag
+    results_dir = Path(args.results_dir) if args.results_dir else (
+        runs_dir / "results" if args.smoke else RESULTS / f"accuracy_{prof['name']}")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    split = prof.get("split")
+    if split:
+        root = Path(resolve_paths(prof["data"])["root"])
+        tr, va = write_kitti_split(root, results_dir / "splits", int(split["first_n_train"]))
+        prof["data"]["train_split_file"], prof["data"]["val_split_file"] = str(tr), str(va)
+    families = [args.only] if args.only else [f for f in FAMILIES if f in prof["families"]]
+    seeds = args.seeds if args.seeds is not None else list(prof.get("seeds", [0, 1, 2]))
+    plan = plan_runs(prof, runs_dir, families, seeds)
+    if args.dry_run:
+        for r in plan:
+            print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]))
+        return 0
+
+    start = time.time()
+    budget = args.max_minutes * 60 if args.max_minutes else None
+    finished: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    stopped = None
+    for i, run in enumerate(plan):
+        needs = run["cfg"]["distill"]["teacher"]["checkpoint"] if run["cfg"]["distill"] else None
+        if needs and not Path(needs).exists():
+            failed[run["key"]] = f"teacher checkpoint missing: {needs}"
+            print(f"[{i + 1}/{len(plan)}] {run['key']}: SKIPPED, {failed[run['key']]}")
+            continue
+        done_already = (Path(run["cfg"]["output_dir"]) / "final_metrics.json").exists()
+        if budget is not None and not done_already:
+            spent = time.time() - start
+            est = estimate(run, finished, plan)
+            if spent >= budget or (est is not None and spent + est > budget):
+                stopped = (f"--max-minutes {args.max_minutes}: stopped before {run['key']} (spent {spent / 60:.1f} "
+                           f"min, estimate {'n/a' if est is None else f'{est / 60:.1f} min'})")
+                print(stopped)
+                break
+        print(f"[{i + 1}/{len(plan)}] {run['key']} ({'resume: done' if done_already else 'training'}) ...",
+              flush=True)
+        try:
+            finished[run["key"]] = run_one(run)
+        except Exception as e:
+            log.exception("run %s failed", run["key"])
+            failed[run["key"]] = f"{type(e).__name__}: {e}"
+            continue
+        m = finished[run["key"]]["metrics"]
+        secs = finished[run["key"]]["seconds"]
+        print(f"    AP {m.get('coco/AP', math.nan):.1f}  AP50 {m.get('coco/AP50', math.nan):.1f}  VOC "
+              f"{m.get('voc/mAP50', math.nan):.1f}  KITTI mod {m.get('kitti/moderate_mAP', math.nan):.1f}  "
+              f"({'n/a' if secs is None else f'{secs:.0f} s'})", flush=True)
+    elapsed = time.time() - start
+    summary = aggregate(plan, finished)
+    md = markdown(prof, summary, plan, finished, args, elapsed)
+    if failed:
+        md += "\n\nFailed runs:\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items())
+    if stopped:
+        md += f"\n\n{stopped}; re-run the same command to continue (finished runs are skipped)."
+    payload = {"profile": prof, "smoke": args.smoke, "argv": argv, "runs_dir": str(runs_dir), "seeds": seeds,
+               "families": families, "runs": {k: {**finished[k], "variant": r["variant"], "seed": r["seed"],
+                                                  "family": r["family"]}
+                                              for r in plan for k in [r["key"]] if k in finished},
+               "failed": failed, "stopped": stopped, "summary": summary, "elapsed_s": elapsed}
+    (results_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (results_dir / "results.md").write_text(md + "\n")
+    bar_chart(summary, results_dir / "accuracy.png", f"aidkd accuracy benchmark: {tag}")
+    print(md)
+    print(f"\nresults in {results_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

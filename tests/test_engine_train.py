@@ -1,0 +1,173 @@
+"""End-to-end training on the tiny generated set: metrics, model files, evaluation, resume, determinism, NaN guard."""
+import json
+import logging
+
+import pytest
+import torch
+
+from aidkd.engine.config import config_from_dict
+from aidkd.engine.model_io import load_detector
+from aidkd.engine.module import NonFiniteLossError
+from aidkd.engine.run import evaluate, train
+
+
+@pytest.fixture(scope="module")
+def deterministic_run(synth_root, tmp_path_factory):
+    """Two epochs of a deterministic run, shared by the tests below (one training, several checks)."""
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    out = tmp_path_factory.mktemp("run")
+
+    def cfg(name, epochs=2):
+        return config_from_dict({
+            "name": name, "output_dir": str(out / name), "seed": 7,
+            "data": dict(TINY_DATA, root=str(synth_root)), "model": dict(TINY_MODEL),
+            "train": {"epochs": epochs, "lr": 0.01, "warmup_steps": 2, "log_every": 1, "progress_bar": False,
+                      "deterministic": True}})
+
+    torch.set_num_threads(1)
+    metrics = train(cfg("full"))
+    return cfg, out, metrics
+
+
+def test_training_writes_models_and_metrics(deterministic_run):
+    cfg, out, metrics = deterministic_run
+    run = out / "full"
+    for name in ("model_best.pt", "model_last.pt", "checkpoints/last.ckpt", "final_metrics.json", "config.yaml"):
+        assert (run / name).exists(), name
+    assert {"coco/AP", "coco/AP50", "voc/mAP50", "kitti/moderate_mAP"} <= set(metrics)
+    assert json.loads((run / "final_metrics.json").read_text())["coco/AP"] == pytest.approx(metrics["coco/AP"])
+    history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert any((run / "tb").rglob("events.out.tfevents.*")) and any((run / "csv").rglob("metrics.csv"))
+
+
+def test_eval_of_last_model_reproduces_final_metrics(deterministic_run):
+    cfg, out, metrics = deterministic_run
+    again = evaluate(cfg("full"), out / "full" / "model_last.pt")
+    for k in ("coco/AP", "coco/AP50", "voc/mAP50"):
+        assert again[k] == pytest.approx(metrics[k], abs=1e-6), k
+
+
+def test_same_seed_same_metrics(deterministic_run):
+    cfg, out, metrics = deterministic_run
+    again = train(cfg("again"))
+    assert again == pytest.approx(metrics, nan_ok=True)
+    a = load_detector(out / "full" / "model_last.pt")[0].state_dict()
+    b = load_detector(out / "again" / "model_last.pt")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _StopAfterFirstEpoch(__import__("lightning").Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resume_continues_to_the_same_result(deterministic_run):
+    """Stop after epoch 1 (as a crash after the last checkpoint would), resume to epoch 2: same weights/metrics."""
+    cfg, out, metrics = deterministic_run
+    train(cfg("resumed"), extra_callbacks=[_StopAfterFirstEpoch()])
+    assert len((out / "resumed" / "metrics_history.jsonl").read_text().splitlines()) == 1
+    resumed = train(cfg("resumed"), resume=True)
+    assert resumed == pytest.approx(metrics, nan_ok=True)
+
+
+def test_non_finite_losses_are_skipped_then_stop(tiny_cfg, monkeypatch, caplog):
+    import aidkd.engine.module as module
+
+    real = module.detection_losses
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 2:  # first step fine, then NaN in the classification term forever
+            losses["classification"] = losses["classification"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(module, "detection_losses", flaky)
+    cfg = config_from_dict(tiny_cfg("nan", train={"epochs": 5, "max_bad_steps": 3, "progress_bar": False}))
+    with caplog.at_level(logging.WARNING, logger="aidkd.engine"), pytest.raises(NonFiniteLossError,
+                                                                                match="3 consecutive"):
+        train(cfg)
+    assert "non-finite loss in classification" in caplog.text
+    assert calls["n"] == 4
+    # nothing non-finite reached a checkpoint
+    for ckpt in (cfg_dir := __import__("pathlib").Path(cfg.output_dir)).rglob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert cfg_dir.exists()
+
+
+def _same_weights(a, b):
+    sa, sb = load_detector(a)[0].state_dict(), load_detector(b)[0].state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_gives_identical_weights(deterministic_run):
+    cfg, out, metrics = deterministic_run
+    assert _same_weights(out / "full" / "model_last.pt", out / "resumed" / "model_last.pt")
+
+
+def test_sigkill_mid_training_then_resume(deterministic_run):
+    """Kill -9 the CLI after its first checkpoint; ``--resume`` ends with the uninterrupted run's metrics."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from aidkd.engine.config import dump_config
+
+    cfg, out, metrics = deterministic_run
+    c = cfg("killed")
+    c.train.epochs = 3  # long enough to be killed in the middle
+    yaml_path = out / "killed.yaml"
+    dump_config(c, yaml_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "aidkd.cli.main", "train", str(yaml_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert last.exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    torch.load(last, weights_only=True)  # the checkpoint on disk is whole (atomic write)
+    # resume to epoch 2 and compare with the uninterrupted 2-epoch run
+    done = subprocess.run(cmd[:-1] + [str(yaml_path), "--resume", "--set", "train.epochs=2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    final = json.loads((out / "killed" / "final_metrics.json").read_text())
+    assert final == pytest.approx(metrics, nan_ok=True)
+    assert _same_weights(out / "full" / "model_last.pt", out / "killed" / "model_last.pt")
+
+
+def test_sigint_saves_a_checkpoint(deterministic_run):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from aidkd.engine.config import dump_config
+
+    cfg, out, _ = deterministic_run
+    c = cfg("sigint")
+    c.train.epochs = 50
+    dump_config(c, out / "sigint.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "sigint" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    saved = out / "sigint" / "checkpoints" / "interrupted.ckpt"
+    assert saved.exists(), "SIGINT must leave a checkpoint"
+    assert torch.load(saved, weights_only=True)["global_step"] > 0
