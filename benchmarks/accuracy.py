@@ -53,6 +53,9 @@ LABELS = {"teacher": "teacher", "self_teacher": "self-distillation teacher (stud
           "student": "student alone", "kd": "KD (attention + non-local)", "kd_aid_instance": "KD + AID (instance)",
           "kd_aid_level": "KD + AID (level)", "self_kd_aid": "self-distillation, KD + AID (instance)"}
 
+SHORT = {"teacher": "teacher", "self_teacher": "self-distil. teacher", "student": "student", "kd": "KD",
+         "kd_aid_instance": "KD+AID (instance)", "kd_aid_level": "KD+AID (level)", "self_kd_aid": "self-distil. KD+AID"}
+
 log = logging.getLogger("aidkd.bench")
 
 
@@ -311,16 +314,16 @@ def bar_chart(summary: dict, path: Path, title: str) -> None:
             means = [e[k]["mean"] for k in keys]
             stds = [0.0 if math.isnan(e[k]["std"]) else e[k]["std"] for k in keys]
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))]
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=LABELS[v].split(" (")[0] if v != "self_kd_aid"
-                   else "self-distil. KD+AID")
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=SHORT[v])
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([names[k] for k in keys])
         ax.set_title(fam)
         ax.set_ylabel("%")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(7, len(labels)))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -336,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", help="where run folders go (default runs/accuracy/<profile>[_smoke])")
     ap.add_argument("--results-dir", help="default benchmarks/results/accuracy_<profile> (smoke: in the runs dir)")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --smoke: 1). Use 1 on a "
+                    "machine shared with other jobs: 2 OpenMP threads on 2 busy cores can be 10x slower")
     ap.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -344,8 +349,15 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    import torch
+
+    import aidkd.engine.run  # noqa: F401 -- imports lightning, which sets its loggers' levels on import
+
     for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    threads = args.threads if args.threads is not None else (1 if args.smoke else None)
+    if threads:
+        torch.set_num_threads(threads)
 
     prof = load_profile(args.profile)
     if args.smoke:
@@ -408,7 +420,7 @@ def main(argv=None) -> int:
         md += "\n\nFailed runs:\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items())
     if stopped:
         md += f"\n\n{stopped}; re-run the same command to continue (finished runs are skipped)."
-    payload = {"profile": prof, "smoke": args.smoke, "argv": argv, "runs_dir": str(runs_dir), "seeds": seeds,
+    payload = {"profile": prof, "smoke": args.smoke, "argv": argv, "torch_threads": torch.get_num_threads(), "runs_dir": str(runs_dir), "seeds": seeds,
                "families": families, "runs": {k: {**finished[k], "variant": r["variant"], "seed": r["seed"],
                                                   "family": r["family"]}
                                               for r in plan for k in [r["key"]] if k in finished},

@@ -9,6 +9,10 @@ median of the measured step times is reported. A step is what the engine does pe
 Variants: ``student`` (detection losses only), ``kd`` (attention + non-local, Zhang & Ma), ``kd_aid_instance`` and
 ``kd_aid_level`` (the same KD with AID weights; AID runs the teacher's head and its per-instance loss assignment).
 
+Threads: the CPU profile runs torch with one intra-op thread (``--threads``). On a machine shared with other
+processes, two OpenMP threads on two cores wait at every parallel region for a descheduled partner; we measured
+the same teacher forward at 220 ms with 1 thread and 2.9-4.4 s with 2 threads under a load average of ~4.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over each measured step minus the memory allocated just
 before it (the step's transient: activations, gradients, temporaries), in the shared process. On the CPU, the
 allocator is not visible to ``tracemalloc`` (torch tensors bypass Python's allocator), so each variant runs again
@@ -52,10 +56,10 @@ from _common import (
 PROFILES = {
     "cpu": {"arch": "retinanet", "teacher": "resnet50", "teacher_fpn": 64, "students": ["resnet18"],
             "student_fpn": 32, "height": 96, "width": 320, "batch": 4, "steps": 20, "warmup": 3, "batches": 4,
-            "device": "cpu", "amp": False, "mem_steps": 3},
+            "device": "cpu", "threads": 1, "amp": False, "mem_steps": 3},
     "gpu": {"arch": "retinanet", "teacher": "resnet101", "teacher_fpn": 256, "students": ["resnet18", "resnet50"],
             "student_fpn": 256, "height": 384, "width": 1248, "batch": 8, "steps": 50, "warmup": 10, "batches": 4,
-            "device": "cuda", "amp": True, "mem_steps": 3},
+            "device": "cuda", "threads": None, "amp": True, "mem_steps": 3},
 }
 VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")
 
@@ -153,6 +157,98 @@ def get_batches(args, dev):
     return [to_device(b, dev) for b in synth_batches(cache, args.batches, args.batch, args.height, args.width)]
 
 
+# ------------------------------------------------------------------------------------------------ AID breakdown
+@torch.no_grad()
+def aid_breakdown(runner: Runner, batches, reps: int, dev: torch.device) -> dict:
+    """Median time of each piece AID adds to a KD step, timed on its own (no grad, like in the distiller):
+    the teacher's head + per-instance loss assignment (``teacher_losses``), the weight maps (``AIDWeighting.make``)
+    and the logging statistics (``AIDWeighting.stats``). For scale, also the teacher's backbone + FPN forward."""
+    from aidkd.models.ops import prepare_inputs, teacher_losses
+
+    d = runner.distiller
+    amp = runner.amp and dev.type == "cuda"
+    parts: dict[str, list[float]] = {"teacher_features": [], "teacher_losses": [], "aid_make": [], "aid_stats": []}
+
+    def timed(key, fn, *a):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = fn(*a)
+        sync(dev)
+        parts[key].append(time.perf_counter() - t0)
+        return out
+
+    for i in range(reps):
+        images, targets = batches[i % len(batches)]
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            image_list, tg = prepare_inputs(d.student, images, targets)
+            t_feats = timed("teacher_features", d.teacher.features, image_list)
+            tl = timed("teacher_losses", teacher_losses, d.teacher.model, image_list, t_feats, tg)
+            shapes = [tuple(list(t_feats.values())[j].shape[-2:]) for j in d.levels.teacher_idx]
+            per_level = tl.per_level[d.levels.teacher_idx] if tl.per_level is not None else None
+            boxes = [t["boxes"] for t in tg]
+            timed("aid_make", d.aid.make, tl.per_instance, per_level, boxes, shapes, d.levels.strides, len(images))
+            timed("aid_stats", d.aid.stats, tl.per_instance)
+    return {k: summarize(v) for k, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def step_gflops(runner: Runner, batch) -> dict:
+    """FLOPs of one full training step (forward + backward; FlopCounterMode counts both), in GFLOPs, with the
+    teacher-side parts split out: what the teacher's forward and AID's teacher losses cost inside it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aidkd.models.ops import prepare_inputs, teacher_losses
+
+    images, targets = batch
+    with FlopCounterMode(display=False) as fc:
+        runner.step(images, targets)
+    out = {"step": fc.get_total_flops() / 1e9}
+    d = runner.distiller
+    if d is not None:
+        with torch.no_grad():
+            image_list, tg = prepare_inputs(d.student, images, targets)
+            with FlopCounterMode(display=False) as fc:
+                t_feats = d.teacher.features(image_list)
+            out["teacher_features"] = fc.get_total_flops() / 1e9
+            with FlopCounterMode(display=False) as fc:
+                teacher_losses(d.teacher.model, image_list, t_feats, tg)
+            out["teacher_losses"] = fc.get_total_flops() / 1e9
+    return out
+
+
+def flops_section(runners: list[Runner], batches) -> dict:
+    flops = {r.key: step_gflops(r, batches[0]) for r in runners}
+    ratios = {}
+    for bb in {r.student_backbone for r in runners}:
+        f = {v: flops[f"{bb}/{v}"]["step"] for v in VARIANTS}
+        ratios[bb] = {"kd/student": f["kd"] / f["student"], "kd_aid_instance/kd": f["kd_aid_instance"] / f["kd"],
+                      "kd_aid_level/kd": f["kd_aid_level"] / f["kd"],
+                      "teacher_losses/kd_step": flops[f"{bb}/kd_aid_instance"]["teacher_losses"] / f["kd"]}
+    return {"gflops_per_step": flops, "ratios": ratios}
+
+
+def flops_markdown(res: dict) -> str:
+    s, env = res["settings"], res["env"]
+    fl = res["flops"]
+    lines = [f"# Training-step FLOPs of KD and AID ({res['profile']} profile models)", "",
+             (f"{s['arch']}: teacher {s['teacher']} (FPN {s['teacher_fpn']}) -> students {', '.join(s['students'])} "
+              f"(FPN {s['student_fpn']}); images {s['height']}x{s['width']}, batch {s['batch']}. GFLOPs of one "
+              "training step (forward + backward) counted with torch.utils.flop_counter.FlopCounterMode (conv / "
+              f"matmul, 2 per MAC) on {env['device']}; device-independent, so this predicts the compute ratios of "
+              "the profile where it was not timed."), "",
+             ("| student | variant | GFLOPs / step | teacher backbone+FPN GFLOPs | AID teacher head + losses GFLOPs |"),
+             "|---|---|---|---|---|"]
+    for key, f in fl["gflops_per_step"].items():
+        bb, v = key.split("/")
+        lines.append(f"| {bb} | {v} | {f['step']:.1f} | {f.get('teacher_features', float('nan')):.1f} | "
+                     f"{f.get('teacher_losses', float('nan')):.1f} |")
+    lines += [""]
+    for bb, r in fl["ratios"].items():
+        lines.append(f"- {bb}: " + "; ".join(f"{k} {v:.3f}" for k, v in r.items()))
+    lines += ["", "Command: `.venv/bin/python benchmarks/overhead.py " + " ".join(res.get("argv", [])) + "`"]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ memory (CPU)
 def _status_kib(field: str) -> int | None:
     try:
@@ -209,6 +305,11 @@ def measure(args) -> dict:
     teacher, students = build_models(args, dev)
     batches = get_batches(args, dev)
     runners = [Runner(v, bb, students[bb], teacher, args, dev) for bb in args.students for v in VARIANTS]
+    if args.flops_only:
+        return {"profile": args.profile, "env": env, "flops_only": True,
+                "settings": {k: getattr(args, k) for k in ("arch", "teacher", "teacher_fpn", "students",
+                                                           "student_fpn", "height", "width", "batch")},
+                "flops": flops_section(runners, batches)}
     times: dict[str, list[float]] = {r.key: [] for r in runners}
     gpu_mem: dict[str, float] = {r.key: 0.0 for r in runners}
     rounds = args.warmup + args.steps
@@ -235,12 +336,20 @@ def measure(args) -> dict:
             med = {k: summarize(v)["median_ms"] for k, v in times.items()}
             print(f"round {rnd - args.warmup + 1}/{args.steps}: " + ", ".join(f"{k} {m:.0f} ms" for k, m in med.items()))
     stats = {k: summarize(v) for k, v in times.items()}
+    flops = flops_section(runners, batches) if args.flops else None
+    breakdown = {}
+    if args.breakdown:
+        print("AID component breakdown ...")
+        for r in runners:
+            if r.distiller is not None and r.distiller.aid is not None:
+                breakdown[r.key] = aid_breakdown(r, batches, args.steps, dev)
     result = {"profile": args.profile, "env": env,
               "settings": {k: getattr(args, k) for k in ("arch", "teacher", "teacher_fpn", "students", "student_fpn",
                                                          "height", "width", "batch", "steps", "warmup", "batches",
                                                          "amp", "lr", "seed", "teacher_checkpoint")},
               "kd_methods": kd_methods(args.arch), "steps": stats, "trainable_MiB":
-              {r.key: r.trainable_mib() for r in runners}, "ratios": {}, "memory": {}}
+              {r.key: r.trainable_mib() for r in runners}, "ratios": {}, "memory": {}, "aid_breakdown": breakdown,
+              "flops": flops}
     pairs = (("kd", "student"), ("kd_aid_instance", "kd"), ("kd_aid_level", "kd"), ("kd_aid_instance", "student"))
     for bb in args.students:
         med = {v: stats[f"{bb}/{v}"]["median_ms"] for v in VARIANTS}
@@ -299,6 +408,24 @@ def markdown(res: dict) -> str:
     lines += ["", ("Ratios are of median step times; 'paired' is the median over rounds of the ratio of the two "
                    "variants' steps in the same round (same batch, back to back), which is less sensitive to load "
                    "from other processes.")]
+    if res.get("aid_breakdown"):
+        lines += ["", ("What AID adds to a KD step, each piece timed on its own (median ms over the same batches, "
+                  "no grad); the fraction is of the KD step's median:"), "",
+                  ("| variant | teacher backbone+FPN (already in KD) | teacher head + per-instance losses | "
+                  "AID weight maps | AID stats (logging) | AID total | AID total / KD step |"),
+                  "|---|---|---|---|---|---|---|"]
+        for key, b in res["aid_breakdown"].items():
+            kd = res["steps"][key.split("/")[0] + "/kd"]["median_ms"]
+            added = sum(b[p]["median_ms"] for p in ("teacher_losses", "aid_make", "aid_stats"))
+            lines.append(f"| {key} | {b['teacher_features']['median_ms']:.1f} | {b['teacher_losses']['median_ms']:.1f} "
+                         f"| {b['aid_make']['median_ms']:.1f} | {b['aid_stats']['median_ms']:.1f} | {added:.1f} | "
+                         f"{added / kd:.3f} |")
+    if res.get("flops"):
+        lines += ["", "Compute per training step (GFLOPs, forward + backward, FlopCounterMode):", ""]
+        for bb, r in res["flops"]["ratios"].items():
+            f = {k.split("/")[1]: v["step"] for k, v in res["flops"]["gflops_per_step"].items() if k.startswith(bb)}
+            lines.append(f"- {bb}: " + ", ".join(f"{v} {g:.1f}" for v, g in f.items()) + "; "
+                         + "; ".join(f"{k} {v:.3f}" for k, v in r.items()))
     if res.get("memory"):
         lines += ["", f"Memory: {res['memory']['method']}."]
     lines += ["", "Command: `.venv/bin/python benchmarks/overhead.py " + " ".join(res.get("argv", [])) + "`"]
@@ -324,6 +451,11 @@ def parse_args(argv=None):
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="fp16 autocast (CUDA)")
     ap.add_argument("--mem-steps", type=int)
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs per step")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="only count FLOPs per step (e.g. the gpu profile's models on the CPU); no timing")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="skip timing AID's pieces on their own")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -353,8 +485,12 @@ def main(argv=None) -> int:
     res = measure(args)
     res["argv"] = args.argv
     dev = pick_device(args.device)
-    stem = args.out_stem or f"overhead_{device_tag(dev)}"
-    md = markdown(res)
+    if args.flops_only:
+        stem = args.out_stem or f"overhead_flops_{args.profile}"
+        md = flops_markdown(res)
+    else:
+        stem = args.out_stem or f"overhead_{device_tag(dev)}"
+        md = markdown(res)
     jp, mp = write_results(stem, res, md)
     print(md)
     print(f"\nwrote {jp} and {mp}")

@@ -12,6 +12,8 @@ i.e. normalisation, the (identity) resize, backbone + FPN + head and post-proces
   checks parity against PyTorch), or -- if that module is missing -- with ``torch.onnx.export`` directly; ``n/a`` when
   the export fails. The ONNX graph takes one image, so its "throughput" is ``--batch`` sequential calls.
 
+The CPU profile uses one torch thread (and one ONNX Runtime intra-op thread), see ``overhead.py`` for why.
+
     .venv/bin/python benchmarks/speed.py                  # CPU profile
     .venv/bin/python benchmarks/speed.py --profile gpu    # CUDA, 384x1248, R101 -> R18 / R50, fp16
 """
@@ -33,10 +35,10 @@ from _common import KITTI_CLASSES, device_tag, environment, pick_device, summari
 PROFILES = {
     "cpu": {"archs": ["retinanet", "fasterrcnn"], "teacher": "resnet50", "teacher_fpn": 64, "students": ["resnet18"],
             "student_fpn": 32, "height": 96, "width": 320, "batch": 8, "runs": 20, "warmup": 3, "device": "cpu",
-            "amp": False, "onnx": True},
+            "threads": 1, "amp": False, "onnx": True},
     "gpu": {"archs": ["gfl", "fasterrcnn"], "teacher": "resnet101", "teacher_fpn": 256,
             "students": ["resnet18", "resnet50"], "student_fpn": 256, "height": 384, "width": 1248, "batch": 8,
-            "runs": 50, "warmup": 10, "device": "cuda", "amp": True, "onnx": False},
+            "runs": 50, "warmup": 10, "device": "cuda", "threads": None, "amp": True, "onnx": False},
 }
 
 

@@ -93,7 +93,7 @@ def export_model(model: nn.Module, onnx_path: str | Path, example: Tensor, opset
             torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
-        except Exception as e:  # noqa: BLE001 -- the exporter raises many types
+        except Exception as e:  # the exporter raises many types
             tmp.unlink(missing_ok=True)
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}") from e
     proto = onnx.load(str(tmp))
@@ -112,7 +112,7 @@ def export_model(model: nn.Module, onnx_path: str | Path, example: Tensor, opset
 def sample_sizes(min_size: int, max_size: int) -> list[tuple[int, int]]:
     """Two (H, W) input sizes: the model's own working size and a larger one of another aspect ratio."""
     h, w = int(min_size), int(max_size)
-    return [(h, w), (int(round(h * 1.5)), int(round(w * 1.25)))]
+    return [(h, w), (round(h * 1.5), round(w * 1.25))]
 
 
 def sample_images(num_samples: int, min_size: int, max_size: int, seed: int = 0) -> list[Tensor]:
@@ -227,6 +227,7 @@ def _ort_session(onnx_path: str | Path):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same CPU threads as PyTorch: a fair latency comparison
     return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -288,16 +289,17 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, num_samples: int 
     results = check_parity(model, onnx_path, images, box_tol=box_tol, score_tol=score_tol, session=sess)
 
     size_mb = onnx_path.stat().st_size / 2**20
+    classes = ", ".join(meta["classes"])
     lines = [
-        f"exported {meta['arch']}/{meta['backbone']} ({len(meta['classes'])} classes: {', '.join(meta['classes'])})"
-        f" from {checkpoint} -> {onnx_path} ({size_mb:.1f} MiB, opset {opset}, TorchScript-based exporter, "
-        f"{export_s:.1f} s)",
-        f"input  {INPUT_NAME}: float32[1, 3, H, W], RGB in [0, 1], batch 1, any H and W (resized in the graph to "
-        f"min_size={meta['min_size']} / max_size={meta['max_size']})",
-        "output boxes: float32[N, 4] xyxy in input pixels; scores: float32[N]; labels: int64[N] "
-        "(label k = classes[k - 1])",
-        f"parity, onnxruntime {ort.__version__} vs PyTorch {torch.__version__} on {num_samples} generated scene(s) "
-        f"(tolerance after matching: |box diff| <= {box_tol:g} px, |score diff| <= {score_tol:g}):",
+        (f"exported {meta['arch']}/{meta['backbone']} ({len(meta['classes'])} classes: {classes}) from "
+         f"{checkpoint} -> {onnx_path} ({size_mb:.1f} MiB, opset {opset}, TorchScript-based exporter, "
+         f"{export_s:.1f} s)"),
+        (f"input  {INPUT_NAME}: float32[1, 3, H, W], RGB in [0, 1], batch 1, any H and W (resized in the graph "
+         f"to min_size={meta['min_size']} / max_size={meta['max_size']})"),
+        ("output boxes: float32[N, 4] xyxy in input pixels; scores: float32[N]; labels: int64[N] "
+         "(label k: the k-th class, 1-based)"),
+        (f"parity, onnxruntime {ort.__version__} vs PyTorch {torch.__version__} on {num_samples} generated "
+         f"scene(s) (tolerance after matching: |box diff| <= {box_tol:g} px, |score diff| <= {score_tol:g}):"),
     ]
     lines += [r.line(i) for i, r in enumerate(results)]
     if sum(r.n_torch + r.n_onnx for r in results) == 0:
@@ -336,7 +338,7 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, num_samples: int 
     feed = {INPUT_NAME: x.numpy()}
     onnx_ms = median_latency_ms(lambda: sess.run(None, feed), latency_runs)
     speedup = torch_ms / onnx_ms if onnx_ms > 0 else math.nan
-    lines.append(f"latency (CPU, {torch.get_num_threads()} torch thread(s), one {x.shape[2]}x{x.shape[3]} image, "
+    lines.append(f"latency (CPU, {torch.get_num_threads()} thread(s) each, one {x.shape[2]}x{x.shape[3]} image, "
                  f"median of {latency_runs} runs): PyTorch {torch_ms:.1f} ms, onnxruntime {onnx_ms:.1f} ms "
                  f"({speedup:.2f}x)")
     lines.append("parity OK")

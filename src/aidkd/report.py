@@ -52,6 +52,7 @@ HEADLINE = ("coco/AP", "coco/AP50", "coco/AP75", "coco/APs", "coco/APm", "coco/A
             "kitti/moderate_mAP")
 DIFFICULTIES = ("easy", "moderate", "hard")
 DRAW_SCORE = 0.3  # score threshold of the drawn sample predictions
+MAX_DRAWN = 30  # most confident detections drawn per sample image
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -227,11 +228,10 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
 
     if run.cfg is None:
         raise ValueError(f"no usable config.yaml ({run.cfg_error})")
-    if run.model_path is None:
-        raise FileNotFoundError("no model_best.pt / model_last.pt in the run folder")
-    problem = _data_root_problem(run.cfg)
-    if problem:
-        raise FileNotFoundError(problem)
+    problems = [] if run.model_path is not None else ["no model_best.pt / model_last.pt in the run folder"]
+    problems += [p for p in [_data_root_problem(run.cfg)] if p]
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
     t0 = time.perf_counter()
     dm = DetectionDataModule(run.cfg.data)
     ds = dm.make_dataset("val", train=False)
@@ -252,18 +252,19 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
         ids, dets = [], []
         for im, p, t in zip(images, preds, targets):
             p = {k: v.cpu() for k, v in p.items()}
-            keep = p["scores"] >= thresh
+            keep = (p["scores"] >= thresh) & (p["labels"] >= 1)  # label 0 is background (never a class)
             sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
             boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy])
             ids.append(int(t["image_id"]))
             dets.append({"boxes": boxes, "scores": p["scores"][keep], "labels": p["labels"][keep]})
             if len(samples) < num_samples:
-                shown = p["scores"] >= max(thresh, DRAW_SCORE)
+                shown = torch.nonzero((p["scores"] >= max(thresh, DRAW_SCORE)) & (p["labels"] >= 1))[:, 0]
+                shown = shown[p["scores"][shown].argsort(descending=True)[:MAX_DRAWN]]
                 det = {k: v[shown] for k, v in p.items()}
                 name = Path(ds.records[start + len(ids) - 1].image_path).name
-                samples.append((_draw_sample(im, det, t["boxes"], dm.classes),
-                                f"{name}: {int(shown.sum())} detections >= {max(thresh, DRAW_SCORE):g}, "
-                                f"{len(t['boxes'])} ground truth (white)"))
+                caption = (f"{name}: {len(shown)} detections >= {max(thresh, DRAW_SCORE):g} (at most {MAX_DRAWN}), "
+                           f"{len(t['boxes'])} ground truth (white)")
+                samples.append((_draw_sample(im, det, t["boxes"], dm.classes), caption))
         evaluator.update(ids, dets)
     metrics = evaluator.compute()
     return EvalResult(metrics, evaluator.kitti_result, samples, n, n_total, time.perf_counter() - t0)
@@ -271,10 +272,11 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
 
 @torch.no_grad()
 def measure_speed(model: torch.nn.Module, size: tuple[int, int], runs: int = 5) -> Speed:
-    """Parameters and median CPU latency of one ``size`` (H, W) image (after one warm-up pass)."""
+    """Parameters and median CPU latency of one ``size`` (H, W) image (after two warm-up passes)."""
     model = model.eval().cpu()
     x = [torch.rand(3, *size, generator=torch.Generator().manual_seed(0))]
-    model(x)
+    for _ in range(2):  # warm-up (allocator, oneDNN primitives)
+        model(x)
     times = []
     for _ in range(max(1, runs)):
         t0 = time.perf_counter()
@@ -423,10 +425,20 @@ def _na(reason: str) -> str:
     return f'<p class="na">not available: {_e(reason)}</p>'
 
 
-def _img(png: bytes, alt: str, caption: str | None = None) -> str:
+def _img(png: bytes, alt: str, caption: str | None = None, min_width: int | None = None) -> str:
+    """An inline PNG; ``min_width``: small images are shown enlarged by a whole factor (pixelated) to about that."""
     src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{_e(alt)}" src="{src}">{cap}</figure>'
+    size = ""
+    if min_width:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as im:
+            w, h = im.size
+        factor = max(1, min(16, round(min_width / max(1, w))))
+        if factor > 1:
+            size = f' width="{w * factor}" height="{h * factor}" style="image-rendering:pixelated"'
+    return f'<figure><img alt="{_e(alt)}" src="{src}"{size}>{cap}</figure>'
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -439,7 +451,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return "n/a" if math.isnan(f) else f"{f:.{digits}f}"
 
 
-def _table(head: list[str], rows: list[list[str]], best_cols: dict[int, bool] | None = None) -> str:
+def _table(head: list[str] | None, rows: list[list[str]], best_cols: dict[int, bool] | None = None) -> str:
     """Cells are pre-escaped HTML; ``best_cols`` {column: higher_is_better} marks each column's best value."""
     best: dict[int, str] = {}
     for c, higher in (best_cols or {}).items():
@@ -449,9 +461,10 @@ def _table(head: list[str], rows: list[list[str]], best_cols: dict[int, bool] | 
                 vals.append(float(r[c]))
             except (ValueError, IndexError):
                 pass
-        if len(vals) > 1:
+        if len(vals) > 1 and max(vals) > min(vals):  # a tie everywhere marks nothing
             best[c] = _fmt(max(vals) if higher else min(vals), 1)
-    out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    out = ["<table>" + ("<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>" if head
+                        else "") + "<tbody>"]
     for r in rows:
         cells = []
         for i, cell in enumerate(r):
@@ -497,7 +510,7 @@ def _setup_html(run: Run) -> str:
         rows.append(["model file", f"<code>{_e(run.model_path.name)}</code>"])
     if run.seconds is not None:
         rows.append(["training time", f"{run.seconds:.0f} s"])
-    return _table(["", ""], rows)
+    return _table(None, rows)
 
 
 def _metrics_html(run: Run) -> str:
@@ -595,7 +608,8 @@ def _speed_html(run: Run) -> str:
         notes += (f'<p class="sub">student / teacher: {run.speed.params / run.teacher_speed.params:.2f}x the '
                   f'parameters, {run.teacher_speed.latency_ms / run.speed.latency_ms:.2f}x faster on the CPU</p>')
     body = _table(SPEED_HEAD, rows) if rows else ""
-    return body + notes + f'<p class="sub">one image, {torch.get_num_threads()} CPU thread(s), 1 warm-up pass</p>'
+    threads = torch.get_num_threads()
+    return body + notes + f'<p class="sub">one image, {threads} CPU thread(s), after 2 warm-up passes</p>'
 
 
 def _samples_html(run: Run) -> str:
@@ -604,7 +618,7 @@ def _samples_html(run: Run) -> str:
         return _na(f"needs a re-evaluation: {run.eval_error}")
     if not ev.samples:
         return _na("the val split is empty")
-    return "".join(_img(_pil_png(im), f"predictions of {run.name}", cap) for im, cap in ev.samples)
+    return "".join(_img(_pil_png(im), f"predictions of {run.name}", cap, min_width=480) for im, cap in ev.samples)
 
 
 def _distill_images_html(run: Run) -> str:
@@ -619,7 +633,7 @@ def _distill_images_html(run: Run) -> str:
             out.append(_na(f"{tag}: not logged"))
             continue
         out.append(f"<h4>{_e(title)} <code>{_e(tag)}</code></h4>")
-        out += [_img(png, f"{tag} step {step}", f"step {step}") for step, png in images[tag]]
+        out += [_img(png, f"{tag} step {step}", f"step {step}", min_width=360) for step, png in images[tag]]
     return "".join(out)
 
 
@@ -651,7 +665,7 @@ def _comparison_html(runs: list[Run]) -> str:
         m = r.best_metrics
         classes = _classes_of(m)
 
-        def mean_diff(d: str) -> float:
+        def mean_diff(d: str, m=m, classes=classes) -> float:
             vals = [m.get(f"kitti/{c}/{d}", float("nan")) for c in classes]
             vals = [v for v in vals if not math.isnan(v)]
             return sum(vals) / len(vals) if vals else float("nan")

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
@@ -144,14 +145,12 @@ class VideoWriter:
 
     def abort(self) -> None:
         if self._container is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on an error path
                 self._container.close()
-            except Exception:  # noqa: BLE001 -- best effort on an error path
-                pass
             self._container = None
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> VideoWriter:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

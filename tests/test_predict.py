@@ -1,0 +1,105 @@
+"""aidkd predict on a folder of PNGs and on a video file (KITTI txt per image / frame, drawn PNGs / mp4)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aidkd.engine.config import config_from_dict
+from aidkd.engine.model_io import model_meta, save_model_file
+from aidkd.engine.predict import is_video_source, predict_command
+from aidkd.engine.video import count_frames, iter_video_frames, video_fps, write_video
+from aidkd.eval.kitti_io import read_kitti_predictions
+from aidkd.models import build_detector
+
+CLASSES = ["Car", "Pedestrian", "Cyclist"]
+H, W = 64, 160
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_detector("retinanet", "resnet18", len(CLASSES) + 1, min_size=H, max_size=W, fpn_channels=16)
+    with torch.no_grad():  # a few confident detections per image
+        for name, p in model.head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif "cls_logits" in name:
+                p.fill_(-2.0)
+                p.view(-1, len(CLASSES) + 1)[:, 0] = -20.0
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_model_file(path, model, model_meta(model, CLASSES, H, W, {}))
+
+
+def _cfg():
+    return config_from_dict({"data": {"format": "synth", "min_size": H, "max_size": W}})
+
+
+def _scenes(n: int, h: int = H, w: int = W) -> list[np.ndarray]:
+    from aidkd.data.synth import render_scene
+
+    return [render_scene(i, width=w, height=h)[0] for i in range(n)]
+
+
+def test_video_roundtrip(tmp_path):
+    frames = _scenes(5, 63, 101)  # odd sizes are padded to even for yuv420p
+    path = write_video(tmp_path / "v.mp4", frames, fps=8)
+    assert path.exists() and not list(tmp_path.glob("*.partial*"))
+    assert count_frames(path) == 5 and video_fps(path) == pytest.approx(8)
+    got = list(iter_video_frames(path))
+    assert [n for n, _ in got] == [f"v_{i:06d}" for i in range(5)]
+    img = np.asarray(got[2][1], dtype=np.float32)
+    assert img.shape == (64, 102, 3)
+    assert np.abs(img[:63, :101] - frames[2]).mean() < 12  # lossy, but the same picture
+
+
+def test_video_errors(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    with pytest.raises(ValueError, match="bad.mp4"):
+        list(iter_video_frames(bad))
+    with pytest.raises(FileNotFoundError):
+        list(iter_video_frames(tmp_path / "missing.mp4"))
+    with pytest.raises(ValueError, match="frame 1 is"):
+        write_video(tmp_path / "x.mp4", [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 10, 3), np.uint8)])
+    assert not (tmp_path / "x.mp4").exists()
+    with pytest.raises(ValueError, match="uint8"):
+        write_video(tmp_path / "y.mp4", [np.zeros((8, 8, 3), np.float32)])
+
+
+def test_predict_on_video(tmp_path, model_file):
+    video = write_video(tmp_path / "drive.mp4", _scenes(6), fps=5)
+    assert is_video_source(video) and not is_video_source(tmp_path) and not is_video_source(None)
+    out = tmp_path / "out"
+    n = predict_command(_cfg(), model_file, out, source=str(video), draw=True, score_thresh=0.3)
+    assert n == 6
+    txts = sorted(out.glob("*.txt"))
+    assert [p.stem for p in txts] == [f"drive_{i:06d}" for i in range(6)]
+    dets = [read_kitti_predictions(p) for p in txts]
+    assert sum(len(d) for d in dets) > 0
+    assert all(o.cls in CLASSES and o.score >= 0.3 for d in dets for o in d)
+    boxed = out / "drive_boxes.mp4"
+    assert count_frames(boxed) == 6 and video_fps(boxed) == pytest.approx(5)
+    assert not (out / "drawn").exists()
+
+
+def test_predict_on_image_folder(tmp_path, model_file):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(_scenes(3)):
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert predict_command(_cfg(), model_file, out, source=str(folder), draw=True) == 3
+    assert sorted(p.name for p in out.glob("*.txt")) == ["img0.txt", "img1.txt", "img2.txt"]
+    drawn = sorted((out / "drawn").glob("*.png"))
+    assert [p.name for p in drawn] == ["img0.png", "img1.png", "img2.png"]
+    with Image.open(drawn[0]) as im:
+        assert im.size == (W, H)
+    # a single image file, without drawing
+    out2 = tmp_path / "out2"
+    assert predict_command(_cfg(), model_file, out2, source=str(folder / "img1.png")) == 1
+    assert [p.name for p in out2.iterdir()] == ["img1.txt"]
+    with pytest.raises(FileNotFoundError, match="no images"):
+        predict_command(_cfg(), model_file, out2, source=str(tmp_path / "out2"))

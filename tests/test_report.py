@@ -1,0 +1,184 @@
+"""aidkd.report: the self-contained HTML report of a run / a folder of runs, rendered in headless Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from aidkd.engine.config import config_from_dict, dump_config
+from aidkd.engine.model_io import model_meta, save_model_file
+from aidkd.models import build_detector
+from aidkd.report import build_report, discover_runs, tensorboard_images
+
+CLASSES = ["Car", "Pedestrian", "Cyclist"]
+MIN, MAX = 64, 192  # the conftest synth set: 192x64 scenes
+
+
+def _model(path, fpn=16):
+    torch.manual_seed(0)
+    model = build_detector("retinanet", "resnet18", len(CLASSES) + 1, min_size=MIN, max_size=MAX, fpn_channels=fpn)
+    with torch.no_grad():  # distinct scores, so the drawn samples and PR curves have detections
+        for name, p in model.head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif "cls_logits" in name:
+                p.fill_(-2.0)
+                p.view(-1, len(CLASSES) + 1)[:, 0] = -20.0  # the background slot never fires
+    return save_model_file(path, model, model_meta(model, CLASSES, MIN, MAX, {}))
+
+
+def _metrics(ap: float) -> dict:
+    m = {"coco/AP": ap, "coco/AP50": 2 * ap, "voc/mAP50": 2 * ap, "kitti/moderate_mAP": ap, "epoch": 1, "step": 8}
+    for c in CLASSES:
+        m[f"coco/AP/{c}"] = ap
+        m[f"voc/AP50/{c}"] = 2 * ap
+        for d in ("easy", "moderate", "hard"):
+            m[f"kitti/{c}/{d}"] = ap
+    return m
+
+
+def _write_run(run_dir, cfg: dict, ap: float, tb_images: bool = False):
+    run_dir.mkdir(parents=True)
+    dump_config(config_from_dict(cfg), run_dir / "config.yaml")
+    _model(run_dir / "model_best.pt", fpn=cfg["model"]["fpn_channels"])
+    (run_dir / "best_metrics.json").write_text(json.dumps(_metrics(ap)))
+    (run_dir / "metrics_history.jsonl").write_text(
+        "\n".join(json.dumps(dict(_metrics(ap * f), epoch=e)) for e, f in enumerate((0.5, 1.0))) + "\n")
+    (run_dir / "csv").mkdir()
+    rows = ["epoch,step,train/loss,val/coco/AP"] + [f"0,{s},{2.0 - 0.1 * s}," for s in range(8)] + [f"1,8,,{ap}"]
+    (run_dir / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if tb_images:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        for step in (0, 10):
+            img = torch.rand(3, MIN, MAX)
+            writer.add_image("distill/instance_weights", img, step)
+            writer.add_image("distill/teacher_spatial_attention", torch.rand(1, 8, 24), step)
+        writer.add_scalar("train/loss", 1.0, 0)
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory, synth_root):
+    """teacher + kd_aid (distilled from it, with TensorBoard images) + a broken run, as `aidkd demo` lays out."""
+    root = tmp_path_factory.mktemp("demo")
+    base = {"seed": 0, "train": {"epochs": 2, "progress_bar": False},
+            "data": {"format": "synth", "root": str(synth_root), "min_size": MIN, "max_size": MAX,
+                     "synth": {"num_images": 20, "seed": 3, "width": MAX, "height": MIN}}}
+    teacher = dict(base, name="teacher", output_dir=str(root / "teacher"),
+                   model={"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 32})
+    _write_run(root / "teacher", teacher, 40.0)
+    kd = dict(base, name="kd_aid", output_dir=str(root / "kd_aid"),
+              model={"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16},
+              distill={"teacher": {"checkpoint": str(root / "teacher" / "model_best.pt")},
+                       "methods": [{"name": "attention", "params": {}}], "aid": {"enabled": True}})
+    _write_run(root / "kd_aid", kd, 30.0, tb_images=True)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "best_metrics.json").write_text(json.dumps({"coco/AP": 1.5}))
+    (root / "results.json").write_text(json.dumps({"teacher": {"metrics": {}, "seconds": 12.0},
+                                                   "kd_aid": {"metrics": {}, "seconds": 7.0}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_folder):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope runs before conftest's single-thread fixture; 2 threads crawl on CI
+    try:
+        return build_report(demo_folder, demo_folder / "out" / "report.html", latency_runs=2, num_samples=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_discover_runs_demo_order(demo_folder):
+    assert [p.name for p in discover_runs(demo_folder)] == ["teacher", "kd_aid", "broken"]
+    assert discover_runs(demo_folder / "kd_aid") == [demo_folder / "kd_aid"]
+    with pytest.raises(FileNotFoundError):
+        discover_runs(demo_folder / "nope")
+
+
+def test_tensorboard_images(demo_folder):
+    imgs = tensorboard_images(demo_folder / "kd_aid" / "tb")
+    assert set(imgs) == {"distill/instance_weights", "distill/teacher_spatial_attention"}
+    assert [s for s, _ in imgs["distill/instance_weights"]] == [0, 10]
+    assert all(png.startswith(b"\x89PNG") for _, png in imgs["distill/instance_weights"])
+
+
+def test_report_contents(demo_report):
+    page = demo_report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # self-contained: no scripts, no external resources
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+    assert not re.search(r'<link[^>]+stylesheet', page)
+    for sid in ("overview", "comparison", "run-teacher", "run-kd_aid", "run-broken", "metrics-kd_aid",
+                "per-class-kd_aid", "pr-curves-kd_aid", "training-kd_aid", "speed-kd_aid", "samples-kd_aid",
+                "distill-images-kd_aid"):
+        assert f'id="{sid}"' in page, sid
+    kd = page[page.index('id="run-kd_aid"'):page.index('id="run-broken"')]
+    assert kd.count('src="data:image/png;base64,') >= 2 + 2 + 2 + 2  # PR, training, 2 samples, 4 TB images
+    assert "distill/instance_weights" in kd and "distill/teacher_spatial_attention" in kd
+    assert "re-evaluated (4 val images)" in kd and "KITTI moderate" in kd and "Pedestrian" in kd
+    assert "teacher retinanet/resnet18 (teacher)" in kd and "faster on the CPU" in kd  # teacher vs student speed
+    comparison = page[page.index('id="comparison"'):page.index('id="run-teacher"')]
+    assert all(n in comparison for n in ("teacher", "kd_aid", "broken"))
+    assert ">12<" in comparison and ">7<" in comparison  # training seconds from results.json
+    teacher = page[page.index('id="run-teacher"'):page.index('id="run-kd_aid"')]
+    assert "not available: not a distillation run" in teacher
+    broken = page[page.index('id="run-broken"'):]
+    assert broken.count("not available") >= 5 and "1.5" in broken
+
+
+def test_report_single_run_with_missing_parts(tmp_path):
+    run = tmp_path / "run"
+    cfg = {"name": "run", "output_dir": str(run), "data": {"format": "kitti", "root": str(tmp_path / "missing")},
+           "model": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 16},
+           "distill": {"teacher": {"checkpoint": str(tmp_path / "no_teacher.pt")}}}
+    run.mkdir()
+    dump_config(config_from_dict(cfg), run / "config.yaml")
+    out = build_report(run)
+    assert out == run / "report.html"
+    page = out.read_text()
+    assert 'id="comparison"' not in page and 'id="run-run"' in page
+    for what in ("KITTI root not found", "no model file", "teacher checkpoint not found", "no TensorBoard folder",
+                 "no csv/metrics.csv"):
+        assert what in page, what
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_chromium(demo_report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = demo_report.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,2000", url], check=True, timeout=120,
+                   capture_output=True)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+        arr = np.asarray(im.convert("L"), dtype=np.float32)
+    assert arr.std() > 5  # not a blank page
+    dom = subprocess.run(flags + ["--dump-dom", url], check=True, timeout=120, capture_output=True,
+                         text=True).stdout
+    for sid in ("overview", "comparison", "run-teacher", "run-kd_aid", "pr-curves-kd_aid", "samples-kd_aid",
+                "distill-images-kd_aid", "speed-kd_aid"):
+        assert f'id="{sid}"' in dom, sid
+    assert "aidkd report" in dom and dom.count("<img") >= 10 and "<table" in dom
