@@ -121,7 +121,7 @@ def cmd_export(args) -> int:
     from aidkd.export import export_onnx
 
     report = export_onnx(args.checkpoint, args.onnx, num_samples=args.samples)
-    console.print(report)
+    console.print(report, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

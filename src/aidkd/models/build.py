@@ -105,6 +105,9 @@ def build_detector(
                           trainable_backbone_layers=trainable_backbone_layers, frozen_bn=frozen_bn, **kwargs)
     else:
         cls = _CLASSES[arch]
+        anchor_size = kwargs.pop("anchor_size", None)
+        if anchor_size is not None:
+            kwargs.update(_anchor_generator(arch, float(anchor_size)))
         _check_kwargs(cls.__init__, kwargs, arch, extra=_TRANSFORM_KWARGS)
         levels = "p2p6" if arch == "fasterrcnn" else "p3p7"
         body = build_fpn_backbone(backbone, levels=levels, out_channels=fpn_channels, weights=backbone_weights,
@@ -137,6 +140,24 @@ def build_detector(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _anchor_generator(arch: str, size: float) -> dict:
+    """Anchors whose finest level has side ``size`` px, doubling per level (torchvision's defaults use 32).
+
+    Small inputs (e.g. 96-px-high driving crops) need smaller anchors than torchvision's COCO defaults.
+    """
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    bases = [size * 2 ** i for i in range(5)]
+    if arch == "retinanet":
+        sizes = tuple(tuple(int(round(b * 2 ** (k / 3))) for k in range(3)) for b in bases)
+        return {"anchor_generator": AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)}
+    if arch == "fasterrcnn":
+        return {"rpn_anchor_generator": AnchorGenerator(tuple((int(b),) for b in bases), ((0.5, 1.0, 2.0),) * 5)}
+    if arch == "fcos":
+        return {"anchor_generator": AnchorGenerator(tuple((int(b),) for b in bases), ((1.0,),) * 5)}
+    raise ValueError(f"anchor_size is not supported for {arch}")
+
+
 def _fcos_head(channels: int, num_classes: int) -> FCOSHead:
     """FCOS head for a width not divisible by 32: GroupNorm with gcd(32, channels) groups."""
     norm = partial(nn.GroupNorm, math.gcd(32, channels))
