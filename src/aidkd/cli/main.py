@@ -113,7 +113,7 @@ def cmd_data_coco_traffic(args) -> int:
 def cmd_demo(args) -> int:
     from aidkd.engine.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, arch=args.arch)
     return 0
 
 
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
+    p.add_argument("--arch", default="retinanet", choices=["retinanet", "fcos", "gfl"],
+                   help="detector family of teacher and students")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")
