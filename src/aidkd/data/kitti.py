@@ -114,7 +114,7 @@ def _decode(data: bytes, file: Path) -> str:
                            file=file, line=line) from None
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text_file(path: Path, what: str) -> str:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -140,7 +140,7 @@ def parse_kitti_label_file(path: str | Path, with_score: bool = False, image_siz
     """
     path = Path(path)
     try:
-        text = _read_text(path, "label file")
+        text = read_text_file(path, "label file")
     except DatasetError as e:
         if errors is None:
             raise
@@ -199,7 +199,7 @@ def _split_entries(path: Path, problems: list[DatasetError]) -> list[tuple[str, 
     out: list[tuple[str, int]] = []
     seen: dict[str, int] = {}
     try:
-        text = _read_text(path, "split file")
+        text = read_text_file(path, "split file")
     except DatasetError as e:
         problems.append(e)
         return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aidkd.data.kitti import parse_kitti_label_file
+from aidkd.data.kitti import read_text_file, parse_kitti_label_file
 from aidkd.data.structures import DatasetError, ObjectAnnotation
 from aidkd.eval.kitti_ap import DIFFICULTIES, KITTI_CLASSES, Detection, KittiAPResult, kitti_ap_r40
 
@@ -108,18 +108,8 @@ def _check_box(box: tuple[float, float, float, float], path: Path, lineno: int) 
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{what} not found", file=path) from None
-    except OSError as e:
-        raise DatasetError(f"cannot read {what}: {e.strerror or e}", file=path) from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"not valid UTF-8 text (offset {e.start})", file=path,
-                           line=data[:e.start].count(b"\n") + 1) from None
-    return [raw.rstrip("\r") for raw in text.split("\n")]
+    # The data package's reader: same errors (missing, unreadable, non-UTF-8 with file and line) as label files.
+    return [raw.rstrip("\r") for raw in read_text_file(path, what).split("\n")]
 
 
 def read_kitti_predictions(path: str | Path) -> list[Detection]:
