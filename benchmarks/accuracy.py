@@ -11,7 +11,8 @@ profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):
 
 Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd train`` / ``aidkd distill``) and leaves
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
-``final_metrics.json`` exists is skipped, so re-running the command resumes. ``--max-minutes`` stops *before* a run
+``final_metrics.json`` exists is skipped, and a run that was killed continues from its ``checkpoints/last.ckpt``
+(runs validate about four times, always at their last epoch), so re-running the command resumes. ``--max-minutes`` stops *before* a run
 whose estimated duration (from finished runs of the same kind) would pass the budget, and before any run once the
 budget is spent; what finished is summarised either way.
 
@@ -115,6 +116,12 @@ def apply_smoke(prof: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run configs
+def val_every(epochs: int) -> int:
+    """Validate about four times a run, always at the last epoch (a divisor of ``epochs``): each validation also
+    writes ``checkpoints/last.ckpt``, from which a killed run resumes."""
+    return max(d for d in range(1, epochs + 1) if epochs % d == 0 and d <= max(1, epochs // 4))
+
+
 def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float) -> dict:
     return {"teacher": {"checkpoint": teacher_ckpt},
             "methods": [{"name": m["name"], "params": {k: v for k, v in m.items() if k != "name"}} for m in methods],
@@ -143,7 +150,7 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int])
         def cfg(name: str, part: str, kind: str, seed: int, distill: dict | None, *, _fam=fam, _arch=arch,
                 _fam_name=fam_name, _fam_dir=fam_dir) -> dict:
             train = {**common_train, **sched[kind]}
-            train.setdefault("val_every", int(train.get("epochs", 12)))  # validate once, at the end
+            train.setdefault("val_every", val_every(int(train.get("epochs", 12))))
             c = {"name": f"{prof['name']}/{_fam_name}/{name}", "output_dir": str(_fam_dir / name), "seed": seed,
                  "data": data, "model": {"arch": _arch, **_fam[part]}, "train": train, "distill": distill}
             if prof.get("eval"):
@@ -190,9 +197,18 @@ def run_one(run: dict) -> dict:
         secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
         return {"metrics": metrics, "seconds": secs, "skipped": True}
     t0 = time.time()
-    metrics = train(cfg)
+    ckpts = out / "checkpoints"
+    resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
+    if resume:
+        log.info("%s: resuming from %s", run["key"], ckpts)
+    metrics = train(cfg, resume=resume)
     secs = time.time() - t0
     timing.write_text(json.dumps({"seconds": secs}) + "\n")
+    history = out / "metrics_history.jsonl"
+    if not metrics and resume and history.exists():  # killed after its last validation: nothing left to train
+        last = json.loads(history.read_text().splitlines()[-1])
+        metrics = {k: v for k, v in last.items() if k not in ("epoch", "step")}
+        done.write_text(json.dumps(metrics, indent=2))
     if not metrics:
         raise RuntimeError(f"{run['key']}: training finished without validation metrics")
     return {"metrics": metrics, "seconds": secs, "skipped": False}
