@@ -1,6 +1,7 @@
 """End-to-end training on the tiny generated set: metrics, model files, evaluation, resume, determinism, NaN guard."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_resume_continues_to_the_same_result(deterministic_run):
 
 
 def test_non_finite_losses_are_skipped_then_stop(tiny_cfg, monkeypatch, caplog):
-    import aidkd.engine.module as module
+    from aidkd.engine import module
 
     real = module.detection_losses
     calls = {"n": 0}
@@ -93,7 +94,7 @@ def test_non_finite_losses_are_skipped_then_stop(tiny_cfg, monkeypatch, caplog):
     assert "non-finite loss in classification" in caplog.text
     assert calls["n"] == 4
     # nothing non-finite reached a checkpoint
-    for ckpt in (cfg_dir := __import__("pathlib").Path(cfg.output_dir)).rglob("*.ckpt"):
+    for ckpt in (cfg_dir := Path(cfg.output_dir)).rglob("*.ckpt"):
         state = torch.load(ckpt, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert cfg_dir.exists()

@@ -16,8 +16,13 @@ from torch import Tensor, nn
 from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
 from aidkd.distill.registry import build_method
-from aidkd.models.ops import (detection_losses, extract_features, feature_strides, prepare_inputs,
-                              teacher_losses)
+from aidkd.models.ops import (
+    detection_losses,
+    extract_features,
+    feature_strides,
+    prepare_inputs,
+    teacher_losses,
+)
 
 log = logging.getLogger("aidkd.distill")
 
@@ -30,7 +35,7 @@ class FrozenTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def to(self, device) -> "FrozenTeacher":
+    def to(self, device) -> FrozenTeacher:
         self.model.to(device)
         return self
 
@@ -111,7 +116,7 @@ class Distiller(nn.Module):
         log.info("distiller wired: strides %s, student %d ch -> teacher %d ch", match.strides, *s_ch, *t_ch)
         return match, s_ch.pop(), t_ch.pop()
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher.model.eval()
         return self

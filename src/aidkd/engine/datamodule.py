@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from aidkd.data import (DetectionDataset, collate_fn, generate_synth, load_coco_records, load_kitti_records)
+from aidkd.data import DetectionDataset, collate_fn, generate_synth, load_coco_records, load_kitti_records
 from aidkd.engine.config import KITTI_CLASSES, KITTI_IGNORE, DataConfig
 
 log = logging.getLogger("aidkd.data")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aidkd.data.kitti import read_text_file, parse_kitti_label_file
+from aidkd.data.kitti import parse_kitti_label_file, read_text_file
 from aidkd.data.structures import DatasetError, ObjectAnnotation
 from aidkd.eval.kitti_ap import DIFFICULTIES, KITTI_CLASSES, Detection, KittiAPResult, kitti_ap_r40
 

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18, resnet34, resnet50, resnet101
-from torchvision.models import get_weight
+from torchvision.models import (
+    get_weight,
+    mobilenet_v3_large,
+    mobilenet_v3_small,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+)
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
