@@ -108,3 +108,24 @@ def test_distilled_student_checkpoint_loads_alone(tiny_cfg, teacher_file, tmp_pa
     assert meta["fpn_channels"] == 16
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_distill_run_logs_terms_and_weight_images(tiny_cfg, teacher_file):
+    """A short distillation run logs every term, AID weight statistics and the weight / attention images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aidkd.engine.run import train
+
+    cfg = config_from_dict(tiny_cfg("kd_images", train={"epochs": 1, "progress_bar": False},
+                                    distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
+                                             "aid": {"enabled": True}, "image_log_every": 1}))
+    train(cfg)
+    events = next((__import__("pathlib").Path(cfg.output_dir) / "tb").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert {"distill/instance_weights", "distill/teacher_spatial_attention"} <= set(acc.Tags()["images"])
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/distill/attention/am", "train/distill/nonlocal/nl", "aid/instance_w_mean",
+            "aid/instance_w_min", "aid/instance_w_max"} <= scalars
+    w = [e.value for e in acc.Scalars("aid/instance_w_mean")]
+    assert all(0 < v <= 1 for v in w)

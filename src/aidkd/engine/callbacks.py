@@ -75,13 +75,8 @@ class DistillImages(L.Callback):
         images, targets = batch
         inputs = d.last_inputs
         image = images[0].detach().cpu()
-        weights = None
-        if d.aid is not None and inputs.pixel_weights is not None:
-            weights = d.aid.instance_weights_of_last_batch(0) if hasattr(d.aid, "instance_weights_of_last_batch") \
-                else None
-        writer.add_image("distill/instance_weights", weight_overlay(image, targets[0]["boxes"].cpu(), weights,
-                                                                     inputs.pixel_weights),
-                         trainer.global_step)
+        writer.add_image("distill/instance_weights",
+                         weight_overlay(image, targets[0]["boxes"].cpu(), inputs.pixel_weights), trainer.global_step)
         from aidkd.distill.attention import attention_masks
 
         spatial, _ = attention_masks(inputs.teacher[0][:1].float(), 0.5)
@@ -101,7 +96,7 @@ def _heat(m: torch.Tensor) -> torch.Tensor:
     return m.unsqueeze(0)
 
 
-def weight_overlay(image: torch.Tensor, boxes: torch.Tensor, weights, pixel_weights) -> torch.Tensor:
+def weight_overlay(image: torch.Tensor, boxes: torch.Tensor, pixel_weights) -> torch.Tensor:
     """The input image with the finest level's per-pixel AID weight blended in red (low weight = red)."""
     img = image.clone().float()
     if pixel_weights is not None:
