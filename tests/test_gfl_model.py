@@ -10,15 +10,6 @@ H, W = 96, 128
 NUM_CLASSES = 4  # background + 3 classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares 2 CPU cores; one thread per process is much faster than two contending ones here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_gfl(**kw) -> GFL:
     torch.manual_seed(0)
     kw.setdefault("trainable_backbone_layers", 5)

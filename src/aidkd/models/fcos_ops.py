@@ -25,9 +25,9 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from aidkd.models.ops import (
-    BETWEEN_THRESHOLDS,
     DetectorOps,
     TeacherLosses,
+    anchor_focal_terms,
     ignore_background,
     ignore_boxes_of,
     level_index,
@@ -114,12 +114,8 @@ class FCOSOps(DetectorOps):
         cls_terms, box_terms, ctr_terms = [], [], []
         for i, (t, m) in enumerate(zip(targets, matched)):
             logits = outputs["cls_logits"][i].float()
-            fg = m >= 0
-            gt = torch.zeros_like(logits)
-            gt[fg, t["labels"][m[fg]]] = 1.0
-            focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
-            cls_terms.append(torch.where(m != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal)))
-            pos = torch.where(fg)[0]
+            cls_terms.append(anchor_focal_terms(logits, m, t["labels"]))
+            pos = torch.where(m >= 0)[0]
             giou, ctr = self._location_terms(model, outputs, i, pos, t["boxes"][m[pos]].float())
             zeros = logits.new_zeros(m.shape[0])
             box_terms.append(zeros.scatter(0, pos, giou))

@@ -36,6 +36,21 @@ BELOW_LOW_THRESHOLD = -1  # background (torchvision Matcher)
 BETWEEN_THRESHOLDS = -2  # ignored (torchvision Matcher)
 
 
+def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tensor:
+    """Sigmoid focal loss per anchor / location (summed over classes), 0 where the matcher said "ignore".
+
+    ``matched`` holds a ground-truth index for positives, -1 for background and ``BETWEEN_THRESHOLDS`` for ignored.
+    Shared by the RetinaNet and FCOS ops, whose classification losses differ only in normalisation.
+    """
+    from torchvision.ops import sigmoid_focal_loss
+
+    fg = matched >= 0
+    gt = torch.zeros_like(logits)
+    gt[fg, labels[matched[fg]]] = 1.0
+    focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
+    return torch.where(matched != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal))
+
+
 class TeacherLosses(NamedTuple):
     """The teacher's own detection loss, not reduced over instances.
 

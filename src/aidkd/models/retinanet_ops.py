@@ -30,9 +30,9 @@ from torchvision.ops import (
 )
 
 from aidkd.models.ops import (
-    BETWEEN_THRESHOLDS,
     DetectorOps,
     TeacherLosses,
+    anchor_focal_terms,
     ignore_background,
     ignore_boxes_of,
     level_index,
@@ -102,12 +102,8 @@ class RetinaNetOps(DetectorOps):
         cls_terms, box_terms = [], []
         for i, (t, m) in enumerate(zip(targets, matched)):
             logits = outputs["cls_logits"][i].float()
-            fg = m >= 0
-            gt = torch.zeros_like(logits)
-            gt[fg, t["labels"][m[fg]]] = 1.0
-            focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
-            cls_terms.append(torch.where(m != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal)))
-            pos = torch.where(fg)[0]
+            cls_terms.append(anchor_focal_terms(logits, m, t["labels"]))
+            pos = torch.where(m >= 0)[0]
             per = box_loss_per_element(loss_type, reg_head.box_coder, anchors[i][pos], t["boxes"][m[pos]],
                                        outputs["bbox_regression"][i][pos].float())
             box_terms.append(logits.new_zeros(m.shape[0]).scatter(0, pos, per))
