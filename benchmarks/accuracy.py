@@ -225,6 +225,103 @@ def estimate(run: dict, finished: dict[str, dict], plan: list[dict]) -> float | 
     return statistics.median(same) if same else None
 
 
+# ------------------------------------------------------------------------------------------------ scheduling
+def dependency(run: dict) -> str | None:
+    """Key of the teacher run a distillation run needs, or None."""
+    if not run["cfg"]["distill"]:
+        return None
+    return f"{run['family']}/{'self_teacher' if run['variant'] == 'self_kd_aid' else 'teacher'}"
+
+
+def next_ready(pending: list[dict], finished: dict, failed: dict) -> tuple[dict | None, list[dict]]:
+    """The run to start next and the runs that can never start (their teacher failed). Teachers go first -- they are
+    the longest runs and everything distilled waits for them -- then the plan's order."""
+    blocked = [r for r in pending if dependency(r) in failed]
+    ready = [r for r in pending if r not in blocked and (dependency(r) is None or dependency(r) in finished)]
+    ready.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))  # stable: plan order otherwise
+    return (ready[0] if ready else None), blocked
+
+
+def _worker_init(threads: int | None, verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    import torch
+
+    import aidkd.engine.run  # noqa: F401
+
+    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _report(run: dict, result: dict, done: int, total: int) -> None:
+    m, secs = result["metrics"], result["seconds"]
+    print(f"[{done}/{total}] {run['key']}: AP {m.get('coco/AP', math.nan):.1f}  AP50 {m.get('coco/AP50', math.nan):.1f}"
+          f"  VOC {m.get('voc/mAP50', math.nan):.1f}  KITTI mod {m.get('kitti/moderate_mAP', math.nan):.1f}  "
+          f"({'n/a' if secs is None else f'{secs:.0f} s'}{', done earlier' if result['skipped'] else ''})", flush=True)
+
+
+def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, budget: float | None
+            ) -> tuple[dict, dict, str | None]:
+    """Train the plan, ``jobs`` runs at a time (1: in this process). Returns (finished, failed, stopped-reason)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    start = time.time()
+    finished: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    stopped = None
+    pending = list(plan)
+    pool = (cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                   initargs=(threads, verbose)) if jobs > 1 else None)
+    running: dict = {}
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs) and stopped is None:
+                run, blocked = next_ready(pending, finished, failed)
+                for b in blocked:
+                    pending.remove(b)
+                    failed[b["key"]] = f"teacher run {dependency(b)} failed"
+                    print(f"{b['key']}: SKIPPED, {failed[b['key']]}", flush=True)
+                if run is None:
+                    break
+                done_already = (Path(run["cfg"]["output_dir"]) / "final_metrics.json").exists()
+                if budget is not None and not done_already:
+                    spent = time.time() - start
+                    est = estimate(run, finished, plan)
+                    if spent >= budget or (est is not None and spent + est > budget):
+                        stopped = (f"--max-minutes {budget / 60:g}: stopped before {run['key']} (spent "
+                                   f"{spent / 60:.1f} min, estimate {'n/a' if est is None else f'{est / 60:.1f} min'})")
+                        print(stopped, flush=True)
+                        break
+                pending.remove(run)
+                print(f"    start {run['key']} ({'done earlier' if done_already else 'training'})", flush=True)
+                running[run["key"]] = (run, pool.submit(run_one, run) if pool else None)
+            if not running:
+                break
+            if pool is None:  # --jobs 1: train in this process
+                run, _ = next(iter(running.values()))
+                outcome = [(run, lambda r=run: run_one(r))]
+            else:
+                done, _ = cf.wait([f for _, f in running.values()], return_when=cf.FIRST_COMPLETED)
+                outcome = [(r, f.result) for r, f in running.values() if f in done]
+            for run, get in outcome:
+                del running[run["key"]]
+                try:
+                    finished[run["key"]] = get()
+                except Exception as e:
+                    log.exception("run %s failed", run["key"])
+                    failed[run["key"]] = f"{type(e).__name__}: {e}"
+                    continue
+                _report(run, finished[run["key"]], len(finished) + len(failed), len(plan))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return finished, failed, stopped
+
+
 # ------------------------------------------------------------------------------------------------ summary
 def mean_std(values: list[float]) -> tuple[float, float, int]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -357,23 +454,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --smoke: 1). Use 1 on a "
                     "machine shared with other jobs: 2 OpenMP threads on 2 busy cores can be 10x slower")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (use "
+                    "--threads 1 with --jobs 2 on 2 cores); a distillation run waits for its teacher")
     ap.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    import torch
-
-    import aidkd.engine.run  # noqa: F401 -- imports lightning, which sets its loggers' levels on import
-
-    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     threads = args.threads if args.threads is not None else (1 if args.smoke else None)
-    if threads:
-        torch.set_num_threads(threads)
+    _worker_init(threads, args.verbose)
+    log.setLevel(logging.INFO)
+    import torch
 
     prof = load_profile(args.profile)
     if args.smoke:
@@ -396,39 +486,14 @@ def main(argv=None) -> int:
             print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]))
         return 0
 
+    if prof["data"].get("format") == "synth":  # generate once here: parallel workers must not race on it
+        from aidkd.engine.config import config_from_dict
+        from aidkd.engine.datamodule import ensure_synth
+
+        ensure_synth(config_from_dict(plan[0]["cfg"]).data)
     start = time.time()
-    budget = args.max_minutes * 60 if args.max_minutes else None
-    finished: dict[str, dict] = {}
-    failed: dict[str, str] = {}
-    stopped = None
-    for i, run in enumerate(plan):
-        needs = run["cfg"]["distill"]["teacher"]["checkpoint"] if run["cfg"]["distill"] else None
-        if needs and not Path(needs).exists():
-            failed[run["key"]] = f"teacher checkpoint missing: {needs}"
-            print(f"[{i + 1}/{len(plan)}] {run['key']}: SKIPPED, {failed[run['key']]}")
-            continue
-        done_already = (Path(run["cfg"]["output_dir"]) / "final_metrics.json").exists()
-        if budget is not None and not done_already:
-            spent = time.time() - start
-            est = estimate(run, finished, plan)
-            if spent >= budget or (est is not None and spent + est > budget):
-                stopped = (f"--max-minutes {args.max_minutes}: stopped before {run['key']} (spent {spent / 60:.1f} "
-                           f"min, estimate {'n/a' if est is None else f'{est / 60:.1f} min'})")
-                print(stopped)
-                break
-        print(f"[{i + 1}/{len(plan)}] {run['key']} ({'resume: done' if done_already else 'training'}) ...",
-              flush=True)
-        try:
-            finished[run["key"]] = run_one(run)
-        except Exception as e:
-            log.exception("run %s failed", run["key"])
-            failed[run["key"]] = f"{type(e).__name__}: {e}"
-            continue
-        m = finished[run["key"]]["metrics"]
-        secs = finished[run["key"]]["seconds"]
-        print(f"    AP {m.get('coco/AP', math.nan):.1f}  AP50 {m.get('coco/AP50', math.nan):.1f}  VOC "
-              f"{m.get('voc/mAP50', math.nan):.1f}  KITTI mod {m.get('kitti/moderate_mAP', math.nan):.1f}  "
-              f"({'n/a' if secs is None else f'{secs:.0f} s'})", flush=True)
+    finished, failed, stopped = execute(plan, args.jobs, threads, args.verbose,
+                                        args.max_minutes * 60 if args.max_minutes else None)
     elapsed = time.time() - start
     summary = aggregate(plan, finished)
     md = markdown(prof, summary, plan, finished, args, elapsed)
