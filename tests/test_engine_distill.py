@@ -1,4 +1,6 @@
 """The distiller's wiring invariants: a frozen teacher outside the module tree, a student-only checkpoint."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -120,7 +122,7 @@ def test_distill_run_logs_terms_and_weight_images(tiny_cfg, teacher_file):
                                     distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
                                              "aid": {"enabled": True}, "image_log_every": 1}))
     train(cfg)
-    events = next((__import__("pathlib").Path(cfg.output_dir) / "tb").rglob("events.out.tfevents.*"))
+    events = next((Path(cfg.output_dir) / "tb").rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert {"distill/instance_weights", "distill/teacher_spatial_attention"} <= set(acc.Tags()["images"])
@@ -129,3 +131,32 @@ def test_distill_run_logs_terms_and_weight_images(tiny_cfg, teacher_file):
             "aid/instance_w_min", "aid/instance_w_max"} <= scalars
     w = [e.value for e in acc.Scalars("aid/instance_w_mean")]
     assert all(0 < v <= 1 for v in w)
+
+
+def test_distill_checkpoint_saves_student_once_and_resumes_exactly(tiny_cfg, teacher_file):
+    """The distiller's second name for the student is not written; a run resumed from that checkpoint ends with the
+    same student as an uninterrupted one."""
+    import lightning
+
+    from aidkd.engine.run import train
+
+    class StopAfterFirstEpoch(lightning.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def cfg(name):
+        return config_from_dict(tiny_cfg(name, train={"epochs": 2, "progress_bar": False},
+                                         distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
+                                                  "aid": {"enabled": True}}))
+
+    full = train(cfg("full"))
+    train(cfg("resumed"), extra_callbacks=[StopAfterFirstEpoch()])
+    last = Path(cfg("resumed").output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert not any(k.startswith("distiller.student.") for k in state)
+    assert any(k.startswith("model.") for k in state) and any(k.startswith("distiller.methods.") for k in state)
+    resumed = train(cfg("resumed"), resume=True)
+    assert resumed == pytest.approx(full, nan_ok=True)
+    a = load_detector(Path(cfg("full").output_dir) / "model_last.pt")[0].state_dict()
+    b = load_detector(Path(cfg("resumed").output_dir) / "model_last.pt")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

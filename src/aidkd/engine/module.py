@@ -169,11 +169,24 @@ class DetectionTask(L.LightningModule):
         checkpoint["aidkd_config"] = self.cfg.to_dict()
         checkpoint["aidkd_rng"] = rng_state()
         checkpoint["aidkd_bad_steps"] = self.bad_steps
+        # The distiller holds the student too: its entries are the "model.*" tensors again, saved once only.
+        state = checkpoint.get("state_dict", {})
+        for k in [k for k in state if k.startswith(_STUDENT_ALIAS)]:
+            del state[k]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before Lightning loads the state dict: restore the student's second name (strict loading needs it).
+        state = checkpoint.get("state_dict")
+        if self.distiller is not None and state is not None:
+            for k, v in list(state.items()):
+                if k.startswith("model."):
+                    state.setdefault(_STUDENT_ALIAS + k.removeprefix("model."), v)
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
+
+
+_STUDENT_ALIAS = "distiller.student."
 
 
 def rng_state() -> dict:
