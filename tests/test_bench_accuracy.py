@@ -1,0 +1,76 @@
+"""benchmarks/accuracy.py's plan, scheduling order and aggregation (pure Python: nothing is trained here)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def plan(acc, tmp_path):
+    prof = acc.load_profile("synth_cpu")
+    return acc.plan_runs(prof, tmp_path, ["one-stage", "two-stage"], [0, 1, 2])
+
+
+def test_plan_has_every_variant_per_seed_and_shared_schedule(acc, plan, tmp_path):
+    assert len(plan) == 2 * (2 + 3 * len(acc.SEED_VARIANTS))
+    keys = [r["key"] for r in plan]
+    assert len(set(keys)) == len(keys)
+    students = [r for r in plan if r["variant"] in acc.SEED_VARIANTS]
+    # same schedule and learning rate for every student run of a family, as the issue asks
+    for fam in ("one-stage", "two-stage"):
+        scheds = {(r["cfg"]["train"]["epochs"], r["cfg"]["train"]["lr"]) for r in students if r["family"] == fam}
+        assert len(scheds) == 1
+    kd = next(r for r in plan if r["key"] == "one-stage/kd_aid_level_seed1")
+    assert kd["cfg"]["distill"]["aid"] == {"enabled": True, "granularity": "level", "alpha": 0.1}
+    assert kd["cfg"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "one-stage" / "teacher" / "model_best.pt")
+    plain = next(r for r in plan if r["key"] == "two-stage/kd_seed2")
+    assert plain["cfg"]["distill"]["aid"]["enabled"] is False
+    selfkd = next(r for r in plan if r["key"] == "two-stage/self_kd_aid_seed0")
+    assert selfkd["cfg"]["distill"]["teacher"]["checkpoint"].endswith("two-stage/self_teacher/model_best.pt")
+    assert selfkd["cfg"]["model"]["backbone"] == next(
+        r for r in plan if r["key"] == "two-stage/self_teacher")["cfg"]["model"]["backbone"]
+
+
+def test_scheduler_starts_teachers_first_and_waits_for_them(acc, plan):
+    pending = list(plan)
+    first, blocked = acc.next_ready(pending, {}, {})
+    assert first["key"] == "one-stage/teacher" and blocked == []
+    pending.remove(first)
+    order = []
+    for _ in range(3):
+        run, _ = acc.next_ready(pending, {}, {})
+        pending.remove(run)
+        order.append(run["key"])
+    assert order == ["one-stage/self_teacher", "two-stage/teacher", "two-stage/self_teacher"]
+    # nothing distilled may start before its teacher finished; the students alone may
+    run, _ = acc.next_ready(pending, {}, {})
+    assert run["key"] == "one-stage/student_seed0"
+    ready_after_teacher, _ = acc.next_ready([r for r in pending if r["variant"] != "student"],
+                                            {"one-stage/teacher": {}}, {})
+    assert ready_after_teacher["key"] == "one-stage/kd_seed0"
+    # a failed teacher blocks exactly the runs that need it
+    _, blocked = acc.next_ready(pending, {}, {"two-stage/self_teacher": "boom"})
+    assert {r["key"] for r in blocked} == {f"two-stage/self_kd_aid_seed{s}" for s in range(3)}
+
+
+def test_aggregate_mean_std_and_delta(acc, plan):
+    fake = {"one-stage/student_seed0": 10.0, "one-stage/student_seed1": 12.0, "one-stage/student_seed2": 14.0,
+            "one-stage/kd_seed0": 13.0, "one-stage/kd_seed1": 13.0}
+    finished = {k: {"metrics": {"coco/AP": v, "voc/mAP50": 2 * v}, "seconds": 1.0} for k, v in fake.items()}
+    summary = acc.aggregate(plan, finished)["one-stage"]
+    assert summary["student"]["coco/AP"]["mean"] == pytest.approx(12.0)
+    assert summary["student"]["coco/AP"]["std"] == pytest.approx(2.0)  # sample std
+    assert summary["kd"]["n"] == 2 and summary["kd"]["coco/AP"]["delta_vs_student"] == pytest.approx(1.0)
+    assert summary["kd"]["voc/mAP50"]["delta_vs_student"] == pytest.approx(2.0)
+    assert math.isnan(summary["kd"]["kitti/moderate_mAP"]["mean"])
