@@ -149,7 +149,7 @@ def _anchor_generator(arch: str, size: float) -> dict:
 
     bases = [size * 2 ** i for i in range(5)]
     if arch == "retinanet":
-        sizes = tuple(tuple(int(round(b * 2 ** (k / 3))) for k in range(3)) for b in bases)
+        sizes = tuple(tuple(round(b * 2 ** (k / 3)) for k in range(3)) for b in bases)
         return {"anchor_generator": AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)}
     if arch == "fasterrcnn":
         return {"rpn_anchor_generator": AnchorGenerator(tuple((int(b),) for b in bases), ((0.5, 1.0, 2.0),) * 5)}
