@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
-    p.add_argument("--arch", default="retinanet", choices=["retinanet", "fcos", "gfl"],
+    p.add_argument("--arch", default="gfl", choices=["gfl", "retinanet", "fcos"],
                    help="detector family of teacher and students")
     p.set_defaults(func=cmd_demo)
 
