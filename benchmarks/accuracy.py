@@ -195,7 +195,9 @@ def run_one(run: dict) -> dict:
     if done.exists():
         metrics = json.loads(done.read_text())
         secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-        return {"metrics": metrics, "seconds": secs, "skipped": True}
+        # a run resumed after a kill timed only its last invocation (each invocation adds a CSV log version)
+        resumed = len(list((out / "csv").glob("version_*"))) > 1
+        return {"metrics": metrics, "seconds": secs, "skipped": True, "resumed": resumed}
     t0 = time.time()
     ckpts = out / "checkpoints"
     resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
@@ -211,7 +213,7 @@ def run_one(run: dict) -> dict:
         done.write_text(json.dumps(metrics, indent=2))
     if not metrics:
         raise RuntimeError(f"{run['key']}: training finished without validation metrics")
-    return {"metrics": metrics, "seconds": secs, "skipped": False}
+    return {"metrics": metrics, "seconds": secs, "skipped": False, "resumed": bool(resume)}
 
 
 def estimate(run: dict, finished: dict[str, dict], plan: list[dict]) -> float | None:
@@ -346,12 +348,26 @@ def aggregate(plan: list[dict], finished: dict[str, dict]) -> dict:
                 m, s, n = mean_std([x["metrics"].get(key) for x in rows])
                 entry[key] = {"mean": m, "std": s, "n": n}
             entry["seconds_mean"] = mean_std([x.get("seconds") for x in rows])[0]
+            entry["resumed"] = any(x.get("resumed") for x in rows)
             out[fam][v] = entry
         base = out[fam].get("student")
         if base:
             for v, entry in out[fam].items():
                 for key, _ in METRICS:
                     entry[key]["delta_vs_student"] = entry[key]["mean"] - base[key]["mean"]
+        # Paired by seed (same initialisation and batch order): the spread of the *difference*, which is what
+        # says whether a method helps, is much smaller than the spread of each variant's own metric.
+        for v in SEED_VARIANTS:
+            for ref in ("student", "kd"):
+                if v == ref or v not in variants or ref not in variants:
+                    continue
+                by_seed = {x["seed"]: x["metrics"] for x in variants[ref]}
+                for key, _ in METRICS:
+                    diffs = [x["metrics"][key] - by_seed[x["seed"]][key] for x in variants[v]
+                             if x["seed"] in by_seed and key in x["metrics"] and key in by_seed[x["seed"]]]
+                    m, sd, n = mean_std(diffs)
+                    out[fam][v][key][f"paired_vs_{ref}"] = {"mean": m, "std": sd, "n": n,
+                                                           "wins": sum(d > 0 for d in diffs)}
     return out
 
 
@@ -394,9 +410,10 @@ def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, 
             e = fam[v]
             cells = " | ".join(_cell(e[k], v not in ("student", "teacher", "self_teacher")) for k, _ in metrics)
             secs = e.get("seconds_mean")
-            lines.append(f"| {LABELS[v]} | {e['n']} | {cells} | "
-                         f"{'n/a' if secs is None or math.isnan(secs) else f'{secs:.0f}'} |")
+            secs_txt = "n/a" if secs is None or math.isnan(secs) else f"{secs:.0f}{' (resumed)' if e['resumed'] else ''}"
+            lines.append(f"| {LABELS[v]} | {e['n']} | {cells} | {secs_txt} |")
         lines.append("")
+        lines += paired_table(fam, metrics)
     missing = [r["key"] for r in plan if r["key"] not in finished]
     if missing:
         more = " ..." if len(missing) > 20 else ""
@@ -405,6 +422,29 @@ def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, 
     lines += [f"Wall time of this invocation: {elapsed / 60:.1f} min.", "",
               "Command: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`"]
     return "\n".join(lines)
+
+
+def paired_table(fam: dict, metrics: list[tuple[str, str]]) -> list[str]:
+    """Differences paired by seed: mean ± std of (variant - reference) over seeds, and how many seeds improved."""
+    rows = []
+    for v in SEED_VARIANTS:
+        for ref in ("student", "kd"):
+            e = fam.get(v, {})
+            if f"paired_vs_{ref}" not in e.get(metrics[0][0], {}):
+                continue
+            cells = []
+            for k, _ in metrics:
+                d = e[k].get(f"paired_vs_{ref}")
+                cells.append("n/a" if d is None or math.isnan(d["mean"]) else
+                             f"{d['mean']:+.2f}" + ("" if math.isnan(d["std"]) else f" ± {d['std']:.2f}")
+                             + f" ({d['wins']}/{d['n']})")
+            rows.append(f"| {SHORT[v]} − {SHORT[ref]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    note = ("Paired by seed (same initialisation and batch order): mean ± std of the difference, and in brackets the "
+            "seeds where the variant is better.")
+    return [note, "",
+            "| difference | " + " | ".join(n for _, n in metrics) + " |", "|---|" + "---|" * len(metrics), *rows, ""]
 
 
 def bar_chart(summary: dict, path: Path, title: str) -> None:

@@ -74,3 +74,19 @@ def test_aggregate_mean_std_and_delta(acc, plan):
     assert summary["kd"]["n"] == 2 and summary["kd"]["coco/AP"]["delta_vs_student"] == pytest.approx(1.0)
     assert summary["kd"]["voc/mAP50"]["delta_vs_student"] == pytest.approx(2.0)
     assert math.isnan(summary["kd"]["kitti/moderate_mAP"]["mean"])
+
+
+def test_paired_differences_by_seed(acc, plan):
+    ap = {"student": [10.0, 20.0, 30.0], "kd": [11.0, 21.0, 29.0], "kd_aid_instance": [12.0, 23.0, 31.0]}
+    finished = {f"one-stage/{v}_seed{s}": {"metrics": {"coco/AP": x}, "seconds": 1.0}
+                for v, xs in ap.items() for s, x in enumerate(xs)}
+    fam = acc.aggregate(plan, finished)["one-stage"]
+    # the unpaired std of the student is 10, the paired difference's spread is what matters
+    vs_student = fam["kd_aid_instance"]["coco/AP"]["paired_vs_student"]
+    assert vs_student["mean"] == pytest.approx(2.0) and vs_student["std"] == pytest.approx(1.0)
+    assert vs_student["wins"] == 3 and vs_student["n"] == 3
+    vs_kd = fam["kd_aid_instance"]["coco/AP"]["paired_vs_kd"]
+    assert vs_kd["mean"] == pytest.approx((1 + 2 + 2) / 3) and vs_kd["wins"] == 3
+    assert fam["kd"]["coco/AP"]["paired_vs_student"]["wins"] == 2
+    md = "\n".join(acc.paired_table(fam, [("coco/AP", "COCO AP")]))
+    assert "| KD+AID (instance) − student | +2.00 ± 1.00 (3/3) |" in md
