@@ -195,9 +195,7 @@ def run_one(run: dict) -> dict:
     if done.exists():
         metrics = json.loads(done.read_text())
         secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-        # a run resumed after a kill timed only its last invocation (each invocation adds a CSV log version)
-        resumed = len(list((out / "csv").glob("version_*"))) > 1
-        return {"metrics": metrics, "seconds": secs, "skipped": True, "resumed": resumed}
+        return {"metrics": metrics, "seconds": secs, "skipped": True, "resumed": _resumed(out)}
     t0 = time.time()
     ckpts = out / "checkpoints"
     resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
@@ -213,7 +211,12 @@ def run_one(run: dict) -> dict:
         done.write_text(json.dumps(metrics, indent=2))
     if not metrics:
         raise RuntimeError(f"{run['key']}: training finished without validation metrics")
-    return {"metrics": metrics, "seconds": secs, "skipped": False, "resumed": bool(resume)}
+    return {"metrics": metrics, "seconds": secs, "skipped": False, "resumed": _resumed(out)}
+
+
+def _resumed(out: Path) -> bool:
+    """A run resumed after a kill timed only its last invocation (each invocation adds a CSV log version)."""
+    return len(list((out / "csv").glob("version_*"))) > 1
 
 
 def estimate(run: dict, finished: dict[str, dict], plan: list[dict]) -> float | None:

@@ -90,3 +90,14 @@ def test_paired_differences_by_seed(acc, plan):
     assert fam["kd"]["coco/AP"]["paired_vs_student"]["wins"] == 2
     md = "\n".join(acc.paired_table(fam, [("coco/AP", "COCO AP")]))
     assert "| KD+AID (instance) − student | +2.00 ± 1.00 (3/3) |" in md
+
+
+def test_small_synth_configs_use_the_profile_models(acc):
+    """configs/synth_* (benchmarks/make_configs.py) and the synth_cpu profile describe the same detectors."""
+    spec = importlib.util.spec_from_file_location("bench_make_configs", REPO / "benchmarks" / "make_configs.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    fams = acc.load_profile("synth_cpu")["families"]
+    assert fams["two-stage"]["student"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]
+    assert fams["two-stage"]["teacher"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]
+    assert "kwargs" not in fams["one-stage"]["student"] and "gfl" not in mk.SYNTH_KWARGS
