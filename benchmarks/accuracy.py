@@ -12,7 +12,8 @@ profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):
 Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd train`` / ``aidkd distill``) and leaves
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
 ``final_metrics.json`` exists is skipped, and a run that was killed continues from its ``checkpoints/last.ckpt``
-(runs validate about four times, always at their last epoch), so re-running the command resumes. ``--max-minutes`` stops *before* a run
+(written every epoch; runs validate about four times, always at their last epoch), so re-running the command
+resumes. ``--max-minutes`` stops *before* a run
 whose estimated duration (from finished runs of the same kind) would pass the budget, and before any run once the
 budget is spent; what finished is summarised either way.
 
@@ -37,6 +38,7 @@ import statistics
 import sys
 import time
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import yaml
@@ -71,7 +73,7 @@ def load_profile(name_or_path: str) -> dict:
     prof = yaml.safe_load(p.read_text())
     prof.setdefault("name", p.stem)
     unknown = set(prof) - {"name", "description", "data", "split", "families", "schedule", "train", "eval", "seeds",
-                           "teacher_seed", "aid_alpha", "variants", "smoke"}
+                           "teacher_seed", "aid_alpha", "variants", "distill_scale", "smoke"}
     if unknown:
         raise SystemExit(f"{p}: unknown profile key(s) {sorted(unknown)}")
     return prof
@@ -117,20 +119,44 @@ def apply_smoke(prof: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run configs
 def val_every(epochs: int) -> int:
-    """Validate about four times a run, always at the last epoch (a divisor of ``epochs``): each validation also
-    writes ``checkpoints/last.ckpt``, from which a killed run resumes."""
+    """Validate about four times a run, always at the last epoch (a divisor of ``epochs``); ``checkpoints/last.ckpt``,
+    from which a killed run resumes, is written every epoch."""
     return max(d for d in range(1, epochs + 1) if epochs % d == 0 and d <= max(1, epochs // 4))
 
 
-def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float) -> dict:
+def parse_scale(text) -> float:
+    """A distillation loss scale: a number or a fraction such as ``1/30``."""
+    try:
+        value = float(Fraction(str(text).replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        raise SystemExit(f"distillation scale {text!r}: expected a number or a fraction such as 1/30") from None
+    if value <= 0:
+        raise SystemExit(f"distillation scale {text!r} must be > 0")
+    return value
+
+
+def scale_tag(scale: float) -> str:
+    """Folder suffix of a scale: '' for 1, 'div30' for 1/30, 'x2' for 2."""
+    if math.isclose(scale, 1.0):
+        return ""
+    inv = 1 / scale
+    return f"div{round(inv)}" if math.isclose(inv, round(inv), rel_tol=1e-6) else f"x{scale:g}"
+
+
+def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float, scale: float = 1.0) -> dict:
     return {"teacher": {"checkpoint": teacher_ckpt},
             "methods": [{"name": m["name"], "params": {k: v for k, v in m.items() if k != "name"}} for m in methods],
             "aid": {"enabled": aid is not None, "granularity": aid or "instance", "alpha": alpha},
-            "image_log_every": 0}
+            "loss_scale": scale, "image_log_every": 0}
 
 
-def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int]) -> list[dict]:
-    """Ordered list of {key, family, variant, seed, cfg (RunConfig dict), kind} -- teachers before their students."""
+def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int], scale: float | None = None
+              ) -> list[dict]:
+    """Ordered list of {key, family, variant, seed, scale, cfg (RunConfig dict), kind} -- teachers before their
+    students. Distillation runs at a loss ``scale`` other than 1 get their own folders (``kd_div30_seed0``); the
+    teachers and the student-alone runs do not depend on it and are shared across scales."""
+    scale = parse_scale(prof.get("distill_scale", 1)) if scale is None else scale
+    tag = scale_tag(scale)
     data = resolve_paths(prof["data"])
     common_train = {"progress_bar": False, "log_every": 10, **prof.get("train", {})}
     sched = prof["schedule"]
@@ -172,13 +198,13 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int])
                 if v == "student":
                     distill = None
                 elif v == "self_kd_aid":
-                    distill = kd_section(fam["methods"], self_ckpt, "instance", alpha)
+                    distill = kd_section(fam["methods"], self_ckpt, "instance", alpha, scale)
                 else:
                     distill = kd_section(fam["methods"], teacher_ckpt, v.removeprefix("kd_aid_") if "aid" in v
-                                         else None, alpha)
-                name = f"{v}_seed{seed}"
+                                         else None, alpha, scale)
+                name = f"{v}_{tag}_seed{seed}" if distill and tag else f"{v}_seed{seed}"
                 runs.append({"key": f"{fam_name}/{name}", "family": fam_name, "variant": v, "seed": seed,
-                             "kind": "distill" if distill else "student",
+                             "scale": scale if distill else None, "kind": "distill" if distill else "student",
                              "cfg": cfg(name, "student", "student", seed, distill)})
     return runs
 
@@ -193,9 +219,7 @@ def run_one(run: dict) -> dict:
     done = out / "final_metrics.json"
     timing = out / "bench_timing.json"
     if done.exists():
-        metrics = json.loads(done.read_text())
-        secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-        return {"metrics": metrics, "seconds": secs, "skipped": True, "resumed": _resumed(out)}
+        return load_done(run)
     t0 = time.time()
     ckpts = out / "checkpoints"
     resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
@@ -212,6 +236,16 @@ def run_one(run: dict) -> dict:
     if not metrics:
         raise RuntimeError(f"{run['key']}: training finished without validation metrics")
     return {"metrics": metrics, "seconds": secs, "skipped": False, "resumed": _resumed(out)}
+
+
+def load_done(run: dict) -> dict | None:
+    """The result of a run that finished earlier (None if it has not)."""
+    out = Path(run["cfg"]["output_dir"])
+    done, timing = out / "final_metrics.json", out / "bench_timing.json"
+    if not done.exists():
+        return None
+    secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+    return {"metrics": json.loads(done.read_text()), "seconds": secs, "skipped": True, "resumed": _resumed(out)}
 
 
 def _resumed(out: Path) -> bool:
@@ -385,7 +419,7 @@ def _cell(e: dict, with_delta: bool) -> str:
     return txt
 
 
-def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, elapsed: float) -> str:
+def markdown(prof: dict, scale: float, summary: dict, plan: list[dict], finished: dict, args, elapsed: float) -> str:
     metrics = [(k, n) for k, n in METRICS if any(
         not math.isnan(v.get(k, {}).get("mean", math.nan)) for fam in summary.values() for v in fam.values())]
     lines = [f"# Accuracy: KD and AID ({prof['name']}{' smoke' if args.smoke else ''})", ""]
@@ -395,7 +429,8 @@ def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, 
     lines.append(f"Data: format {d.get('format')}, images {d.get('min_size')}x{d.get('max_size')} "
                  f"(min x max side), batch {d.get('batch_size')}. Teacher schedule {prof['schedule']['teacher']}; "
                  f"student schedule (all student runs) {prof['schedule']['student']}. AID alpha "
-                 f"{prof.get('aid_alpha', 0.1)}.")
+                 f"{prof.get('aid_alpha', 0.1)}. Distillation loss scale {Fraction(scale).limit_denominator(1000)} "
+                 f"(times method.md's weights listed below).")
     lines.append("")
     for fam_name, fam in prof["families"].items():
         if fam_name in summary:
@@ -425,8 +460,11 @@ def markdown(prof: dict, summary: dict, plan: list[dict], finished: dict, args, 
     run_s = sum(f["seconds"] for f in finished.values() if f.get("seconds"))
     timing = (f"Wall time of this invocation: {elapsed / 60:.1f} min (finished runs are skipped, so a re-run that "
               f"only summarises is short); sum of the runs' training times: {run_s / 60:.1f} min.")
+    scale_arg = f" --distill-scale {Fraction(scale).limit_denominator(1000)}" if scale_tag(scale) else ""
     lines += [timing, "",
-              "Command: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`"]
+              (f"Reproduce: `.venv/bin/python benchmarks/accuracy.py --profile {prof['name']}{scale_arg}{' --smoke' if args.smoke else ''} --jobs 2 "
+              "--threads 1` (finished runs are skipped)"),
+              "", "Written by: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`"]
     return "\n".join(lines)
 
 
@@ -502,6 +540,10 @@ def main(argv=None) -> int:
                     "machine shared with other jobs: 2 OpenMP threads on 2 busy cores can be 10x slower")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (use "
                     "--threads 1 with --jobs 2 on 2 cores); a distillation run waits for its teacher")
+    ap.add_argument("--variants", nargs="+", choices=SEED_VARIANTS, help="override the profile's variants")
+    ap.add_argument("--distill-scale", nargs="+", metavar="S", help="distillation loss scale(s), e.g. 1/30 (default: "
+                    "the profile's distill_scale, else 1); several values run a sweep: the teachers and student-alone "
+                    "runs are shared, results go to accuracy_<profile>_div30/ etc. and a table to *_sweep.md")
     ap.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -526,7 +568,13 @@ def main(argv=None) -> int:
         prof["data"]["train_split_file"], prof["data"]["val_split_file"] = str(tr), str(va)
     families = [args.only] if args.only else [f for f in FAMILIES if f in prof["families"]]
     seeds = args.seeds if args.seeds is not None else list(prof.get("seeds", [0, 1, 2]))
-    plan = plan_runs(prof, runs_dir, families, seeds)
+    scales = [parse_scale(x) for x in args.distill_scale] if args.distill_scale else [
+        parse_scale(prof.get("distill_scale", 1))]
+    # The summaries cover every run of the profile found on disk; --variants only narrows what is trained now.
+    plans = {sc: plan_runs(prof, runs_dir, families, seeds, sc) for sc in scales}
+    plan = [r for r in {r["key"]: r for p in plans.values() for r in p}.values()  # teachers / students shared
+            if not args.variants or r["variant"] in args.variants or r["kind"] in ("teacher", "self_teacher")]
+    plan.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
     if args.dry_run:
         for r in plan:
             print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]))
@@ -541,23 +589,76 @@ def main(argv=None) -> int:
     finished, failed, stopped = execute(plan, args.jobs, threads, args.verbose,
                                         args.max_minutes * 60 if args.max_minutes else None)
     elapsed = time.time() - start
+    for r in (r for p in plans.values() for r in p if r["key"] not in finished):
+        if (earlier := load_done(r)) is not None:
+            finished[r["key"]] = earlier
+    summaries = {}
+    for sc, sc_plan in plans.items():
+        tag = scale_tag(sc)
+        out_dir = results_dir.with_name(f"{results_dir.name}_{tag}") if tag else results_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summaries[sc] = write_results(prof, sc, sc_plan, finished, failed, stopped, args, elapsed, runs_dir, seeds,
+                                      families, out_dir, threads=torch.get_num_threads())
+    if len(scales) > 1:
+        md = sweep_markdown(prof, summaries, args)
+        (results_dir.with_name(f"{results_dir.name}_sweep.md")).write_text(md + "\n")
+        print(md)
+    return 1 if failed else 0
+
+
+def write_results(prof, scale, plan, finished, failed, stopped, args, elapsed, runs_dir, seeds, families, out_dir,
+                  threads) -> dict:
+    """results.json / results.md / accuracy.png of one distillation scale's runs; returns the summary."""
     summary = aggregate(plan, finished)
-    md = markdown(prof, summary, plan, finished, args, elapsed)
-    if failed:
-        md += "\n\nFailed runs:\n" + "\n".join(f"- {k}: {v}" for k, v in failed.items())
+    md = markdown(prof, scale, summary, plan, finished, args, elapsed)
+    keys = {r["key"] for r in plan}
+    mine = {k: v for k, v in failed.items() if k in keys}
+    if mine:
+        md += "\n\nFailed runs:\n" + "\n".join(f"- {k}: {v}" for k, v in mine.items())
     if stopped:
         md += f"\n\n{stopped}; re-run the same command to continue (finished runs are skipped)."
-    payload = {"profile": prof, "smoke": args.smoke, "argv": argv, "torch_threads": torch.get_num_threads(), "runs_dir": str(runs_dir), "seeds": seeds,
-               "families": families, "runs": {k: {**finished[k], "variant": r["variant"], "seed": r["seed"],
-                                                  "family": r["family"]}
-                                              for r in plan for k in [r["key"]] if k in finished},
-               "failed": failed, "stopped": stopped, "summary": summary, "elapsed_s": elapsed}
-    (results_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    (results_dir / "results.md").write_text(md + "\n")
-    bar_chart(summary, results_dir / "accuracy.png", f"aidkd accuracy benchmark: {tag}")
+    payload = {"profile": prof, "distill_scale": scale, "smoke": args.smoke, "argv": args.argv,
+               "torch_threads": threads, "runs_dir": str(runs_dir), "seeds": seeds, "families": families,
+               "runs": {r["key"]: {**finished[r["key"]], "variant": r["variant"], "seed": r["seed"],
+                                   "family": r["family"]} for r in plan if r["key"] in finished},
+               "failed": mine, "stopped": stopped, "summary": summary, "elapsed_s": elapsed}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (out_dir / "results.md").write_text(md + "\n")
+    bar_chart(summary, out_dir / "accuracy.png", f"aidkd accuracy benchmark: {prof['name']} {scale_tag(scale)}")
     print(md)
-    print(f"\nresults in {results_dir}")
-    return 1 if failed else 0
+    print(f"\nresults in {out_dir}")
+    return summary
+
+
+def sweep_markdown(prof: dict, summaries: dict[float, dict], args) -> str:
+    """One table per family: every distilled variant at every loss scale, with its paired gain over the student."""
+    lines = [f"# Distillation loss-scale sweep ({prof['name']})", "",
+             ("Every distillation term times the scale (`distill.loss_scale`); scale 1 = method.md's weights. "
+             "Mean ± std over seeds; in brackets the paired difference to the student alone (same seed) and the "
+             "seeds where the variant is better."), ""]
+    fams = sorted({f for s in summaries.values() for f in s}, key=FAMILIES.index)
+    for fam in fams:
+        lines += [f"## {fam} ({prof['families'][fam]['arch']})", "",
+                  "| scale | run | seeds | COCO AP (vs student) | AP50 (vs student) |", "|---|---|---|---|---|"]
+        base = next((s[fam]["student"] for s in summaries.values() if "student" in s.get(fam, {})), None)
+        if base:
+            lines.append(f"| – | student alone | {base['n']} | {_cell(base['coco/AP'], False)} | "
+                         f"{_cell(base['coco/AP50'], False)} |")
+        for sc in sorted(summaries, reverse=True):
+            for v in SEED_VARIANTS[1:]:
+                e = summaries[sc].get(fam, {}).get(v)
+                if e is None:
+                    continue
+                cells = []
+                for key in ("coco/AP", "coco/AP50"):
+                    d = e[key].get("paired_vs_student")
+                    extra = "" if d is None or math.isnan(d["mean"]) else f" ({d['mean']:+.1f}, {d['wins']}/{d['n']})"
+                    cells.append(_cell(e[key], False) + extra)
+                lines.append(f"| {Fraction(sc).limit_denominator(1000)} | {SHORT[v]} | {e['n']} | "
+                             + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Command: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

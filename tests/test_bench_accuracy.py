@@ -2,6 +2,7 @@
 import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -101,3 +102,44 @@ def test_small_synth_configs_use_the_profile_models(acc):
     assert fams["two-stage"]["student"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]
     assert fams["two-stage"]["teacher"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]
     assert "kwargs" not in fams["one-stage"]["student"] and "gfl" not in mk.SYNTH_KWARGS
+
+
+def test_scale_parsing_and_folder_tags(acc):
+    assert acc.parse_scale("1/30") == pytest.approx(1 / 30) and acc.parse_scale(0.1) == pytest.approx(0.1)
+    assert [acc.scale_tag(s) for s in (1.0, 1 / 30, 0.01, 2.0, 0.4)] == ["", "div30", "div100", "x2", "x0.4"]
+    for bad in ("0", "-1", "abc", "1/0"):
+        with pytest.raises(SystemExit, match="scale"):
+            acc.parse_scale(bad)
+
+
+def test_scaled_plan_shares_teachers_and_students_only(acc, tmp_path):
+    prof = acc.load_profile("synth_cpu")
+    base = {r["key"]: r for r in acc.plan_runs(prof, tmp_path, ["two-stage"], [0])}
+    scaled = {r["key"]: r for r in acc.plan_runs(prof, tmp_path, ["two-stage"], [0], 1 / 30)}
+    shared = set(base) & set(scaled)
+    assert shared == {"two-stage/teacher", "two-stage/self_teacher", "two-stage/student_seed0"}
+    for k in shared:  # same folder and config: trained once for every scale
+        assert base[k]["cfg"] == scaled[k]["cfg"]
+    kd = scaled["two-stage/kd_div30_seed0"]
+    assert kd["cfg"]["distill"]["loss_scale"] == pytest.approx(1 / 30) and kd["scale"] == pytest.approx(1 / 30)
+    assert kd["cfg"]["output_dir"].endswith("two-stage/kd_div30_seed0")
+    assert base["two-stage/kd_seed0"]["cfg"]["distill"]["loss_scale"] == 1.0
+    # the method weights themselves stay method.md's: the scale is one global factor
+    assert kd["cfg"]["distill"]["methods"] == base["two-stage/kd_seed0"]["cfg"]["distill"]["methods"]
+
+
+def test_sweep_table_pairs_each_scale_with_the_student(acc, tmp_path):
+    prof = acc.load_profile("synth_cpu")
+    summaries = {}
+    for sc, kd_ap in ((1.0, [1.0, 2.0, 3.0]), (0.1, [12.0, 13.0, 13.0])):
+        plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0, 1, 2], sc)
+        finished = {r["key"]: {"metrics": {"coco/AP": x, "coco/AP50": 2 * x}, "seconds": 1.0}
+                    for v, xs in (("student", [10.0, 11.0, 12.0]), ("kd", kd_ap))
+                    for s, x in enumerate(xs) for r in plan if r["variant"] == v and r["seed"] == s}
+        summaries[sc] = acc.aggregate(plan, finished)
+
+    args = SimpleNamespace(argv=["--distill-scale", "1", "1/10"])
+    md = acc.sweep_markdown(prof, summaries, args)
+    assert "| – | student alone | 3 | 11.0 ± 1.0 | 22.0 ± 2.0 |" in md
+    assert "| 1 | KD | 3 | 2.0 ± 1.0 (-9.0, 0/3) |" in md
+    assert "| 1/10 | KD | 3 | 12.7 ± 0.6 (+1.7, 3/3) |" in md

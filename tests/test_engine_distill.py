@@ -27,9 +27,9 @@ def batch(synth_root):
     return collate_fn([ds[i] for i in range(2)])
 
 
-def make_task(tiny_cfg, teacher_file, aid=True, granularity="instance"):
+def make_task(tiny_cfg, teacher_file, aid=True, granularity="instance", **distill):
     cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
-                                             "aid": {"enabled": aid, "granularity": granularity}}))
+                                             "aid": {"enabled": aid, "granularity": granularity}, **distill}))
     return DetectionTask(cfg, CLASSES)
 
 
@@ -76,6 +76,20 @@ def test_kd_without_aid_has_no_weights(tiny_cfg, teacher_file, batch):
     task = make_task(tiny_cfg, teacher_file, aid=False)
     losses = task.compute_losses(*batch)
     assert task.distiller.last_inputs.pixel_weights is None and "distill/attention/am" in losses
+
+
+def test_loss_scale_multiplies_every_distillation_term_only(tiny_cfg, teacher_file, batch):
+    torch.manual_seed(0)
+    plain = make_task(tiny_cfg, teacher_file)
+    torch.manual_seed(0)
+    scaled = make_task(tiny_cfg, teacher_file, loss_scale=0.04)
+    a, b = plain.compute_losses(*batch), scaled.compute_losses(*batch)
+    assert a.keys() == b.keys()
+    for k in a:
+        factor = 0.04 if k.startswith("distill/") else 1.0
+        assert torch.allclose(b[k], a[k] * factor, rtol=1e-5, atol=1e-7), k
+    with pytest.raises(ValueError, match="loss_scale"):
+        make_task(tiny_cfg, teacher_file, loss_scale=0.0)
 
 
 def test_teacher_class_mismatch_is_refused(tiny_cfg, tmp_path):

@@ -73,6 +73,19 @@ def test_resume_continues_to_the_same_result(deterministic_run):
     assert resumed == pytest.approx(metrics, nan_ok=True)
 
 
+def test_max_steps_mid_epoch_validates_and_checkpoints_the_final_weights(tiny_cfg):
+    """train.max_steps may stop between validations: last.ckpt and the final metrics must be of the last step,
+    and last.ckpt must follow every validation, not only the improving ones (Lightning's save_last does that)."""
+    cfg = config_from_dict(tiny_cfg("steps", train={"epochs": 5, "max_steps": 11, "limit_train_batches": 4}))
+    metrics = train(cfg)
+    out = Path(cfg.output_dir)
+    history = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4, 8, 11]
+    assert history[-1] == pytest.approx(dict(metrics, epoch=history[-1]["epoch"], step=11), nan_ok=True)
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
+    assert torch.load(out / "model_last.pt", weights_only=True)["metrics"]["step"] == 11
+
+
 def test_non_finite_losses_are_skipped_then_stop(tiny_cfg, monkeypatch, caplog):
     from aidkd.engine import module
 
@@ -159,16 +172,21 @@ def test_sigint_saves_a_checkpoint(deterministic_run):
     c = cfg("sigint")
     c.train.epochs = 50
     dump_config(c, out / "sigint.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    last = out / "sigint" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    log = out / "sigint.log"  # the child's output, shown when the test fails
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file, stderr=subprocess.STDOUT)
+        last = out / "sigint" / "checkpoints" / "last.ckpt"
+        wait_s = 420  # generous: the first validation is slow on a loaded 2-core machine
+        deadline = time.time() + wait_s
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        if not last.exists():
+            proc.kill()
+            pytest.fail(f"no last.ckpt after {wait_s} s (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
     saved = out / "sigint" / "checkpoints" / "interrupted.ckpt"
-    assert saved.exists(), "SIGINT must leave a checkpoint"
+    assert saved.exists(), f"SIGINT must leave a checkpoint; child output:\n{log.read_text()[-3000:]}"
     assert torch.load(saved, weights_only=True)["global_step"] > 0

@@ -35,6 +35,16 @@ def test_non_finite_refused_and_old_file_kept(tmp_path):
     assert os.listdir(tmp_path) == ["a.pt"]
 
 
+def test_finite_check_can_be_limited_to_named_entries(tmp_path):
+    # Lightning callback state legitimately holds inf (ModelCheckpoint's kth_value before its first save)
+    state = {"state_dict": {"w": torch.ones(2)}, "callbacks": {"best": torch.tensor(float("-inf"))}}
+    save_checkpoint(tmp_path / "a.pt", state, finite_keys=("state_dict", "optimizer_states"))
+    assert load_checkpoint(tmp_path / "a.pt")["callbacks"]["best"] == float("-inf")
+    state["state_dict"]["w"][0] = float("nan")
+    with pytest.raises(NonFiniteCheckpointError, match=r"state_dict\.w"):
+        save_checkpoint(tmp_path / "b.pt", state, finite_keys=("state_dict", "optimizer_states"))
+
+
 def test_failure_midway_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "a.pt"
     save_checkpoint(path, {"w": torch.ones(2)})

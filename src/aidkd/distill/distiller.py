@@ -66,12 +66,15 @@ class Distiller(nn.Module):
     """Student + distillation modules (trainable, checkpointed) with a frozen teacher beside them.
 
     ``forward(images, targets)`` returns the student's detection losses plus every weighted distillation term
-    (keys ``distill/<method>/<term>``) and AID statistics in ``self.last_stats``.
+    (keys ``distill/<method>/<term>``, each times ``loss_scale``) and AID statistics in ``self.last_stats``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
-                 sample_shape: tuple[int, int] = (128, 256)):
+                 sample_shape: tuple[int, int] = (128, 256), loss_scale: float = 1.0):
         super().__init__()
+        if not loss_scale > 0:
+            raise ValueError(f"distillation loss_scale must be > 0, got {loss_scale}")
+        self.loss_scale = float(loss_scale)
         self.student = student
         self.teacher = FrozenTeacher(teacher)
         self.aid = aid
@@ -148,5 +151,5 @@ class Distiller(nn.Module):
         self.last_inputs = inputs
         for name, method in self.methods.items():
             for term, value in method(inputs).items():
-                losses[f"distill/{name}/{term}"] = value
+                losses[f"distill/{name}/{term}"] = value * self.loss_scale
         return losses

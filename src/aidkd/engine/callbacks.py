@@ -1,4 +1,4 @@
-"""Callbacks that watch a run: model export, instance-weight and attention images, interrupt checkpoints."""
+"""Callbacks that watch a run: model export, last / interrupt checkpoints, instance-weight and attention images."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from aidkd.engine.model_io import save_model_file
 
@@ -43,6 +45,34 @@ class ExportModel(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best", self.best)
+
+
+class LastCheckpoint(Checkpoint):
+    """``checkpoints/last.ckpt`` at the end of every training epoch (after its validation, if any) and at the end of
+    training, for resuming a killed run.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes last.ckpt when a top-k checkpoint is written, i.e.
+    when the monitored metric improves: a run killed after a non-improving validation would resume from its best
+    epoch, not its latest. Saving at epoch end (not at validation end) stores the loops' state of a finished epoch, so
+    a resumed run replays exactly what an uninterrupted one would. Being a ``Checkpoint``, this runs after the other
+    checkpoint callbacks, so their state (the best score so far) is in the file.
+    """
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.path = Path(ckpt_dir) / "last.ckpt"
+        self._saved_step = -1
+
+    def _save(self, trainer) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # train.max_steps can stop a run mid-epoch
+        self._save(trainer)
 
 
 class InterruptCheckpoint(L.Callback):

@@ -13,7 +13,9 @@ from aidkd.models.checkpoint import load_checkpoint, save_checkpoint
 class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, checkpoint)  # temp file + fsync + os.replace; raises on non-finite tensors
+        # temp file + fsync + os.replace; refuses non-finite weights or optimizer state (callback state may
+        # legitimately hold inf, e.g. ModelCheckpoint's kth_value before its first save)
+        save_checkpoint(path, checkpoint, finite_keys=("state_dict", "optimizer_states"))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         ckpt = load_checkpoint(path)

@@ -129,6 +129,9 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     methods: list[MethodConfig] = field(default_factory=list)
     aid: AIDConfig = field(default_factory=AIDConfig)
+    # Multiplies every distillation term. method.md's weights were tuned for 256-channel FPNs on full-resolution,
+    # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results: ~1/30).
+    loss_scale: float = 1.0
     image_log_every: int = 200  # steps between instance-weight / attention images in TensorBoard (0: never)
 
 

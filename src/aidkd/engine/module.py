@@ -47,6 +47,7 @@ class DetectionTask(L.LightningModule):
         self.bad_steps = 0
         self._val_preds: list[tuple[int, dict]] = []
         self.last_metrics: dict[str, float] = {}
+        self.validated_step = -1  # global step of last_metrics
 
     # ------------------------------------------------------------------ building
     def _build_distiller(self):
@@ -65,7 +66,7 @@ class DetectionTask(L.LightningModule):
             methods[key] = {"name": mc.name, **mc.params}
         aid = AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha) if d.aid.enabled else None
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
-        return Distiller(self.model, teacher, methods, aid, sample_shape=shape)
+        return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale)
 
     def setup(self, stage: str) -> None:
         if self.distiller is not None:
@@ -159,6 +160,7 @@ class DetectionTask(L.LightningModule):
         evaluator.update(list(unique.keys()), list(unique.values()))
         metrics = evaluator.compute()
         self.last_metrics = metrics
+        self.validated_step = self.global_step
         for k, v in metrics.items():
             self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=True)
 

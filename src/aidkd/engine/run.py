@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint
+from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
 from aidkd.engine.datamodule import DetectionDataModule
@@ -56,7 +56,8 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
     ckpt_dir = out_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/coco/AP", mode="max", save_top_k=1,
-                        save_last=True, every_n_epochs=1),
+                        every_n_epochs=1),
+        LastCheckpoint(ckpt_dir),
         ExportModel(out_dir),
         InterruptCheckpoint(ckpt_dir),
         LearningRateMonitor(logging_interval="step"),
@@ -92,6 +93,9 @@ def train(cfg: RunConfig, resume: str | bool | None = None, extra_callbacks=()) 
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
     trainer = build_trainer(cfg, out_dir, extra_callbacks)
     trainer.fit(task, datamodule=dm, ckpt_path=find_resume_checkpoint(out_dir, resume), weights_only=True)
+    if not trainer.interrupted and task.validated_step != trainer.global_step:
+        # train.max_steps stopped the run between validations: the final metrics must be of the final weights.
+        trainer.validate(task, datamodule=dm, verbose=False)
     metrics = dict(task.last_metrics)
     if trainer.is_global_zero:
         (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))

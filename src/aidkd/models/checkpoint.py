@@ -39,15 +39,16 @@ def non_finite_entries(state: Any, prefix: str = "", limit: int = 5) -> list[str
     return found
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, state: dict, finite_keys: Sequence[str] | None = None) -> Path:
     """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder, flushed and fsynced,
     then ``os.replace``d over ``path``. A crash leaves either the old file or the new one, never a partial file.
 
     Raises ``NonFiniteCheckpointError`` (a ValueError) without touching ``path`` if any floating tensor in ``state``
-    is NaN or infinite.
+    (or, with ``finite_keys``, in those top-level entries only) is NaN or infinite.
     """
     path = Path(path)
-    bad = non_finite_entries(state)
+    checked = state if finite_keys is None else {k: state[k] for k in finite_keys if k in state}
+    bad = non_finite_entries(checked)
     if bad:
         raise NonFiniteCheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad)}")
     path.parent.mkdir(parents=True, exist_ok=True)
