@@ -86,6 +86,24 @@ def test_max_steps_mid_epoch_validates_and_checkpoints_the_final_weights(tiny_cf
     assert torch.load(out / "model_last.pt", weights_only=True)["metrics"]["step"] == 11
 
 
+class _CtrlCAtStep2(__import__("lightning").Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_first_validation_still_saves(tiny_cfg):
+    """Nothing has been validated yet (ModelCheckpoint's state still holds -inf): the checkpoint must be written."""
+    cfg = config_from_dict(tiny_cfg("ctrl_c", train={"epochs": 3}))
+    try:
+        train(cfg, extra_callbacks=[_CtrlCAtStep2()])
+    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown
+        pass
+    saved = Path(cfg.output_dir) / "checkpoints" / "interrupted.ckpt"
+    assert saved.exists()
+    assert torch.load(saved, weights_only=True)["global_step"] == 2
+
+
 def test_non_finite_losses_are_skipped_then_stop(tiny_cfg, monkeypatch, caplog):
     from aidkd.engine import module
 
