@@ -177,8 +177,11 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
                 _fam_name=fam_name, _fam_dir=fam_dir) -> dict:
             train = {**common_train, **sched[kind]}
             train.setdefault("val_every", val_every(int(train.get("epochs", 12))))
+            model = {"arch": _arch, **_fam[part]}
+            if model.get("weights") and not Path(model["weights"]).is_absolute():  # e.g. another profile's run
+                model["weights"] = str((REPO / model["weights"]).resolve())
             c = {"name": f"{prof['name']}/{_fam_name}/{name}", "output_dir": str(_fam_dir / name), "seed": seed,
-                 "data": data, "model": {"arch": _arch, **_fam[part]}, "train": train, "distill": distill}
+                 "data": data, "model": model, "train": train, "distill": distill}
             if prof.get("eval"):
                 c["eval"] = prof["eval"]
             return c
@@ -575,6 +578,11 @@ def main(argv=None) -> int:
     plan = [r for r in {r["key"]: r for p in plans.values() for r in p}.values()  # teachers / students shared
             if not args.variants or r["variant"] in args.variants or r["kind"] in ("teacher", "self_teacher")]
     plan.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
+    missing = sorted({r["cfg"]["model"]["weights"] for r in plan if r["cfg"]["model"].get("weights")
+                      and not Path(r["cfg"]["model"]["weights"]).exists()})
+    if missing:
+        raise SystemExit(f"profile {prof['name']}: initial weights not found: {', '.join(missing)} (a path under "
+                         "runs/accuracy/<profile>/ is another profile's run: run that profile first)")
     if args.dry_run:
         for r in plan:
             print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]))

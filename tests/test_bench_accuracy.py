@@ -143,3 +143,20 @@ def test_sweep_table_pairs_each_scale_with_the_student(acc, tmp_path):
     assert "| – | student alone | 3 | 11.0 ± 1.0 | 22.0 ± 2.0 |" in md
     assert "| 1 | KD | 3 | 2.0 ± 1.0 (-9.0, 0/3) |" in md
     assert "| 1/10 | KD | 3 | 12.7 ± 0.6 (+1.7, 3/3) |" in md
+
+
+def test_initial_weights_resolve_from_the_repo_and_must_exist(acc, tmp_path):
+    import yaml
+
+    prof = acc.load_profile("kitti101_cpu")
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0])
+    weights = {r["variant"]: r["cfg"]["model"]["weights"] for r in plan}
+    assert weights["teacher"] == str(REPO / "runs/accuracy/synth_cpu/one-stage/teacher/model_best.pt")
+    assert weights["student"] == weights["kd"] == weights["self_teacher"]  # every student starts from one model
+    prof["families"]["one-stage"]["student"]["weights"] = "runs/accuracy/no_such_profile/model.pt"
+    prof.pop("split")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    with pytest.raises(SystemExit, match="initial weights not found: .*no_such_profile"):
+        acc.main(["--profile", str(path), "--only", "one-stage", "--dry-run", "--runs-dir", str(tmp_path / "r"),
+                  "--results-dir", str(tmp_path / "res")])
