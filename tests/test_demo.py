@@ -16,6 +16,7 @@ def test_demo_plan(tmp_path):
     for name in ("student", "kd", "kd_aid"):  # one schedule, one model for every student run
         assert cfgs[name]["train"] == s["train"] and cfgs[name]["model"] == s["model"]
     assert cfgs["kd"]["distill"]["aid"]["enabled"] is False and cfgs["kd_aid"]["distill"]["aid"]["enabled"] is True
+    assert cfgs["kd"]["distill"]["loss_scale"] == cfgs["kd_aid"]["distill"]["loss_scale"] < 1
     assert cfgs["kd_aid"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "teacher" / "model_best.pt")
     for raw in cfgs.values():
         config_from_dict(raw)  # every config is valid
