@@ -160,3 +160,41 @@ def test_initial_weights_resolve_from_the_repo_and_must_exist(acc, tmp_path):
     with pytest.raises(SystemExit, match="initial weights not found: .*no_such_profile"):
         acc.main(["--profile", str(path), "--only", "one-stage", "--dry-run", "--runs-dir", str(tmp_path / "r"),
                   "--results-dir", str(tmp_path / "res")])
+
+
+def test_reuse_takes_finished_students_from_an_earlier_results_file(acc, tmp_path):
+    import json
+
+    prof = acc.load_profile("synth_cpu")
+    plan = acc.plan_runs(prof, tmp_path / "runs", ["one-stage"], [0, 1], 0.01)
+    earlier = {"runs": {
+        "one-stage/teacher": {"metrics": {"coco/AP": 9.9, "coco/AP50": 19.2}, "seconds": 700.0},
+        "one-stage/student_seed0": {"metrics": {"coco/AP": 4.6}, "seconds": 140.0},
+        "one-stage/kd_div100_seed1": {"metrics": {"coco/AP": 5.5}, "seconds": 190.0, "resumed": True},
+        "one-stage/kd_div30_seed1": {"metrics": {"coco/AP": 1.0}, "seconds": 1.0},  # another scale: not in plan
+    }}
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps(earlier))
+    # a run already on disk wins over the file
+    done = Path(next(r for r in plan if r["key"] == "one-stage/student_seed0")["cfg"]["output_dir"])
+    done.mkdir(parents=True)
+    (done / "final_metrics.json").write_text("{}")
+    reused, reference = acc.load_reuse([str(f)], plan)
+    assert set(reused) == {"one-stage/kd_div100_seed1"}
+    assert reused["one-stage/kd_div100_seed1"]["metrics"] == {"coco/AP": 5.5}
+    assert reused["one-stage/kd_div100_seed1"]["reused_from"] == str(f) and reused[
+        "one-stage/kd_div100_seed1"]["resumed"] is True
+    assert set(reference) == {"one-stage/teacher"}  # teachers are retrained, never reused
+    # the retrained teacher is compared with the file's
+    same = {"one-stage/teacher": {"metrics": {"coco/AP": 9.9, "coco/AP50": 19.2}}}
+    assert "reproduced" in acc.teacher_check(reference, same)[0]
+    other = {"one-stage/teacher": {"metrics": {"coco/AP": 9.9, "coco/AP50": 19.5}}}
+    assert "DIFFERS" in acc.teacher_check(reference, other)[0] and "0.3" in acc.teacher_check(reference, other)[0]
+    # a reused run is never scheduled for training
+    finished, failed, stopped = acc.execute([r for r in plan if r["key"] == "one-stage/kd_div100_seed1"],
+                                            jobs=1, threads=1, verbose=False, budget=None, reused=reused)
+    assert finished == reused and not failed and stopped is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not an accuracy results.json"):
+        acc.load_reuse([str(bad)], plan)

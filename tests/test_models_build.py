@@ -94,6 +94,33 @@ def test_local_weights_mismatch_errors(tmp_path):
         build_detector("retinanet", "resnet18", 3, fpn_channels=32, weights=tmp_path / "nope.pt")
 
 
+@pytest.mark.parametrize("arch", ["gfl", "fasterrcnn", "retinanet"])
+def test_new_classes_loads_all_but_the_class_layers(tmp_path, arch, caplog):
+    """Fine-tuning on another class set (e.g. COCO weights for KITTI): only the class-dependent outputs start fresh."""
+    torch.manual_seed(0)
+    src = build_detector(arch, "resnet18", 4, min_size=H, max_size=W, fpn_channels=16)
+    save_checkpoint(tmp_path / "model.pt", {"state_dict": src.state_dict(), "meta": src.aidkd_meta})
+    torch.manual_seed(1)
+    fresh = build_detector(arch, "resnet18", 12, min_size=H, max_size=W, fpn_channels=16).state_dict()
+    torch.manual_seed(1)
+    with caplog.at_level("WARNING", logger="aidkd.models.build"):
+        dst = build_detector(arch, "resnet18", 12, min_size=H, max_size=W, fpn_channels=16,
+                             weights=tmp_path / "model.pt", new_classes=True)
+    old = src.state_dict()
+    skipped = {k for k, v in dst.state_dict().items() if v.shape != old[k].shape}
+    assert skipped and len(skipped) <= 4  # the classifier's weight and bias (two-stage: + the box predictor's)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, fresh[k] if k in skipped else old[k]), k
+    assert all(k in caplog.text for k in skipped)
+    assert dst.aidkd_meta["num_classes"] == 12
+    # another width is still an error: only the output size of a layer may differ
+    with pytest.raises(ValueError, match="fpn_channels"):
+        build_detector(arch, "resnet18", 12, fpn_channels=32, weights=tmp_path / "model.pt", new_classes=True)
+    save_checkpoint(tmp_path / "plain.pt", src.state_dict())  # no meta: the shapes themselves must tell
+    with pytest.raises(ValueError, match="shape mismatches"):
+        build_detector(arch, "resnet18", 12, fpn_channels=32, weights=tmp_path / "plain.pt", new_classes=True)
+
+
 def test_torchvision_enum_checked_before_download():
     with pytest.raises(ValueError, match="91 classes"):
         build_detector("retinanet", "resnet50", 4, weights="RetinaNet_ResNet50_FPN_Weights.COCO_V1")

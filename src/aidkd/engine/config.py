@@ -66,6 +66,7 @@ class ModelConfig:
     weights: str | None = None  # a local detector checkpoint, or a torchvision weight enum name (needs internet)
     backbone_weights: str | None = None  # a local ImageNet state dict, or e.g. "ResNet50_Weights.IMAGENET1K_V1"
     trainable_backbone_layers: int = 5
+    new_classes: bool = False  # `weights` come from another class set: the class-dependent output layers start fresh
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the torchvision detector constructor
 
 

@@ -39,7 +39,8 @@ class DetectionTask(L.LightningModule):
         self.model = model if model is not None else build_detector(m.arch, m.backbone, len(classes) + 1, min_size=cfg.data.min_size,
                                     max_size=cfg.data.max_size, fpn_channels=m.fpn_channels, weights=m.weights,
                                     backbone_weights=m.backbone_weights,
-                                    trainable_backbone_layers=m.trainable_backbone_layers, **m.kwargs)
+                                    trainable_backbone_layers=m.trainable_backbone_layers,
+                                    new_classes=m.new_classes, **m.kwargs)
         self.meta = model_meta(self.model, self.classes, cfg.data.min_size, cfg.data.max_size, m.kwargs)
         self.distiller = self._build_distiller() if cfg.distill is not None and with_teacher else None
         self.val_records = val_records

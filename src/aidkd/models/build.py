@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead, _default_ancho
 
 from aidkd.models.backbones import BACKBONES, MOBILENETS, build_fpn_backbone
 from aidkd.models.checkpoint import check_compatible, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "gfl")
 _CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
@@ -39,6 +42,7 @@ def build_detector(
     weights: str | Path | None = None,
     backbone_weights: str | Path | None = None,
     trainable_backbone_layers: int = 3,
+    new_classes: bool = False,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """Build a detector.
@@ -56,6 +60,9 @@ def build_detector(
             only when arch, backbone, ``fpn_channels=256`` and ``num_classes`` match it).
         backbone_weights: ImageNet weights for the trunk (local file or enum name, see ``build_fpn_backbone``).
         trainable_backbone_layers: trunk stages left trainable (ResNet 0-5; MobileNetV3 0-6).
+        new_classes: ``weights`` come from a detector of another class set (fine-tuning, e.g. COCO weights for
+            KITTI): every tensor whose shape fits is loaded and the class-dependent output layers whose shapes
+            differ keep their fresh initialisation (named in a warning). Off: any mismatch is an error.
         **detector_kwargs: passed to the torchvision detector constructor (e.g. ``score_thresh``,
             ``detections_per_img``, ``fg_iou_thresh``, ``rpn_batch_size_per_image``) or to ``build_gfl``; plus
             ``frozen_bn`` (bool; default: frozen BatchNorm when ``backbone_weights`` or ``weights`` are given,
@@ -85,7 +92,7 @@ def build_detector(
             state, ckpt_meta = _read_detector_state(weights)
         else:
             enum_name = str(weights)
-            _check_enum(enum_name, arch, backbone, num_classes, fpn_channels)
+            _check_enum(enum_name, arch, backbone, None if new_classes else num_classes, fpn_channels)
     if frozen_bn is None:
         if state is not None:  # follow the checkpoint: trainable BN leaves num_batches_tracked in the state dict
             frozen_bn = not any("backbone.body." in k and k.endswith("num_batches_tracked") for k in state)
@@ -126,12 +133,13 @@ def build_detector(
 
     if state is not None:
         if ckpt_meta is not None:
-            check_compatible(ckpt_meta, {"arch": arch, "backbone": backbone, "num_classes": num_classes,
-                                         "fpn_channels": fpn_channels}, None, None)
-        _load_state(model, state, str(weights))
+            expected = {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels}
+            check_compatible(ckpt_meta, expected if new_classes else {**expected, "num_classes": num_classes},
+                             None, None)
+        _load_state(model, state, str(weights), new_classes)
     elif enum_name is not None:
         w = get_weight(enum_name)
-        _load_state(model, w.get_state_dict(progress=True), enum_name)
+        _load_state(model, w.get_state_dict(progress=True), enum_name, new_classes)
         if enum_name in _EPS0_WEIGHTS:
             overwrite_eps(model, 0.0)
     model.aidkd_meta = {"arch": arch, "backbone": backbone, "num_classes": num_classes,
@@ -216,7 +224,7 @@ def _select_state(model: nn.Module, state: dict) -> dict:
     return best
 
 
-def _load_state(model: nn.Module, state: dict, source: str) -> None:
+def _load_state(model: nn.Module, state: dict, source: str, new_classes: bool = False) -> None:
     state = _select_state(model, state)
     own = model.state_dict()
     # BatchNorm vs FrozenBatchNorm: the only difference in keys is num_batches_tracked; either way is fine to load
@@ -225,6 +233,16 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
     unexpected = [k for k in state if k not in own]
     shape = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if new_classes and shape and not missing and not unexpected:
+        # Only the class-dependent output layers may differ; anything else means another architecture.
+        skipped = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        other = [k for k in skipped if own[k].shape[1:] != state[k].shape[1:] or own[k].dim() != state[k].dim()]
+        if not other:
+            log.warning("weights %s: another class set; %d class-dependent tensors start fresh: %s", source,
+                        len(skipped), ", ".join(skipped))
+            model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+            return
+        shape = [s for s in shape if s.split(":")[0] in other]
     if missing or unexpected or shape:
         raise ValueError(f"weights {source} do not fit this detector: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
@@ -232,7 +250,7 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def _check_enum(name: str, arch: str, backbone: str, num_classes: int, fpn_channels: int) -> None:
+def _check_enum(name: str, arch: str, backbone: str, num_classes: int | None, fpn_channels: int) -> None:
     try:
         w = get_weight(name)
     except Exception as e:
@@ -243,7 +261,7 @@ def _check_enum(name: str, arch: str, backbone: str, num_classes: int, fpn_chann
         raise ValueError(f"torchvision weights {name} are for a different detector than {arch} + {backbone} "
                          f"(torchvision's {type(w).__name__}); use a local checkpoint instead")
     n = len(w.meta.get("categories", []))
-    if n != num_classes:
+    if num_classes is not None and n != num_classes:
         raise ValueError(f"torchvision weights {name} have {n} classes (incl. background); num_classes is "
                          f"{num_classes}")
     if fpn_channels != 256:
