@@ -305,18 +305,17 @@ def _report(run: dict, result: dict, done: int, total: int) -> None:
           f"({'n/a' if secs is None else f'{secs:.0f} s'}{', done earlier' if result['skipped'] else ''})", flush=True)
 
 
-def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, budget: float | None,
-            reused: dict[str, dict] | None = None) -> tuple[dict, dict, str | None]:
-    """Train the plan, ``jobs`` runs at a time (1: in this process); runs in ``reused`` count as finished without
-    training. Returns (finished, failed, stopped-reason)."""
+def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, budget: float | None
+            ) -> tuple[dict, dict, str | None]:
+    """Train the plan, ``jobs`` runs at a time (1: in this process). Returns (finished, failed, stopped-reason)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     start = time.time()
-    finished: dict[str, dict] = dict(reused or {})
+    finished: dict[str, dict] = {}
     failed: dict[str, str] = {}
     stopped = None
-    pending = [r for r in plan if r["key"] not in finished]
+    pending = list(plan)
     pool = (cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                    initargs=(threads, verbose)) if jobs > 1 else None)
     running: dict = {}
@@ -364,51 +363,6 @@ def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, bud
             pool.shutdown(wait=True, cancel_futures=True)
     return finished, failed, stopped
 
-
-
-# ------------------------------------------------------------------------------------------------ reuse
-def load_reuse(files: list[str], plan: list[dict]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Records of earlier invocations (their ``results.json``) for the runs of ``plan``.
-
-    Returns (reused, reference): ``reused`` holds the student and distillation runs that have no folder on disk
-    (they are summarised from the file instead of retrained); ``reference`` holds the file's teacher runs, which are
-    always retrained -- distillation needs their checkpoints -- and compared with it (``teacher_check``)."""
-    keys = {r["key"]: r for r in plan}
-    reused: dict[str, dict] = {}
-    reference: dict[str, dict] = {}
-    for f in files:
-        path = Path(f)
-        try:
-            runs = json.loads(path.read_text())["runs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"--reuse {path}: not an accuracy results.json ({type(e).__name__}: {e})") from None
-        for key, rec in runs.items():
-            run = keys.get(key)
-            if run is None or key in reused or key in reference:
-                continue
-            entry = {"metrics": rec["metrics"], "seconds": rec.get("seconds"), "skipped": True,
-                     "resumed": bool(rec.get("resumed")), "reused_from": str(path)}
-            if run["kind"] in ("teacher", "self_teacher"):
-                reference[key] = entry
-            elif not (Path(run["cfg"]["output_dir"]) / "final_metrics.json").exists():
-                reused[key] = entry
-    return reused, reference
-
-
-def teacher_check(reference: dict[str, dict], finished: dict[str, dict]) -> list[str]:
-    """Whether each retrained teacher reproduced the metrics recorded with the reused runs (same seed and code
-    should give the same weights; if not, reused distillation runs were distilled from a different teacher)."""
-    lines = []
-    for key, ref in reference.items():
-        now = finished.get(key)
-        if now is None or now.get("reused_from"):
-            continue
-        common = [k for k in ref["metrics"] if k in now["metrics"]]
-        worst = max((abs(now["metrics"][k] - ref["metrics"][k]) for k in common), default=math.nan)
-        same = common and worst <= 1e-6
-        lines.append(f"{key}: {'reproduced' if same else 'DIFFERS from'} the reused file's teacher "
-                     f"({len(common)} metrics, largest difference {worst:.2g})")
-    return lines
 
 # ------------------------------------------------------------------------------------------------ summary
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -593,9 +547,6 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-scale", nargs="+", metavar="S", help="distillation loss scale(s), e.g. 1/30 (default: "
                     "the profile's distill_scale, else 1); several values run a sweep: the teachers and student-alone "
                     "runs are shared, results go to accuracy_<profile>_div30/ etc. and a table to *_sweep.md")
-    ap.add_argument("--reuse", nargs="+", metavar="RESULTS_JSON", help="results.json of earlier invocations: "
-                    "student and distillation runs listed there and absent from the runs dir are summarised from "
-                    "it instead of retrained; teachers are retrained and checked against it")
     ap.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -642,16 +593,10 @@ def main(argv=None) -> int:
         from aidkd.engine.datamodule import ensure_synth
 
         ensure_synth(config_from_dict(plan[0]["cfg"]).data)
-    reused, reference = load_reuse(args.reuse or [], plan)
-    if reused:
-        print(f"reusing {len(reused)} finished runs from {', '.join(args.reuse)}", flush=True)
     start = time.time()
     finished, failed, stopped = execute(plan, args.jobs, threads, args.verbose,
-                                        args.max_minutes * 60 if args.max_minutes else None, reused)
+                                        args.max_minutes * 60 if args.max_minutes else None)
     elapsed = time.time() - start
-    checks = teacher_check(reference, finished)
-    for line in checks:
-        print(line, flush=True)
     for r in (r for p in plans.values() for r in p if r["key"] not in finished):
         if (earlier := load_done(r)) is not None:
             finished[r["key"]] = earlier
@@ -661,7 +606,7 @@ def main(argv=None) -> int:
         out_dir = results_dir.with_name(f"{results_dir.name}_{tag}") if tag else results_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         summaries[sc] = write_results(prof, sc, sc_plan, finished, failed, stopped, args, elapsed, runs_dir, seeds,
-                                      families, out_dir, threads=torch.get_num_threads(), checks=checks)
+                                      families, out_dir, threads=torch.get_num_threads())
     if len(scales) > 1:
         md = sweep_markdown(prof, summaries, args)
         (results_dir.with_name(f"{results_dir.name}_sweep.md")).write_text(md + "\n")
@@ -670,17 +615,11 @@ def main(argv=None) -> int:
 
 
 def write_results(prof, scale, plan, finished, failed, stopped, args, elapsed, runs_dir, seeds, families, out_dir,
-                  threads, checks=()) -> dict:
+                  threads) -> dict:
     """results.json / results.md / accuracy.png of one distillation scale's runs; returns the summary."""
     summary = aggregate(plan, finished)
     md = markdown(prof, scale, summary, plan, finished, args, elapsed)
     keys = {r["key"] for r in plan}
-    reused = sorted(k for k in keys if finished.get(k, {}).get("reused_from"))
-    if reused:
-        sources = sorted({finished[k]["reused_from"] for k in reused})
-        md += (f"\n\nReused, not retrained in this invocation ({len(reused)} runs, from "
-               f"{', '.join(f'`{Path(x).relative_to(REPO) if Path(x).is_relative_to(REPO) else x}`' for x in sources)}"
-               f"): {', '.join(reused)}." + "".join(f"\n- teacher check: {c}" for c in checks))
     mine = {k: v for k, v in failed.items() if k in keys}
     if mine:
         md += "\n\nFailed runs:\n" + "\n".join(f"- {k}: {v}" for k, v in mine.items())
@@ -690,8 +629,7 @@ def write_results(prof, scale, plan, finished, failed, stopped, args, elapsed, r
                "torch_threads": threads, "runs_dir": str(runs_dir), "seeds": seeds, "families": families,
                "runs": {r["key"]: {**finished[r["key"]], "variant": r["variant"], "seed": r["seed"],
                                    "family": r["family"]} for r in plan if r["key"] in finished},
-               "failed": mine, "stopped": stopped, "teacher_checks": list(checks), "summary": summary,
-               "elapsed_s": elapsed}
+               "failed": mine, "stopped": stopped, "summary": summary, "elapsed_s": elapsed}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     (out_dir / "results.md").write_text(md + "\n")
     bar_chart(summary, out_dir / "accuracy.png", f"aidkd accuracy benchmark: {prof['name']} {scale_tag(scale)}")
