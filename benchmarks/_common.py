@@ -91,7 +91,9 @@ def to_device(batch, dev: torch.device):
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, mp = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    jp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    # paths relative to the repository (../shared beside it): committed results name no machine path
+    jp.write_text(json.dumps(data, indent=2, default=float).replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+                  + "\n")
     mp.write_text(markdown.rstrip() + "\n")
     return jp, mp
 

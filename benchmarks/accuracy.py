@@ -630,12 +630,17 @@ def write_results(prof, scale, plan, finished, failed, stopped, args, elapsed, r
                "runs": {r["key"]: {**finished[r["key"]], "variant": r["variant"], "seed": r["seed"],
                                    "family": r["family"]} for r in plan if r["key"] in finished},
                "failed": mine, "stopped": stopped, "summary": summary, "elapsed_s": elapsed}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (out_dir / "results.json").write_text(portable(json.dumps(payload, indent=2, default=float)) + "\n")
     (out_dir / "results.md").write_text(md + "\n")
     bar_chart(summary, out_dir / "accuracy.png", f"aidkd accuracy benchmark: {prof['name']} {scale_tag(scale)}")
     print(md)
     print(f"\nresults in {out_dir}")
     return summary
+
+
+def portable(text: str) -> str:
+    """Paths in committed results relative to the repository (``../shared/...`` beside it), not this machine's."""
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
 def sweep_markdown(prof: dict, summaries: dict[float, dict], args) -> str:

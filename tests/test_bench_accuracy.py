@@ -160,3 +160,8 @@ def test_initial_weights_resolve_from_the_repo_and_must_exist(acc, tmp_path):
     with pytest.raises(SystemExit, match="initial weights not found: .*no_such_profile"):
         acc.main(["--profile", str(path), "--only", "one-stage", "--dry-run", "--runs-dir", str(tmp_path / "r"),
                   "--results-dir", str(tmp_path / "res")])
+
+
+def test_results_name_no_machine_path(acc):
+    text = f'{{"runs_dir": "{acc.REPO}/runs/accuracy/x", "root": "{acc.REPO.parent}/shared/data/kitti"}}'
+    assert acc.portable(text) == '{"runs_dir": "runs/accuracy/x", "root": "../shared/data/kitti"}'
