@@ -88,12 +88,15 @@ def to_device(batch, dev: torch.device):
             [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets])
 
 
+def portable(text: str) -> str:
+    """Paths in committed results relative to the repository (``../shared/...`` beside it), not this machine's."""
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+
+
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, mp = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    # paths relative to the repository (../shared beside it): committed results name no machine path
-    jp.write_text(json.dumps(data, indent=2, default=float).replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
-                  + "\n")
+    jp.write_text(portable(json.dumps(data, indent=2, default=float)) + "\n")
     mp.write_text(markdown.rstrip() + "\n")
     return jp, mp
 

@@ -44,6 +44,9 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the benchmarks' shared helpers, also when this file is imported by path (tests)
+from _common import portable
+
 REPO = HERE.parent
 PROFILES_DIR = HERE / "profiles"
 RESULTS = HERE / "results"
@@ -636,11 +639,6 @@ def write_results(prof, scale, plan, finished, failed, stopped, args, elapsed, r
     print(md)
     print(f"\nresults in {out_dir}")
     return summary
-
-
-def portable(text: str) -> str:
-    """Paths in committed results relative to the repository (``../shared/...`` beside it), not this machine's."""
-    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
 def sweep_markdown(prof: dict, summaries: dict[float, dict], args) -> str:
