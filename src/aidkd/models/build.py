@@ -232,20 +232,21 @@ def _load_state(model: nn.Module, state: dict, source: str, new_classes: bool = 
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    fresh = []
     if new_classes and not missing and not unexpected:
         # Another class set changes only the output (first) dimension of the class-dependent layers; any other
         # difference means another architecture and stays an error below.
         fresh = [k for k in mismatched if own[k].shape[1:] == state[k].shape[1:]]
-        if fresh:
-            log.warning("weights %s: another class set; %d class-dependent tensors start fresh: %s", source,
-                        len(fresh), ", ".join(fresh))
-            state = {k: v for k, v in state.items() if k not in fresh}
-            mismatched = [k for k in mismatched if k not in fresh]
+        state = {k: v for k, v in state.items() if k not in fresh}
+        mismatched = [k for k in mismatched if k not in fresh]
     shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
     if missing or unexpected or shape:
         raise ValueError(f"weights {source} do not fit this detector: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {shape[:5]}")
+    if fresh:
+        log.warning("weights %s: another class set; %d class-dependent tensors start fresh: %s", source, len(fresh),
+                    ", ".join(fresh))
     model.load_state_dict(state, strict=False)
 
 
