@@ -13,7 +13,9 @@ Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd trai
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
 ``final_metrics.json`` exists is skipped, and a run that was killed continues from its ``checkpoints/last.ckpt``
 (written every epoch; runs validate about four times, always at their last epoch), so re-running the command
-resumes. ``--max-minutes`` stops *before* a run
+resumes. Reuse is checked: each run folder records its config and the sha256 of the checkpoints it starts or
+distils from (``bench_inputs.json``), and a run whose record differs from what the profile gives now -- or whose
+teacher is such a run -- stops the command (``--rerun-stale`` retrains them). ``--max-minutes`` stops *before* a run
 whose estimated duration (from finished runs of the same kind) would pass the budget, and before any run once the
 budget is spent; what finished is summarised either way.
 
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -215,6 +219,86 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
     return runs
 
 
+# ------------------------------------------------------------------------------------------------ provenance
+PROVENANCE = "bench_inputs.json"  # in each run folder: what its result was trained from
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a checkpoint (None if there is no such file, e.g. a torchvision weights name); cached per mtime."""
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return None
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _comparable(cfg: dict) -> dict:
+    """A run config as compared across invocations: paths repository-relative (a moved checkout still matches)."""
+    cfg = json.loads(portable(json.dumps(cfg, sort_keys=True, default=str)))
+    cfg.pop("output_dir", None)
+    return cfg
+
+
+def provenance(run: dict) -> dict:
+    """What a run's result depends on: its full config (the code's defaults filled in) and the content of every
+    checkpoint it starts from or distils from -- a retrained teacher makes its students stale although their configs
+    are unchanged."""
+    from aidkd.engine.config import config_from_dict
+
+    distill = run["cfg"].get("distill") or {}
+    return {"config": _comparable(config_from_dict(run["cfg"]).to_dict()),
+            "inputs": {"model.weights": file_digest(run["cfg"]["model"].get("weights")),
+                       "distill.teacher": file_digest(distill.get("teacher", {}).get("checkpoint"))}}
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested dicts differ; keys the old record lacks (settings added to the code since) are
+    not compared."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old, key=str) for d in _differences(old[k], new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def stale_runs(plan: list[dict]) -> dict[str, str]:
+    """Runs on disk (finished or resumable) that the plan would reuse although they were trained from another config
+    or other input checkpoints, and the runs distilled from a stale teacher: {key: why}. A folder from before
+    ``bench_inputs.json`` existed is compared by the ``config.yaml`` its training wrote; its input checkpoints cannot
+    be checked and are recorded as they are now (logged)."""
+    stale: dict[str, str] = {}
+    for r in plan:  # teachers come first in the plan, so a stale teacher is known before its students
+        out = Path(r["cfg"]["output_dir"])
+        if not ((out / "final_metrics.json").exists() or (out / "checkpoints").is_dir()):
+            continue
+        dep = dependency(r)
+        if dep in stale:
+            stale[r["key"]] = f"its teacher {dep} is stale"
+            continue
+        rec, now = out / PROVENANCE, provenance(r)
+        if rec.exists():
+            old = json.loads(rec.read_text())
+        elif (out / "config.yaml").exists():
+            old = {"config": _comparable(yaml.safe_load((out / "config.yaml").read_text())), "inputs": now["inputs"]}
+            log.warning("%s: trained before %s was recorded; its config is checked, its input checkpoints are "
+                        "assumed to be the current ones", r["key"], PROVENANCE)
+            if not _differences(old, now):
+                rec.write_text(json.dumps(now, indent=2) + "\n")
+        else:
+            stale[r["key"]] = "no record of its config"
+            continue
+        diff = _differences(old, now)
+        if diff:
+            stale[r["key"]] = "differs in " + ", ".join(diff)
+    return stale
+
+
 # ------------------------------------------------------------------------------------------------ execution
 def run_one(run: dict) -> dict:
     from aidkd.engine.config import config_from_dict
@@ -231,6 +315,9 @@ def run_one(run: dict) -> dict:
     resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
     if resume:
         log.info("%s: resuming from %s", run["key"], ckpts)
+    else:  # recorded now, when its teacher exists (a resumed run's record was checked by stale_runs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PROVENANCE).write_text(json.dumps(provenance(run), indent=2) + "\n")
     metrics = train(cfg, resume=resume)
     secs = time.time() - t0
     timing.write_text(json.dumps({"seconds": secs}) + "\n")
@@ -550,6 +637,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-scale", nargs="+", metavar="S", help="distillation loss scale(s), e.g. 1/30 (default: "
                     "the profile's distill_scale, else 1); several values run a sweep: the teachers and student-alone "
                     "runs are shared, results go to accuracy_<profile>_div30/ etc. and a table to *_sweep.md")
+    ap.add_argument("--rerun-stale", action="store_true", help="delete and retrain run folders whose recorded config "
+                    "or input checkpoints differ from what the profile gives now (default: stop with the list)")
     ap.add_argument("-v", "--verbose", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -586,10 +675,23 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"profile {prof['name']}: initial weights not found: {', '.join(missing)} (a path under "
                          "runs/accuracy/<profile>/ is another profile's run: run that profile first)")
+    every_run = list({r["key"]: r for p in plans.values() for r in p}.values())  # also what --variants skips
+    every_run.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
+    stale = stale_runs(every_run)
     if args.dry_run:
         for r in plan:
-            print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]))
+            print(r["key"], json.dumps(r["cfg"]["model"]), json.dumps(r["cfg"]["train"]),
+                  f"STALE: {stale[r['key']]}" if r["key"] in stale else "")
         return 0
+    if stale and not args.rerun_stale:
+        raise SystemExit(f"{len(stale)} run folder(s) under {runs_dir} were trained from other settings than the "
+                         "profile now gives, so their results would be wrong to reuse:\n"
+                         + "\n".join(f"  {k}: {why}" for k, why in stale.items())
+                         + "\nre-run with --rerun-stale to delete and retrain them, or choose another --runs-dir")
+    for key in stale:
+        folder = next(r for r in every_run if r["key"] == key)["cfg"]["output_dir"]
+        log.warning("%s is stale (%s): deleting %s to retrain it", key, stale[key], folder)
+        shutil.rmtree(folder)
 
     if prof["data"].get("format") == "synth":  # generate once here: parallel workers must not race on it
         from aidkd.engine.config import config_from_dict
@@ -598,7 +700,7 @@ def main(argv=None) -> int:
         ensure_synth(config_from_dict(plan[0]["cfg"]).data)
     start = time.time()
     finished, failed, stopped = execute(plan, args.jobs, threads, args.verbose,
-                                        args.max_minutes * 60 if args.max_minutes else None)
+                                        args.max_minutes * 60 if args.max_minutes is not None else None)
     elapsed = time.time() - start
     for r in (r for p in plans.values() for r in p if r["key"] not in finished):
         if (earlier := load_done(r)) is not None:

@@ -165,3 +165,83 @@ def test_initial_weights_resolve_from_the_repo_and_must_exist(acc, tmp_path):
 def test_results_name_no_machine_path(acc):
     text = f'{{"runs_dir": "{acc.REPO}/runs/accuracy/x", "root": "{acc.REPO.parent}/shared/data/kitti"}}'
     assert acc.portable(text) == '{"runs_dir": "runs/accuracy/x", "root": "../shared/data/kitti"}'
+
+
+def _finish(run, ckpt_text=None, config=True):
+    """Make a run folder look finished by an earlier version of the benchmark: final metrics and the config.yaml its
+    training wrote, no provenance record (and, for a teacher, a checkpoint with this content)."""
+    from aidkd.engine.config import config_from_dict, dump_config
+
+    out = Path(run["cfg"]["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "final_metrics.json").write_text('{"coco/AP": 1.0}')
+    if config:
+        dump_config(config_from_dict(run["cfg"]), out / "config.yaml")
+    if ckpt_text is not None:
+        (out / "model_best.pt").write_text(ckpt_text)
+
+
+def test_finished_runs_from_other_settings_are_stale(acc, plan, caplog):
+    by_key = {r["key"]: r for r in plan}
+    teacher, kd, student = by_key["one-stage/teacher"], by_key["one-stage/kd_seed0"], by_key["one-stage/student_seed0"]
+    _finish(teacher, "teacher v1")
+    for r in (kd, student):
+        _finish(r)
+    # folders from before provenance was recorded: checked by their config.yaml, their inputs recorded as they are
+    with caplog.at_level("WARNING"):
+        assert acc.stale_runs(plan) == {}
+    assert "its config is checked" in caplog.text
+    rec_path = Path(kd["cfg"]["output_dir"]) / acc.PROVENANCE
+    rec = acc.json.loads(rec_path.read_text())
+    assert rec["inputs"]["distill.teacher"] == acc.hashlib.sha256(b"teacher v1").hexdigest()
+    assert rec["config"]["train"]["epochs"] == kd["cfg"]["train"]["epochs"]
+    assert "output_dir" not in rec["config"]
+    assert acc.stale_runs(plan) == {}  # unchanged: nothing stale
+
+    # a retrained teacher (same config, other weights) makes its distilled students stale, not the student alone
+    (Path(teacher["cfg"]["output_dir"]) / "model_best.pt").write_text("teacher v2")
+    assert acc.stale_runs(plan) == {"one-stage/kd_seed0": "differs in inputs.distill.teacher"}
+
+    # a changed profile setting makes that run stale, and everything distilled from it
+    plan2 = [dict(r, cfg=acc.copy.deepcopy(r["cfg"])) for r in plan]
+    next(r for r in plan2 if r["key"] == "one-stage/teacher")["cfg"]["train"]["epochs"] = 99
+    stale = acc.stale_runs(plan2)
+    assert stale["one-stage/teacher"] == "differs in config.train.epochs"
+    assert stale["one-stage/kd_seed0"] == "its teacher one-stage/teacher is stale"
+    assert "one-stage/student_seed0" not in stale
+
+    # settings added to the code after a run was recorded are not held against it
+    rec = acc.json.loads((Path(student["cfg"]["output_dir"]) / acc.PROVENANCE).read_text())
+    del rec["config"]["train"]["grad_clip"]
+    (Path(student["cfg"]["output_dir"]) / acc.PROVENANCE).write_text(acc.json.dumps(rec))
+    assert "one-stage/student_seed0" not in acc.stale_runs(plan)
+
+
+def test_legacy_folders_are_checked_by_their_config_yaml(acc, plan):
+    by_key = {r["key"]: r for r in plan}
+    student, other = by_key["two-stage/student_seed1"], by_key["two-stage/student_seed2"]
+    trained = dict(student, cfg=acc.copy.deepcopy(student["cfg"]))
+    trained["cfg"]["train"]["lr"] = 0.123  # what the profile said when it was trained
+    _finish(trained)
+    _finish(other, config=False)
+    stale = acc.stale_runs(plan)
+    assert stale["two-stage/student_seed1"] == "differs in config.train.lr"
+    assert stale["two-stage/student_seed2"] == "no record of its config"
+    assert not (Path(student["cfg"]["output_dir"]) / acc.PROVENANCE).exists()  # a mismatch is not recorded
+
+
+def test_main_refuses_stale_runs_unless_asked_to_retrain(acc, tmp_path):
+    runs = tmp_path / "r"
+    common = ["--profile", "synth_cpu", "--only", "one-stage", "--seeds", "0", "--runs-dir", str(runs),
+              "--results-dir", str(tmp_path / "res")]
+    prof = acc.load_profile("synth_cpu")
+    plan = acc.plan_runs(prof, runs, ["one-stage"], [0])
+    teacher = next(r for r in plan if r["key"] == "one-stage/teacher")
+    _finish(teacher, "weights")
+    (Path(teacher["cfg"]["output_dir"]) / acc.PROVENANCE).write_text(
+        acc.json.dumps({"config": {"seed": 12345}, "inputs": {}}))
+    with pytest.raises(SystemExit, match=r"(?s)1 run folder.*one-stage/teacher: differs in config\.seed\n.*--rerun-stale"):
+        acc.main(common)
+    # --rerun-stale deletes the folder (then trains: stopped here by a zero budget before anything starts)
+    assert acc.main(common + ["--rerun-stale", "--max-minutes", "0"]) == 0
+    assert not Path(teacher["cfg"]["output_dir"]).exists()

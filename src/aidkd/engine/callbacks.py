@@ -65,7 +65,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # with optimizer and loop state, to resume from
         self._saved_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -84,7 +84,7 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             path = self.ckpt_dir / "interrupted.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             log.warning("interrupted: checkpoint saved to %s (resume with --resume %s)", path, path)
 
 
