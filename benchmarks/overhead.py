@@ -7,7 +7,11 @@ median of the measured step times is reported. A step is what the engine does pe
 10, SGD step (and, on the GPU, fp16 autocast + GradScaler like Lightning's ``16-mixed``).
 
 Variants: ``student`` (detection losses only), ``kd`` (attention + non-local, Zhang & Ma), ``kd_aid_instance`` and
-``kd_aid_level`` (the same KD with AID weights; AID runs the teacher's head and its per-instance loss assignment).
+``kd_aid_level`` (the same KD with AID weights; AID runs the teacher's head and its per-instance loss assignment every
+step: the cost of a sample's first visit) and ``kd_aid_instance_cached`` (``distill.aid.cache``, the engine's
+default: a sample's teacher losses are kept, so once the warm-up rounds -- at least ``--batches`` of them -- have
+seen every batch, no step runs the teacher's head). A real run misses the cache at most twice per image (two flip
+states), so its average is between the two; the table estimates it for a 12-epoch schedule.
 
 Threads: the CPU profile runs torch with one intra-op thread (``--threads``). On a machine shared with other
 processes, two OpenMP threads on two cores wait at every parallel region for a descheduled partner; we measured
@@ -55,13 +59,14 @@ from _common import (
 
 PROFILES = {
     "cpu": {"arch": "retinanet", "teacher": "resnet50", "teacher_fpn": 64, "students": ["resnet18"],
-            "student_fpn": 32, "height": 96, "width": 320, "batch": 4, "steps": 20, "warmup": 3, "batches": 4,
+            "student_fpn": 32, "height": 96, "width": 320, "batch": 4, "steps": 20, "warmup": 4, "batches": 4,
             "device": "cpu", "threads": 1, "amp": False, "mem_steps": 3},
     "gpu": {"arch": "retinanet", "teacher": "resnet101", "teacher_fpn": 256, "students": ["resnet18", "resnet50"],
             "student_fpn": 256, "height": 384, "width": 1248, "batch": 8, "steps": 50, "warmup": 10, "batches": 4,
             "device": "cuda", "threads": None, "amp": True, "mem_steps": 3},
 }
-VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")
+VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "kd_aid_instance_cached")
+CACHE_EPOCHS = 12  # the paper's KITTI schedule, for the expected AID cost of a whole run with the teacher-loss cache
 
 # method.md loss-weight table: one-stage (GFL/RetinaNet) AID row, two-stage AID row
 ONE_STAGE_KD = [{"name": "attention", "temperature": 0.1, "am_weight": 5.6e-4, "at_weight": 2.4e-2},
@@ -92,9 +97,10 @@ class Runner:
         else:
             aid = None
             if name.startswith("kd_aid_"):
-                aid = AIDWeighting(granularity=name.removeprefix("kd_aid_"), alpha=0.1)
+                aid = AIDWeighting(granularity=name.removeprefix("kd_aid_").removesuffix("_cached"), alpha=0.1)
             self.distiller = Distiller(self.student, teacher, kd_methods(args.arch), aid,
-                                       sample_shape=(args.height, args.width)).to(dev)
+                                       sample_shape=(args.height, args.width),
+                                       teacher_loss_cache=name.endswith("_cached")).to(dev)
             self.distiller.teacher.to(dev)
             self.distiller.train()
             self.module = self.distiller
@@ -223,6 +229,7 @@ def flops_section(runners: list[Runner], batches) -> dict:
         f = {v: flops[f"{bb}/{v}"]["step"] for v in VARIANTS}
         ratios[bb] = {"kd/student": f["kd"] / f["student"], "kd_aid_instance/kd": f["kd_aid_instance"] / f["kd"],
                       "kd_aid_level/kd": f["kd_aid_level"] / f["kd"],
+                      "kd_aid_instance_cached/kd": f["kd_aid_instance_cached"] / f["kd"],
                       "teacher_losses/kd_step": flops[f"{bb}/kd_aid_instance"]["teacher_losses"] / f["kd"]}
     return {"gflops_per_step": flops, "ratios": ratios}
 
@@ -341,7 +348,7 @@ def measure(args) -> dict:
     if args.breakdown:
         print("AID component breakdown ...")
         for r in runners:
-            if r.distiller is not None and r.distiller.aid is not None:
+            if r.distiller is not None and r.distiller.aid is not None and r.distiller.loss_cache is None:
                 breakdown[r.key] = aid_breakdown(r, batches, args.steps, dev)
     result = {"profile": args.profile, "env": env,
               "settings": {k: getattr(args, k) for k in ("arch", "teacher", "teacher_fpn", "students", "student_fpn",
@@ -350,7 +357,8 @@ def measure(args) -> dict:
               "kd_methods": kd_methods(args.arch), "steps": stats, "trainable_MiB":
               {r.key: r.trainable_mib() for r in runners}, "ratios": {}, "memory": {}, "aid_breakdown": breakdown,
               "flops": flops}
-    pairs = (("kd", "student"), ("kd_aid_instance", "kd"), ("kd_aid_level", "kd"), ("kd_aid_instance", "student"))
+    pairs = (("kd", "student"), ("kd_aid_instance", "kd"), ("kd_aid_level", "kd"), ("kd_aid_instance", "student"),
+             ("kd_aid_instance_cached", "kd"))
     for bb in args.students:
         med = {v: stats[f"{bb}/{v}"]["median_ms"] for v in VARIANTS}
         result["ratios"][bb] = {f"{a}/{b}": med[a] / med[b] for a, b in pairs}
@@ -399,12 +407,21 @@ def markdown(res: dict) -> str:
     lines += ["", "Ratios of median step times (target: KD+AID / KD <= 1.03):", ""]
     for bb, r in res["ratios"].items():
         p = res["paired_ratios"][bb]
-        ok = "meets" if p["kd_aid_instance/kd"] <= 1.03 else "MISSES"
+
+        def verdict(x):
+            return "meets" if x <= 1.03 else "MISSES"
+
+        run = p["kd_aid_instance_cached/kd"] + (p["kd_aid_instance/kd"] - p["kd_aid_instance_cached/kd"]) * min(
+            1.0, 2 / CACHE_EPOCHS)
         lines.append(f"- {bb}: KD/student {r['kd/student']:.3f} (paired {p['kd/student']:.3f}); "
                      f"KD+AID(instance)/KD {r['kd_aid_instance/kd']:.3f} (paired {p['kd_aid_instance/kd']:.3f}, "
-                     f"{ok} the 1.03 target); KD+AID(level)/KD {r['kd_aid_level/kd']:.3f} "
-                     f"(paired {p['kd_aid_level/kd']:.3f}); KD+AID(instance)/student "
-                     f"{r['kd_aid_instance/student']:.3f} (paired {p['kd_aid_instance/student']:.3f})")
+                     f"{verdict(p['kd_aid_instance/kd'])} the 1.03 target) without the cache, "
+                     f"{r['kd_aid_instance_cached/kd']:.3f} (paired {p['kd_aid_instance_cached/kd']:.3f}, "
+                     f"{verdict(p['kd_aid_instance_cached/kd'])} it) with every sample cached, about {run:.3f} "
+                     f"({verdict(run)} it) averaged over a {CACHE_EPOCHS}-epoch run that misses twice per image; "
+                     f"KD+AID(level)/KD {r['kd_aid_level/kd']:.3f} (paired {p['kd_aid_level/kd']:.3f}; level AID "
+                     f"cannot cache); KD+AID(instance)/student {r['kd_aid_instance/student']:.3f} "
+                     f"(paired {p['kd_aid_instance/student']:.3f})")
     lines += ["", ("Ratios are of median step times; 'paired' is the median over rounds of the ratio of the two "
                    "variants' steps in the same round (same batch, back to back), which is less sensitive to load "
                    "from other processes.")]

@@ -2,20 +2,23 @@
 
 The teacher is held *outside* the module tree (`FrozenTeacher` is a plain object, not an ``nn.Module`` attribute),
 so it is never in ``state_dict()``, never handed to the optimizer and never wrapped for gradient sync — no
-``__setattr__`` tricks. It runs in eval mode under ``torch.no_grad()``; one forward per step yields both its FPN
-features and (for AID) its per-instance losses.
+``__setattr__`` tricks. It runs in eval mode under ``torch.no_grad()``: its FPN features every step and, for AID,
+its per-instance losses -- the head only for samples not seen before (``teacher_cache.py``).
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 
 from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
 from aidkd.distill.registry import build_method
+from aidkd.distill.teacher_cache import TeacherLossCache
 from aidkd.models.ops import (
     detection_losses,
     extract_features,
@@ -70,7 +73,8 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
-                 sample_shape: tuple[int, int] = (128, 256), loss_scale: float = 1.0):
+                 sample_shape: tuple[int, int] = (128, 256), loss_scale: float = 1.0,
+                 teacher_loss_cache: bool = True):
         super().__init__()
         if not loss_scale > 0:
             raise ValueError(f"distillation loss_scale must be > 0, got {loss_scale}")
@@ -85,8 +89,22 @@ class Distiller(nn.Module):
                                       for name, params in ((k, dict(v)) for k, v in methods.items())})
         if not self.methods:
             raise ValueError("distillation needs at least one method (e.g. attention, nonlocal, fitnet, fgd)")
-        self.last_stats: dict[str, float] = {}
+        # instance / image AID: the teacher's per-instance losses of a sample seen before (teacher_cache.py)
+        self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
+                           and aid.granularity != "level" else None)
+        self._last_per_instance: list[Tensor] | None = None
         self.last_inputs: DistillInputs | None = None
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """AID weight statistics of the last step (computed on request: they sync the device)."""
+        if self.aid is None or self._last_per_instance is None:
+            return {}
+        stats = self.aid.stats(self._last_per_instance)
+        if self.loss_cache is not None:
+            seen = self.loss_cache.hits + self.loss_cache.misses
+            stats["teacher_loss_cache_hit_rate"] = self.loss_cache.hits / seen if seen else 0.0
+        return stats
 
     # ------------------------------------------------------------------ wiring checks
     def _check_transforms(self) -> None:
@@ -125,6 +143,28 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------ one step
+    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict]
+                        ) -> tuple[list[Tensor], Tensor | None]:
+        """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head."""
+        if self.loss_cache is None:
+            tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
+            per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
+            return tl.per_instance, per_level
+        padded = image_list.tensors.shape[-2:]
+        keys = [self.loss_cache.key(t, size, padded) for t, size in zip(targets, image_list.image_sizes)]
+        found = [self.loss_cache.get(k, t["boxes"].shape[0]) for k, t in zip(keys, targets)]
+        miss = [i for i, v in enumerate(found) if v is None]
+        if miss:  # the head on the missing samples only: each image's losses depend on that image alone
+            sub_images = image_list if len(miss) == len(targets) else ImageList(
+                image_list.tensors[miss], [image_list.image_sizes[i] for i in miss])
+            sub_feats = t_feats if len(miss) == len(targets) else OrderedDict(
+                (k, v[miss]) for k, v in t_feats.items())
+            tl = teacher_losses(self.teacher.model, sub_images, sub_feats, [targets[i] for i in miss])
+            for i, losses in zip(miss, tl.per_instance):
+                found[i] = losses
+                self.loss_cache.put(keys[i], losses)
+        return found, None
+
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         student = self.student
         image_list, targets = prepare_inputs(student, images, targets)
@@ -140,12 +180,11 @@ class Distiller(nn.Module):
         pixel_w = image_w = level_w = None
         if self.aid is not None:
             with torch.no_grad():
-                tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
-                per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
+                per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
                 pixel_w, image_w, level_w = self.aid.make(
-                    tl.per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
+                    per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
-                self.last_stats = self.aid.stats(tl.per_instance)
+                self._last_per_instance = per_instance
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
                                pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
         self.last_inputs = inputs

@@ -123,6 +123,9 @@ class AIDConfig:
     enabled: bool = True
     granularity: Literal["instance", "image", "level"] = "instance"
     alpha: float = 0.1
+    # Remember each sample's teacher losses (key: image, flip, size, padded shape) instead of rerunning the teacher's
+    # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
+    cache: bool = True
 
 
 @dataclass
@@ -131,7 +134,7 @@ class DistillConfig:
     methods: list[MethodConfig] = field(default_factory=list)
     aid: AIDConfig = field(default_factory=AIDConfig)
     # Multiplies every distillation term. method.md's weights were tuned for 256-channel FPNs on full-resolution,
-    # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results: ~1/30).
+    # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results: 1/100).
     loss_scale: float = 1.0
     image_log_every: int = 200  # steps between instance-weight / attention images in TensorBoard (0: never)
 

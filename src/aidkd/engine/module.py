@@ -67,7 +67,8 @@ class DetectionTask(L.LightningModule):
             methods[key] = {"name": mc.name, **mc.params}
         aid = AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha) if d.aid.enabled else None
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
-        return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale)
+        return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
+                         teacher_loss_cache=d.aid.cache)
 
     def setup(self, stage: str) -> None:
         if self.distiller is not None:
@@ -104,10 +105,15 @@ class DetectionTask(L.LightningModule):
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach(), batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
-        if self.distiller is not None:
+        if self.distiller is not None and self._logging_step():  # AID statistics sync the device: not every step
             for k, v in self.distiller.last_stats.items():
                 self.log(f"aid/{k}", float(v), batch_size=bs)
         return total
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""
+        trainer = self._trainer
+        return trainer is None or self.global_step % max(1, trainer.log_every_n_steps) == 0
 
     def configure_optimizers(self):
         t = self.cfg.train

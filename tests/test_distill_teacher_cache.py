@@ -1,0 +1,123 @@
+"""The AID teacher-loss cache: a cached sample's losses equal a recomputed one, and the teacher's head is skipped."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aidkd.distill import distiller as distiller_mod
+from aidkd.distill.aid import AIDWeighting
+from aidkd.distill.distiller import Distiller
+from aidkd.distill.teacher_cache import TeacherLossCache
+from aidkd.models import build_detector
+
+H, W = 64, 96
+METHODS = {"attention": {"name": "attention"}}
+
+
+def sample(image_id: int, flipped: bool = False, n_boxes: int = 2, width: int = W):
+    g = torch.Generator().manual_seed(image_id * 2 + int(flipped))
+    image = torch.rand(3, H, width, generator=g)
+    x0 = torch.rand(n_boxes, generator=g) * (width / 2)
+    y0 = torch.rand(n_boxes, generator=g) * (H / 2)
+    boxes = torch.stack([x0, y0, x0 + 12 + x0 / 2, y0 + 10 + y0 / 2], 1)
+    target = {"boxes": boxes, "labels": torch.arange(n_boxes) % 2 + 1, "image_id": image_id, "flipped": flipped}
+    return image, target
+
+
+def make_distiller(arch: str, cache: bool = True, granularity: str = "instance") -> Distiller:
+    torch.manual_seed(0)
+    kw = {"min_size": H, "max_size": W * 2}
+    teacher = build_detector(arch, "resnet18", 3, fpn_channels=16, **kw)
+    student = build_detector(arch, "resnet18", 3, fpn_channels=8, **kw)
+    return Distiller(student, teacher, dict(METHODS), AIDWeighting(granularity), sample_shape=(H, W),
+                     teacher_loss_cache=cache)
+
+
+def per_instance(d: Distiller, batch) -> list[torch.Tensor]:
+    images, targets = [b[0] for b in batch], [b[1] for b in batch]
+    image_list, targets = distiller_mod.prepare_inputs(d.student, images, targets)
+    with torch.no_grad():
+        losses, _ = d._teacher_losses(image_list, d.teacher.features(image_list), targets)
+    return losses
+
+
+@pytest.fixture
+def head_calls(monkeypatch):
+    """How many samples the teacher's loss was computed for."""
+    calls = []
+    real = distiller_mod.teacher_losses
+
+    def counting(model, images, features, targets, outputs=None):
+        calls.append(len(targets))
+        return real(model, images, features, targets, outputs)
+
+    monkeypatch.setattr(distiller_mod, "teacher_losses", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos", "gfl", "fasterrcnn"])
+def test_cached_and_partial_batches_equal_the_full_computation(arch, head_calls):
+    cached, plain = make_distiller(arch), make_distiller(arch, cache=False)
+    assert plain.loss_cache is None
+    first = [sample(1), sample(2, n_boxes=3), sample(3, n_boxes=0)]
+    for a, b in zip(per_instance(cached, first), per_instance(plain, first)):
+        torch.testing.assert_close(a, b)
+    # a batch of a seen sample, an unseen one, and a seen image flipped the other way (another key)
+    second = [sample(2, n_boxes=3), sample(4), sample(1, flipped=True)]
+    head_calls.clear()
+    got, want = per_instance(cached, second), per_instance(plain, second)
+    assert head_calls == [2, 3]  # the cache ran the head on the two unseen samples only; the plain path on all 3
+    assert cached.loss_cache.hits == 1
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (b > 0).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    head_calls.clear()
+    per_instance(cached, second)
+    assert head_calls == []  # everything seen: no teacher head at all
+
+
+def test_padded_shape_is_part_of_the_key(head_calls):
+    d = make_distiller("retinanet")
+    per_instance(d, [sample(1), sample(2)])
+    head_calls.clear()
+    per_instance(d, [sample(1), sample(5, width=W + 40)])  # a wider neighbour pads image 1 differently
+    assert head_calls == [2]
+
+
+def test_level_granularity_and_missing_ids_compute_every_time(head_calls):
+    assert make_distiller("retinanet", granularity="level").loss_cache is None
+    d = make_distiller("retinanet")
+    anonymous = [sample(1), sample(2)]
+    for _, t in anonymous:
+        del t["image_id"]
+    per_instance(d, anonymous)
+    per_instance(d, anonymous)
+    assert head_calls == [2, 2] and len(d.loss_cache) == 0
+
+
+def test_forward_uses_the_cache_and_reports_its_hit_rate():
+    d = make_distiller("retinanet")
+    batch = [sample(1), sample(2)]
+    images, targets = [b[0] for b in batch], [b[1] for b in batch]
+    first = d(images, targets)
+    again = d(images, targets)
+    for k in first:
+        torch.testing.assert_close(first[k], again[k])
+    stats = d.last_stats
+    assert stats["teacher_loss_cache_hit_rate"] == pytest.approx(0.5)  # 2 misses, then 2 hits
+    assert 0 < stats["instance_w_min"] <= stats["instance_w_max"] <= 1
+
+
+def test_cache_is_lru_and_checks_the_box_count():
+    c = TeacherLossCache(max_items=2)
+    keys = [TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W), (H, W)) for i in range(3)]
+    assert TeacherLossCache.key({"image_id": 1}, (H, W), (H, W)) is None  # no flip flag: never cached
+    for k in keys[:2]:
+        c.put(k, torch.ones(2))
+    assert c.get(keys[0], 2) is not None  # 0 is now the most recent
+    c.put(keys[2], torch.ones(1))
+    assert len(c) == 2 and c.get(keys[1], 2) is None  # 1 was the least recent: evicted
+    assert c.get(keys[0], 3) is None  # another number of boxes under the same key: recompute, never reuse
+    assert (c.hits, c.misses) == (1, 2)
+    c.clear()
+    assert len(c) == 0 and (c.hits, c.misses) == (0, 0)
