@@ -388,6 +388,20 @@ def _worker_init(threads: int | None, verbose: bool) -> None:
         torch.set_num_threads(threads)
 
 
+def _pool_worker_init(threads: int | None, verbose: bool) -> None:
+    """A training worker: dies with the benchmark process. A killed benchmark otherwise leaves its workers training
+    on as orphans (each holding GBs), fighting the next invocation for the cores."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            log.warning("could not tie this worker's life to the benchmark process (prctl unavailable)")
+    _worker_init(threads, verbose)
+
+
 def _report(run: dict, result: dict, done: int, total: int) -> None:
     m, secs = result["metrics"], result["seconds"]
     print(f"[{done}/{total}] {run['key']}: AP {m.get('coco/AP', math.nan):.1f}  AP50 {m.get('coco/AP50', math.nan):.1f}"
@@ -406,7 +420,7 @@ def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, bud
     failed: dict[str, str] = {}
     stopped = None
     pending = list(plan)
-    pool = (cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+    pool = (cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_pool_worker_init,
                                    initargs=(threads, verbose)) if jobs > 1 else None)
     running: dict = {}
     try:

@@ -1,6 +1,11 @@
 """benchmarks/accuracy.py's plan, scheduling order and aggregation (pure Python: nothing is trained here)."""
 import importlib.util
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -245,3 +250,31 @@ def test_main_refuses_stale_runs_unless_asked_to_retrain(acc, tmp_path):
     # --rerun-stale deletes the folder (then trains: stopped here by a zero budget before anything starts)
     assert acc.main(common + ["--rerun-stale", "--max-minutes", "0"]) == 0
     assert not Path(teacher["cfg"]["output_dir"]).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_training_workers_die_with_the_benchmark_process(tmp_path):
+    """A benchmark killed with SIGKILL must not leave its pool workers running."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import concurrent.futures as cf, importlib.util, multiprocessing as mp, os, sys, time
+spec = importlib.util.spec_from_file_location("bench_accuracy", {str(REPO / "benchmarks" / "accuracy.py")!r})
+acc = importlib.util.module_from_spec(spec); sys.modules["bench_accuracy"] = acc; spec.loader.exec_module(acc)
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=acc._pool_worker_init,
+                                  initargs=(1, False))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)
+    time.sleep(600)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.2)
+    state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
+    if state not in ("gone", "Z"):
+        os.kill(worker, signal.SIGKILL)
+    assert state in ("gone", "Z"), f"worker {worker} outlived its killed parent (state {state})"
