@@ -282,21 +282,27 @@ def stale_runs(plan: list[dict]) -> dict[str, str]:
             stale[r["key"]] = f"its teacher {dep} is stale"
             continue
         rec, now = out / PROVENANCE, provenance(r)
-        if rec.exists():
+        legacy = not rec.exists()
+        if not legacy:
             old = json.loads(rec.read_text())
         elif (out / "config.yaml").exists():
             old = {"config": _comparable(yaml.safe_load((out / "config.yaml").read_text())), "inputs": now["inputs"]}
             log.warning("%s: trained before %s was recorded; its config is checked, its input checkpoints are "
                         "assumed to be the current ones", r["key"], PROVENANCE)
-            if not _differences(old, now):
-                rec.write_text(json.dumps(now, indent=2) + "\n")
         else:
             stale[r["key"]] = "no record of its config"
             continue
         diff = _differences(old, now)
         if diff:
             stale[r["key"]] = "differs in " + ", ".join(diff)
+        elif legacy:
+            record_provenance(out, now)
     return stale
+
+
+def record_provenance(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ execution
@@ -316,8 +322,7 @@ def run_one(run: dict) -> dict:
     if resume:
         log.info("%s: resuming from %s", run["key"], ckpts)
     else:  # recorded now, when its teacher exists (a resumed run's record was checked by stale_runs)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / PROVENANCE).write_text(json.dumps(provenance(run), indent=2) + "\n")
+        record_provenance(out, provenance(run))
     metrics = train(cfg, resume=resume)
     secs = time.time() - t0
     timing.write_text(json.dumps({"seconds": secs}) + "\n")
@@ -681,16 +686,15 @@ def main(argv=None) -> int:
         parse_scale(prof.get("distill_scale", 1))]
     # The summaries cover every run of the profile found on disk; --variants only narrows what is trained now.
     plans = {sc: plan_runs(prof, runs_dir, families, seeds, sc) for sc in scales}
-    plan = [r for r in {r["key"]: r for p in plans.values() for r in p}.values()  # teachers / students shared
+    every_run = list({r["key"]: r for p in plans.values() for r in p}.values())  # teachers / students shared
+    every_run.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
+    plan = [r for r in every_run  # what is trained now; stale_runs below checks every_run, as the summaries read it
             if not args.variants or r["variant"] in args.variants or r["kind"] in ("teacher", "self_teacher")]
-    plan.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
     missing = sorted({r["cfg"]["model"]["weights"] for r in plan if r["cfg"]["model"].get("weights")
                       and not Path(r["cfg"]["model"]["weights"]).exists()})
     if missing:
         raise SystemExit(f"profile {prof['name']}: initial weights not found: {', '.join(missing)} (a path under "
                          "runs/accuracy/<profile>/ is another profile's run: run that profile first)")
-    every_run = list({r["key"]: r for p in plans.values() for r in p}.values())  # also what --variants skips
-    every_run.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
     stale = stale_runs(every_run)
     if args.dry_run:
         for r in plan:
@@ -702,10 +706,9 @@ def main(argv=None) -> int:
                          "profile now gives, so their results would be wrong to reuse:\n"
                          + "\n".join(f"  {k}: {why}" for k, why in stale.items())
                          + "\nre-run with --rerun-stale to delete and retrain them, or choose another --runs-dir")
-    for key in stale:
-        folder = next(r for r in every_run if r["key"] == key)["cfg"]["output_dir"]
-        log.warning("%s is stale (%s): deleting %s to retrain it", key, stale[key], folder)
-        shutil.rmtree(folder)
+    for r in (r for r in every_run if r["key"] in stale):
+        log.warning("%s is stale (%s): deleting %s to retrain it", r["key"], stale[r["key"]], r["cfg"]["output_dir"])
+        shutil.rmtree(r["cfg"]["output_dir"])
 
     if prof["data"].get("format") == "synth":  # generate once here: parallel workers must not race on it
         from aidkd.engine.config import config_from_dict
