@@ -323,7 +323,7 @@ def run_one(run: dict) -> dict:
         log.info("%s: resuming from %s", run["key"], ckpts)
     else:  # recorded now, when its teacher exists (a resumed run's record was checked by stale_runs)
         record_provenance(out, provenance(run))
-    metrics = train(cfg, resume=resume)
+    metrics = train(cfg, resume=resume, overwrite=not resume)  # a fresh start replaces a run killed early
     secs = time.time() - t0
     timing.write_text(json.dumps({"seconds": secs}) + "\n")
     history = out / "metrics_history.jsonl"

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             run: dict = {}
             try:
                 cfg = config_from_dict(run_cfg(name, data, arch, args.steps, runs_dir))
-                run["train_metrics"] = train(cfg)
+                run["train_metrics"] = train(cfg, overwrite=True)
                 run["train_s"] = time.time() - t0
                 ckpt = Path(cfg.output_dir) / "model_best.pt"
                 t1 = time.time()
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                                "image_log_every": 0}
                     t2 = time.time()
                     dcfg = config_from_dict(run_cfg(dname, data, arch, args.steps, runs_dir, distill))
-                    run["kd_aid_metrics"] = train(dcfg)
+                    run["kd_aid_metrics"] = train(dcfg, overwrite=True)
                     run["kd_aid_s"] = time.time() - t2
                 run["ok"] = bool(run["train_metrics"]) and bool(run["eval_metrics"]) and (
                     args.no_distill or bool(run.get("kd_aid_metrics")))

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-console = Console()
+# soft_wrap: lines are never hard-wrapped at the terminal width (nor at 80 columns when written to a file)
+console = Console(soft_wrap=True)
 log = logging.getLogger("aidkd")
 
 
@@ -40,9 +42,10 @@ def cmd_train(args) -> int:
         raise ValueError(f"{args.config}: 'aidkd distill' needs a 'distill:' section (teacher, methods, aid)")
     if args.command == "train" and cfg.distill is not None:
         log.info("config has a 'distill' section: distilling from %s", cfg.distill.teacher.checkpoint)
-    metrics = train(cfg, resume=args.resume)
+    resume = "auto" if args.resume_or_new else args.resume
+    metrics = train(cfg, resume=resume, overwrite=args.overwrite, resume_missing_ok=args.resume_or_new)
     _print_metrics(metrics, f"{cfg.name}: final validation metrics")
-    console.print(f"model: {Path(cfg.output_dir) / 'model_best.pt'}")
+    console.print(f"model: {Path(cfg.output_dir) / 'model_best.pt'}", markup=False)
     return 0
 
 
@@ -54,7 +57,7 @@ def cmd_eval(args) -> int:
     _print_metrics(metrics, f"{args.checkpoint} on {args.split}")
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.split}_metrics.json")
     out.write_text(json.dumps(metrics, indent=2))
-    console.print(f"metrics written to {out}")
+    console.print(f"metrics written to {out}", markup=False)
     return 0
 
 
@@ -64,7 +67,7 @@ def cmd_predict(args) -> int:
     cfg = _load(args)
     n = predict_command(cfg, args.checkpoint, Path(args.out), source=args.input, draw=args.draw,
                         score_thresh=args.score_thresh)
-    console.print(f"wrote predictions for {n} images to {args.out}")
+    console.print(f"wrote predictions for {n} images to {args.out}", markup=False)
     return 0
 
 
@@ -72,10 +75,10 @@ def cmd_eval_kitti(args) -> int:
     from aidkd.eval.kitti_io import evaluate_kitti_dirs, format_kitti_table
 
     result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir)
-    console.print(format_kitti_table(result))
+    console.print(format_kitti_table(result), markup=False, highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-        console.print(f"written to {args.json}")
+        console.print(f"written to {args.json}", markup=False)
     return 0
 
 
@@ -98,7 +101,7 @@ def cmd_data_synth(args) -> int:
     out = generate_synth(args.out, num_images=args.num_images, seed=args.seed, width=args.width,
                          height=args.height, hard_fraction=args.hard_fraction,
                          mislabel_fraction=args.mislabel_fraction)
-    console.print(f"wrote {args.num_images} scenes (KITTI layout) to {out}")
+    console.print(f"wrote {args.num_images} scenes (KITTI layout) to {out}", markup=False)
     return 0
 
 
@@ -106,7 +109,7 @@ def cmd_data_coco_traffic(args) -> int:
     from aidkd.data import make_coco_traffic
 
     summary = make_coco_traffic(args.instances_json, args.out_json, variant=args.variant)
-    console.print(f"wrote {args.out_json}" + (f": {summary}" if summary else ""))
+    console.print(f"wrote {args.out_json}" + (f": {summary}" if summary else ""), markup=False)
     return 0
 
 
@@ -129,14 +132,14 @@ def cmd_report(args) -> int:
     from aidkd.report import build_report
 
     out = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    console.print(f"report: {out}")
+    console.print(f"report: {out}", markup=False)
     return 0
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
     from aidkd.eval import format_metrics_table
 
-    console.print(f"[bold]{title}[/bold]")
+    console.print(f"[bold]{escape(title)}[/bold]")
     console.print(format_metrics_table(metrics), markup=False, highlight=False)
 
 
@@ -149,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ("distill", "distil a student from a trained teacher (KD, KD+AID)")):
         p = sub.add_parser(name, help=help_)
         _add_config_args(p)
-        p.add_argument("--resume", nargs="?", const="auto", default=None,
-                       help="resume from the run folder's last checkpoint, or from the given .ckpt")
+        how = p.add_mutually_exclusive_group()
+        how.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN_DIR|CKPT",
+                         help="resume the config's output_dir (no value), the given run folder, or the given .ckpt; "
+                              "an error when there is nothing to resume")
+        how.add_argument("--resume-or-new", action="store_true",
+                         help="resume the config's output_dir if it holds a checkpoint, else start a new run")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a non-empty output_dir, deleting the previous run's outputs")
         p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained detector on the configured val set")
@@ -216,23 +225,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix (bad input, file, checkpoint, disk), else None (a bug)."""
+    import errno
+
+    import yaml
+
+    from aidkd.data.structures import DatasetError
+    from aidkd.engine.module import NonFiniteLossError
+    from aidkd.models.checkpoint import CheckpointError
+
+    if isinstance(e, DatasetError):  # may list several problems, one per line
+        return str(e)
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
+        where = f" writing {e.filename}" if e.filename else ""
+        hint = "; free some space or choose another output_dir" if e.errno == errno.ENOSPC else ""
+        return f"{e.strerror or e}{where}{hint}"
+    if isinstance(e, (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, yaml.YAMLError,
+                      UnicodeError)):
+        return " ".join(str(e).split())
+    return None
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Our messages through rich on a terminal, plain unwrapped lines into a file or pipe; Lightning keeps its own
+    # handler (attaching to the root logger would print twice).
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.handlers = [handler]
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Our messages through rich; Lightning keeps its own handler (attaching to the root logger would print twice).
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
-    log.propagate = False
+    _setup_logging(args.verbose)
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    from aidkd.data.structures import DatasetError
-    from aidkd.engine.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
-        if args.verbose:
+    except Exception as e:
+        message = _user_error(e)
+        if message is None or args.verbose:
             raise
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         return 2
 
 

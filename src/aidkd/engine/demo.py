@@ -82,7 +82,7 @@ def run_demo(out: Path, quick: bool = False, arch: str = "gfl") -> dict:
         cfg.train.progress_bar = False
         console.rule(f"[bold]{name}")
         t0 = time.time()
-        metrics = train(cfg)
+        metrics = train(cfg, overwrite=True)  # the demo regenerates its own run folders
         results[name] = {"metrics": metrics, "seconds": time.time() - t0}
     table = results_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))

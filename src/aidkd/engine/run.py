@@ -17,6 +17,8 @@ from aidkd.engine.config import RunConfig, dump_config
 from aidkd.engine.datamodule import DetectionDataModule
 from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import DetectionTask
+from aidkd.engine.run_folder import (RunFolderLock, check_run_folder, clear_previous_run, is_rank_zero_process,
+                                     remove_partial_files, resolve_resume)
 
 log = logging.getLogger("aidkd.engine")
 
@@ -24,6 +26,8 @@ log = logging.getLogger("aidkd.engine")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+# run_folder.py decides which folders a run may use; a resumed run's checkpoints/ is never empty
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
 def _precision(cfg: RunConfig) -> str:
@@ -36,27 +40,13 @@ def uses_kitti_metrics(cfg: RunConfig) -> bool:
     return cfg.eval.kitti if cfg.eval.kitti is not None else cfg.data.format in ("kitti", "synth")
 
 
-def find_resume_checkpoint(out_dir: Path, resume: str | bool | None) -> str | None:
-    """``--resume`` alone picks the newest of last.ckpt / interrupted.ckpt in the run folder."""
-    if not resume:
-        return None
-    if isinstance(resume, str) and resume not in ("auto", "last"):
-        if not Path(resume).exists():
-            raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
-        return resume
-    candidates = [p for p in (out_dir / "checkpoints").glob("*.ckpt") if p.name in ("last.ckpt", "interrupted.ckpt")]
-    if not candidates:
-        log.warning("--resume: no checkpoint in %s; starting from scratch", out_dir / "checkpoints")
-        return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
-
-
 def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Trainer:
     t = cfg.train
     ckpt_dir = out_dir / "checkpoints"
     callbacks = [
+        # only after a validation (saving at a train epoch end without one warns that val/coco/AP is missing)
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/coco/AP", mode="max", save_top_k=1,
-                        every_n_epochs=1),
+                        every_n_epochs=1, save_on_train_epoch_end=False),
         LastCheckpoint(ckpt_dir),
         ExportModel(out_dir),
         InterruptCheckpoint(ckpt_dir),
@@ -79,11 +69,19 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
     )
 
 
-def train(cfg: RunConfig, resume: str | bool | None = None, extra_callbacks=()) -> dict:
-    """Train (or distil, when ``cfg.distill`` is set) and return the final validation metrics."""
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
+def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbacks=(), overwrite: bool = False,
+          resume_missing_ok: bool = False) -> dict:
+    """Train (or distil, when ``cfg.distill`` is set) and return the final validation metrics.
+
+    ``resume``: a run folder, a checkpoint, or True for ``cfg.output_dir`` (nothing to resume is an error unless
+    ``resume_missing_ok``). A new run needs an empty ``output_dir`` unless ``overwrite``. Nothing is written before
+    the data, model and teacher checks pass; the run holds an exclusive lock on its folder (run_folder.py).
+    """
+    out_dir, ckpt = resolve_resume(cfg.output_dir, resume, missing_ok=resume_missing_ok)
+    cfg.output_dir = str(out_dir)
+    owner = is_rank_zero_process()  # a distributed run's other processes re-run this: rank 0 owns the folder
+    if owner:
+        check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -91,15 +89,42 @@ def train(cfg: RunConfig, resume: str | bool | None = None, extra_callbacks=()) 
     dm.prepare_data()
     dm.setup("fit")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
-    trainer = build_trainer(cfg, out_dir, extra_callbacks)
-    trainer.fit(task, datamodule=dm, ckpt_path=find_resume_checkpoint(out_dir, resume), weights_only=True)
-    if not trainer.interrupted and task.validated_step != trainer.global_step:
-        # train.max_steps stopped the run between validations: the final metrics must be of the final weights.
-        trainer.validate(task, datamodule=dm, verbose=False)
-    metrics = dict(task.last_metrics)
-    if trainer.is_global_zero:
-        (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    lock = RunFolderLock(out_dir)
+    if owner:
+        lock.acquire()
+    try:
+        if owner:
+            check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite)  # again, under the lock
+            if overwrite and ckpt is None:
+                clear_previous_run(out_dir)
+            remove_partial_files(out_dir)
+            dump_config(cfg, out_dir / "config.yaml")
+        trainer = build_trainer(cfg, out_dir, extra_callbacks)
+        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        if not trainer.interrupted and task.validated_step != trainer.global_step:
+            # train.max_steps stopped the run between validations: the final metrics must be of the final weights.
+            trainer.validate(task, datamodule=dm, verbose=False)
+        metrics = dict(task.last_metrics)
+        _ensure_best_checkpoint(trainer, metrics)  # on every rank: saving holds a barrier
+        if trainer.is_global_zero:
+            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    finally:
+        lock.release()
     return metrics
+
+
+def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:
+    """Write checkpoints/best.ckpt after a run whose only validation came after training (a short train.max_steps
+    run), or whose final validation beats the best one: the run folder always holds a best.ckpt."""
+    mc = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    if mc is None or "coco/AP" not in metrics or trainer.interrupted:
+        return
+    best = Path(mc.dirpath) / f"{mc.filename}.ckpt"
+    score = mc.best_model_score  # the same on every rank, unlike a look at the file system
+    if score is not None and float(score) >= metrics["coco/AP"]:
+        return
+    trainer.save_checkpoint(best, weights_only=False)
+    mc.best_model_path, mc.best_model_score = str(best), torch.tensor(float(metrics["coco/AP"]))
 
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict:

@@ -1,0 +1,123 @@
+"""What a careless or hostile user can do to aidkd, and what aidkd promises in return (README "Failure behaviour").
+
+One section per item of issue 15 (and the user-path items 7-9 of issue 14); one test per case. To add a case:
+put it under its section, make it fail on the code you are fixing, and assert on the message or the files, not only
+on "it did not crash".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aidkd.cli.main import main
+from aidkd.engine.config import config_from_dict, dump_config
+from aidkd.engine.run import train
+from aidkd.engine.run_folder import RunFolderError, RunFolderLock
+
+QUICK = {"epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1}
+
+
+def _yaml(cfg_dict: dict, path: Path) -> Path:
+    dump_config(config_from_dict(cfg_dict), path)
+    return path
+
+
+def _error_line(capsys) -> str:
+    out = capsys.readouterr()
+    text = (out.out + out.err).strip()
+    assert "Traceback" not in text
+    return text.splitlines()[-1] if text else ""
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_root, tmp_path_factory):
+    """One quick run (one step, one validation), shared by the run-folder tests that need an existing run."""
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    raw = {"name": "finished", "output_dir": str(out), "data": dict(TINY_DATA, root=str(synth_root)),
+           "model": dict(TINY_MODEL), "train": dict(QUICK, progress_bar=False, warmup_steps=1, log_every=1)}
+    train(config_from_dict(raw))
+    return raw, out
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------ 15.1 run folders are never clobbered
+def test_new_run_into_an_existing_run_folder_is_refused_and_touches_nothing(finished_run, tmp_path, capsys):
+    raw, out = finished_run
+    before = _snapshot(out)
+    rc = main(["train", str(_yaml(raw, tmp_path / "again.yaml"))])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert f"output_dir {out} is not empty" in line and "--resume" in line and "--overwrite" in line
+    assert _snapshot(out) == before
+
+
+def test_failed_start_writes_nothing(tiny_cfg, tmp_path, capsys):
+    raw = tiny_cfg("no_teacher", distill={"teacher": {"checkpoint": str(tmp_path / "missing.pt")},
+                                          "methods": [{"name": "attention"}]})
+    rc = main(["distill", str(_yaml(raw, tmp_path / "d.yaml"))])
+    assert rc == 2
+    assert "missing.pt" in _error_line(capsys)
+    assert not Path(raw["output_dir"]).exists()
+
+
+def test_second_run_on_a_locked_folder_is_refused(tiny_cfg):
+    cfg = config_from_dict(tiny_cfg("locked", train=QUICK))
+    with RunFolderLock(Path(cfg.output_dir)):
+        with pytest.raises(RunFolderError, match="in use by another aidkd run"):
+            train(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
+
+
+def test_overwrite_replaces_the_previous_run(finished_run, tmp_path):
+    raw, out = finished_run
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("mine")
+    (copy / "checkpoints" / "best-v1.ckpt").write_bytes(b"old")
+    train(config_from_dict(dict(raw, output_dir=str(copy))), overwrite=True)
+    history = (copy / "metrics_history.jsonl").read_text().splitlines()
+    assert len(history) == 1  # the old run's line is gone, not mixed with the new one
+    assert not (copy / "checkpoints" / "best-v1.ckpt").exists()
+    assert (copy / "notes.txt").read_text() == "mine"  # only aidkd's own outputs are removed
+
+
+# ------------------------------------------------------------------ 14.7 what --resume resumes
+def test_resume_accepts_the_run_folder(finished_run, tmp_path):
+    raw, out = finished_run
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(out, run)
+    other = dict(raw, output_dir=str(tmp_path / "elsewhere"), train=dict(raw["train"], epochs=2))
+    train(config_from_dict(other), resume=str(run))
+    history = [json.loads(x) for x in (run / "metrics_history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_resume_of_a_mistyped_folder_is_an_error(tiny_cfg, tmp_path, capsys):
+    raw = tiny_cfg("typo", train=QUICK)
+    rc = main(["train", str(_yaml(raw, tmp_path / "t.yaml")), "--resume"])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "nothing to resume" in line and raw["output_dir"] in line
+    assert not Path(raw["output_dir"]).exists()
+    rc = main(["train", str(_yaml(raw, tmp_path / "t.yaml")), "--resume", str(tmp_path / "nope")])
+    assert rc == 2 and "no such run folder or checkpoint" in _error_line(capsys)
+
+
+def test_resume_or_new_starts_when_there_is_nothing_to_resume(tiny_cfg, tmp_path):
+    raw = tiny_cfg("fresh", train=QUICK)
+    assert main(["train", str(_yaml(raw, tmp_path / "f.yaml")), "--resume-or-new"]) == 0
+    assert (Path(raw["output_dir"]) / "checkpoints" / "last.ckpt").exists()
