@@ -38,3 +38,11 @@ def test_yaml_is_loaded_safely(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_int_stays_an_int_in_a_float_or_int_key():
+    """limit_train_batches: 1 means one batch; read as the float 1.0 Lightning would run 100 % of them."""
+    from aidkd.engine.config import config_from_dict
+
+    cfg = config_from_dict({"train": {"limit_train_batches": 1, "limit_val_batches": 0.5}})
+    assert type(cfg.train.limit_train_batches) is int and cfg.train.limit_val_batches == 0.5

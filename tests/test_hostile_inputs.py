@@ -121,3 +121,72 @@ def test_resume_or_new_starts_when_there_is_nothing_to_resume(tiny_cfg, tmp_path
     raw = tiny_cfg("fresh", train=QUICK)
     assert main(["train", str(_yaml(raw, tmp_path / "f.yaml")), "--resume-or-new"]) == 0
     assert (Path(raw["output_dir"]) / "checkpoints" / "last.ckpt").exists()
+
+
+# ------------------------------------------------------------------ 15.2 divergence never destroys the last good checkpoint
+def _diverging(monkeypatch, bad_calls):
+    """Make the classification loss NaN on the calls (1-based) that ``bad_calls`` accepts."""
+    from aidkd.engine import module
+
+    real = module.detection_losses
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if bad_calls(calls["n"]):
+            losses["classification"] = losses["classification"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(module, "detection_losses", flaky)
+    return calls
+
+
+def test_diverging_run_keeps_the_last_good_checkpoint_and_says_how_to_resume(tiny_cfg, tmp_path, monkeypatch,
+                                                                             capsys):
+    # 2 steps per epoch; steps 0-1 fine (last.ckpt at step 2), then NaN at step 2, fine at 3, NaN from step 4 on
+    _diverging(monkeypatch, lambda n: n == 3 or n >= 5)
+    raw = tiny_cfg("diverge", train={"epochs": 6, "limit_train_batches": 2, "limit_val_batches": 1,
+                                     "max_bad_steps": 3, "val_every": 10})
+    rc = main(["train", str(_yaml(raw, tmp_path / "d.yaml"))])
+    assert rc == 2
+    line = _error_line(capsys)
+    last = Path(raw["output_dir"]) / "checkpoints" / "last.ckpt"
+    assert "3 consecutive steps with non-finite losses" in line
+    assert f"{last} (step 2)" in line and f"--resume {last} --set train.lr=0.001" in line
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # not rewritten after the bad steps
+
+
+def test_skipped_step_changes_no_weight(tiny_cfg, monkeypatch):
+    """A skipped step leaves the weights alone (no momentum or weight-decay update from a zero gradient); only
+    batch-norm statistics move, as in any forward pass in training mode."""
+    _diverging(monkeypatch, lambda n: n == 2)
+    seen = {}
+
+    class Watch(__import__("lightning").Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[batch_idx] = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+    cfg = config_from_dict(tiny_cfg("skip", train={"epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1}))
+    train(cfg, extra_callbacks=[Watch()])
+    assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # batch 1 was the skipped one
+    assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+
+
+def test_resume_with_a_lower_learning_rate_uses_it(finished_run, tmp_path):
+    """The advice after a non-finite stop (--resume ... --set train.lr=...) must take effect: Lightning restores the
+    checkpoint's learning rate otherwise."""
+    raw, out = finished_run
+    import shutil
+
+    shutil.copytree(out, tmp_path / "run")
+    lrs = []
+
+    class Watch(__import__("lightning").Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    cfg = dict(raw, output_dir=str(tmp_path / "run"), train=dict(raw["train"], epochs=2, lr=0.001))
+    train(config_from_dict(cfg), resume=True, extra_callbacks=[Watch()])
+    # step 1 of 2: both milestones (0.67, 0.89 of 2 steps) passed, factor 0.1 ** 2, times the new train.lr
+    assert lrs == [pytest.approx(0.001 * 0.01)]

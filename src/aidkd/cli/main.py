@@ -247,7 +247,7 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool) -> logging.Handler:
     # Our messages through rich on a terminal, plain unwrapped lines into a file or pipe; Lightning keeps its own
     # handler (attaching to the root logger would print twice).
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -258,11 +258,12 @@ def _setup_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     log.handlers = [handler]
     log.propagate = False
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    handler = _setup_logging(args.verbose)
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
         return 2
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

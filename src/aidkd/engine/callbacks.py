@@ -61,18 +61,35 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, ckpt_dir: str | Path):
         self.path = Path(ckpt_dir) / "last.ckpt"
         self._saved_step = -1
+        self.saved_step: int | str = "unknown"  # of the last.ckpt on disk
 
-    def _save(self, trainer) -> None:
+    def good_checkpoint(self) -> Path | None:
+        """last.ckpt, which only ever holds a state from finite steps (None when there is none yet)."""
+        return self.path if self.path.is_file() else None
+
+    def _save(self, trainer, pl_module) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._saved_step == trainer.global_step:
             return
+        self._saved_step = trainer.global_step  # (also when skipped: decided once per step)
+        finite = getattr(pl_module, "is_finite_state", None)
+        if finite is not None and not finite():
+            # keep the previous (good) last.ckpt: this state had non-finite losses lately or has non-finite weights
+            kept = f"it keeps step {self.saved_step}" if self.path.is_file() else "there is none yet"
+            log.warning("step %d: not writing %s (non-finite losses in the last steps, or non-finite weights); %s",
+                        trainer.global_step, self.path, kept)
+            return
         trainer.save_checkpoint(self.path, weights_only=False)  # with optimizer and loop state, to resume from
-        self._saved_step = trainer.global_step
+        self.saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path and Path(trainer.ckpt_path).resolve() == self.path.resolve():
+            self.saved_step = trainer.global_step  # resumed from it
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        self._save(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:  # train.max_steps can stop a run mid-epoch
-        self._save(trainer)
+        self._save(trainer, pl_module)
 
 
 class InterruptCheckpoint(L.Callback):

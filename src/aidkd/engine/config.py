@@ -171,7 +171,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in args:
+        # an exact type first: `limit_train_batches: 1` is one batch (int), not 100 % (float 1.0)
+        for arg in sorted(args, key=lambda a: type(value) is not a):
             if arg is type(None):
                 continue
             try:

@@ -46,6 +46,9 @@ class DetectionTask(L.LightningModule):
         self.val_records = val_records
         self.kitti_metrics = kitti_metrics
         self.bad_steps = 0
+        self.last_bad_step = -(10 ** 9)  # global step of the last non-finite loss
+        self._skip_optimizer_step = False
+        self._resumed_lr: float | None = None
         self._val_preds: list[tuple[int, dict]] = []
         self.last_metrics: dict[str, float] = {}
         self.validated_step = -1  # global step of last_metrics
@@ -90,15 +93,17 @@ class DetectionTask(L.LightningModule):
         images, targets = batch
         losses = self.compute_losses(images, targets)
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        if bad:
+        if self._any_rank(bool(bad)):
             self.bad_steps += 1
+            self.last_bad_step = self.global_step
             log.warning("step %d: non-finite loss in %s; step skipped (%d in a row)", self.global_step,
-                        ", ".join(bad), self.bad_steps)
+                        ", ".join(bad) or "another process", self.bad_steps)
             if self.bad_steps >= self.cfg.train.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} consecutive steps with non-finite losses (last: {', '.join(bad)}); "
-                    "stopping. Lower the learning rate or the distillation weights, or check the data.")
-            return None
+                raise NonFiniteLossError(self._non_finite_stop_message(bad))
+            # Skipped alike on every process: a zero loss on every trainable parameter keeps DDP's gradient
+            # reduction in step (returning None is refused in distributed training); optimizer_step drops it.
+            self._skip_optimizer_step = True
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         self.bad_steps = 0
         total = sum(losses.values())
         bs = len(images)
@@ -109,6 +114,48 @@ class DetectionTask(L.LightningModule):
             for k, v in self.distiller.last_stats.items():
                 self.log(f"aid/{k}", float(v), batch_size=bs)
         return total
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` on any process of a distributed run (one tiny all-reduce), so all skip or stop together."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        def closure():
+            loss = optimizer_closure()
+            if self._skip_optimizer_step:  # a skipped step: no gradients, so the optimizer changes nothing
+                self._skip_optimizer_step = False
+                for p in self.parameters():
+                    p.grad = None
+                return None  # mixed precision: the grad scaler then skips the step too
+            return loss
+
+        optimizer.step(closure=closure)
+
+    def is_finite_state(self) -> bool:
+        """No non-finite loss in the last ``train.max_bad_steps`` steps and finite weights: safe to checkpoint."""
+        recent = self.global_step - self.last_bad_step <= max(1, self.cfg.train.max_bad_steps)
+        return not recent and all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.is_floating_point())
+
+    def _non_finite_stop_message(self, bad: list[str]) -> str:
+        lr = self.cfg.train.lr
+        change = f"--set train.lr={lr / 10:g}" + (
+            f" (or distill.loss_scale={self.cfg.distill.loss_scale / 10:g})" if self.cfg.distill is not None else "")
+        terms = ", ".join(bad) or "on another process"
+        head = f"{self.bad_steps} consecutive steps with non-finite losses (last: {terms}) at step {self.global_step}; " \
+            "stopping."
+        from aidkd.engine.callbacks import LastCheckpoint
+
+        good = next((c for c in (self._trainer.callbacks if self._trainer else []) if isinstance(c, LastCheckpoint)),
+                    None)
+        path = good.good_checkpoint() if good is not None else None
+        if path is None:
+            return f"{head} No checkpoint from finite steps exists: start again with {change}, or check the data."
+        return (f"{head} The last checkpoint from finite steps is {path} (step {good.saved_step}); resume from it "
+                f"with a lower learning rate: --resume {path} {change}")
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""
@@ -193,6 +240,21 @@ class DetectionTask(L.LightningModule):
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
+        self._resumed_lr = (checkpoint.get("aidkd_config") or {}).get("train", {}).get("lr")
+
+    def on_train_start(self) -> None:
+        # A resumed run restores the optimizer's learning rate from the checkpoint: a changed train.lr (the advice
+        # after a non-finite stop) must win, at the same point of the schedule.
+        lr = self.cfg.train.lr
+        if self._resumed_lr is None or self._resumed_lr == lr:
+            return
+        for sc in self.trainer.lr_scheduler_configs:
+            sched = sc.scheduler
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * fn(sched.last_epoch)
+        log.info("resumed with train.lr=%g (the checkpoint was trained with %g)", lr, self._resumed_lr)
 
 
 _STUDENT_ALIAS = "distiller.student."
