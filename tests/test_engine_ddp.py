@@ -48,3 +48,42 @@ def test_ddp_train_and_distill_two_processes(tiny_cfg, tmp_path):
     assert any(k.startswith("distiller.methods.") for k in ckpt["state_dict"])
     metrics = json.loads(Path(dcfg.output_dir, "final_metrics.json").read_text())
     assert "coco/AP" in metrics
+
+
+_NAN_ON_RANK_1 = '''
+import os, sys
+import torch
+from aidkd.engine import module
+real = module.detection_losses
+calls = {"n": 0}
+def flaky(*args, **kwargs):
+    losses = real(*args, **kwargs)
+    calls["n"] += 1
+    if os.environ.get("LOCAL_RANK") == "1" and calls["n"] == 2:  # one bad step, on one process only
+        losses["classification"] = losses["classification"] * float("nan")
+    return losses
+module.detection_losses = flaky
+from aidkd.cli.main import main
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow
+def test_ddp_non_finite_step_on_one_process_is_skipped_on_all(tiny_cfg, tmp_path):
+    """A non-finite loss on one rank: every rank skips that step (before: Lightning refused the None step)."""
+    cfg = config_from_dict(tiny_cfg("ddp_nan"))
+    path = tmp_path / "ddp_nan.yaml"
+    dump_config(cfg, path)
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(_NAN_ON_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # max_bad_steps 2: the step-1 skip is out of last.ckpt's look-back window (2 steps) by step 4
+    done = subprocess.run([sys.executable, str(script), "train", str(path), *DDP, "train.max_bad_steps=2"], env=env, check=False,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "step 1: non-finite loss in classification; step skipped" in log  # rank 1
+    assert "step 1: non-finite loss in another process; step skipped" in log  # rank 0, from the synced flag
+    ckpt = torch.load(os.path.join(cfg.output_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
