@@ -71,9 +71,8 @@ def test_failed_start_writes_nothing(tiny_cfg, tmp_path, capsys):
 
 def test_second_run_on_a_locked_folder_is_refused(tiny_cfg):
     cfg = config_from_dict(tiny_cfg("locked", train=QUICK))
-    with RunFolderLock(Path(cfg.output_dir)):
-        with pytest.raises(RunFolderError, match="in use by another aidkd run"):
-            train(cfg)
+    with RunFolderLock(Path(cfg.output_dir)), pytest.raises(RunFolderError, match="in use by another aidkd run"):
+        train(cfg)
     assert not (Path(cfg.output_dir) / "config.yaml").exists()
 
 
@@ -190,3 +189,95 @@ def test_resume_with_a_lower_learning_rate_uses_it(finished_run, tmp_path):
     train(config_from_dict(cfg), resume=True, extra_callbacks=[Watch()])
     # step 1 of 2: both milestones (0.67, 0.89 of 2 steps) passed, factor 0.1 ** 2, times the new train.lr
     assert lrs == [pytest.approx(0.001 * 0.01)]
+
+
+# ------------------------------------------------------------------ 15.4 user errors: one line, exit 2, no traceback
+class _Boom:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+@pytest.mark.parametrize("kind", ["malicious", "truncated"])
+def test_bad_checkpoint_for_resume_and_eval_is_one_line(finished_run, tmp_path, capsys, kind):
+    raw, out = finished_run
+    bad = tmp_path / "bad.ckpt"
+    if kind == "malicious":
+        torch.save({"state_dict": _Boom()}, bad)
+    else:
+        bad.write_bytes((out / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    cfg = _yaml(dict(raw, output_dir=str(tmp_path / "r")), tmp_path / "c.yaml")
+    for argv in (["train", str(cfg), "--resume", str(bad)], ["eval", str(cfg), "--checkpoint", str(bad)]):
+        assert main(argv) == 2
+        line = _error_line(capsys)
+        assert line.startswith("error: cannot read checkpoint") and str(bad) in line
+        assert "pickle code ran" not in line
+
+
+def test_full_disk_is_one_line_naming_the_file(tiny_cfg, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from aidkd.models import checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    raw = tiny_cfg("full", train=QUICK)
+    assert main(["train", str(_yaml(raw, tmp_path / "f.yaml"))]) == 2
+    line = _error_line(capsys)
+    assert f"No space left on device writing {raw['output_dir']}/" in line and "free some space" in line
+    assert not list(Path(raw["output_dir"]).rglob("*.tmp"))  # the partial file is removed
+
+
+def test_invalid_yaml_in_set_is_one_line(tiny_cfg, tmp_path, capsys):
+    cfg = _yaml(tiny_cfg("y"), tmp_path / "y.yaml")
+    assert main(["train", str(cfg), "--set", "train.lr=[1,"]) == 2
+    assert _error_line(capsys).startswith("error: --set train.lr: invalid YAML value '[1,'")
+
+
+def test_resume_with_another_model_size_is_one_line(finished_run, tmp_path, capsys):
+    raw, out = finished_run
+    import shutil
+
+    shutil.copytree(out, tmp_path / "run")
+    other = dict(raw, output_dir=str(tmp_path / "run"), model=dict(raw["model"], fpn_channels=32),
+                 train=dict(raw["train"], epochs=2))
+    assert main(["train", str(_yaml(other, tmp_path / "o.yaml")), "--resume"]) == 2
+    line = _error_line(capsys)
+    assert f"--resume {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}: its weights do not fit" in line
+    assert "size mismatch" in line
+
+
+def test_verbose_keeps_the_traceback(tiny_cfg, tmp_path):
+    cfg = _yaml(tiny_cfg("v"), tmp_path / "v.yaml")
+    with pytest.raises(ValueError, match="invalid YAML value"):
+        main(["-v", "train", str(cfg), "--set", "train.lr=[1,"])
+
+
+# ------------------------------------------------------------------ 15.5 user text is never read as rich markup
+@pytest.mark.parametrize("value", ["[/x]", "[bold]fast"])
+def test_markup_in_user_values_is_printed_as_is(tiny_cfg, tmp_path, capsys, value):
+    cfg = _yaml(tiny_cfg("m"), tmp_path / "m.yaml")
+    assert main(["train", str(cfg), "--set", f"train.lr='{value}'"]) == 2
+    assert f"got str '{value}'" in _error_line(capsys)
+
+
+# ------------------------------------------------------------------ 15.6 YAML floats
+def test_exponent_floats_are_floats(tmp_path):
+    from aidkd.engine.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: 5E-5\n")
+    cfg = load_config(path, ["train.momentum=1e-1", "train.max_bad_steps=7"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum) == (1e-4, 5e-5, 0.1)
+    assert cfg.train.max_bad_steps == 7 and type(cfg.train.max_bad_steps) is int
+    assert yaml.safe_load("lr: 1e-4")["lr"] == "1e-4"  # what plain YAML 1.1 does
+
+
+def test_python_tags_stay_refused(tmp_path):
+    from aidkd.engine.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)

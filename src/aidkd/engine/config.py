@@ -1,4 +1,5 @@
-"""Typed run configuration, loaded from YAML (``yaml.safe_load``) and validated strictly.
+"""Typed run configuration, loaded from YAML (``yaml.safe_load`` rules, plus ``1e-4`` as a float) and validated
+strictly.
 
 An unknown key or a value of the wrong type is an error that names the dotted key, e.g.
 ``config key 'train.lr': expected float, got str 'fast'``. ``--set key=value`` overrides use the same checks.
@@ -6,6 +7,7 @@ An unknown key or a value of the wrong type is an error that names the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -244,13 +246,36 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` and ``1e6`` as floats (YAML 1.2; YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
+    list("-+0123456789."))
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` (no python tags, no objects) with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     out = []
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        try:
+            value = safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: invalid YAML value {raw!r} ({' '.join(str(e).split())})") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -262,7 +287,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(data, dict):

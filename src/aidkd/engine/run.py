@@ -17,8 +17,15 @@ from aidkd.engine.config import RunConfig, dump_config
 from aidkd.engine.datamodule import DetectionDataModule
 from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import DetectionTask
-from aidkd.engine.run_folder import (RunFolderLock, check_run_folder, clear_previous_run, is_rank_zero_process,
-                                     remove_partial_files, resolve_resume)
+from aidkd.engine.run_folder import (
+    RunFolderLock,
+    check_run_folder,
+    clear_previous_run,
+    is_rank_zero_process,
+    remove_partial_files,
+    resolve_resume,
+)
+from aidkd.models.checkpoint import CheckpointError
 
 log = logging.getLogger("aidkd.engine")
 
@@ -100,7 +107,14 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
             remove_partial_files(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
         trainer = build_trainer(cfg, out_dir, extra_callbacks)
-        trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        except RuntimeError as e:
+            if ckpt is None or "Error(s) in loading state_dict" not in str(e):
+                raise
+            detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+            raise CheckpointError(f"--resume {ckpt}: its weights do not fit this config's model (another arch, "
+                                  f"backbone, fpn_channels or class list?): {detail}") from None
         if not trainer.interrupted and task.validated_step != trainer.global_step:
             # train.max_steps stopped the run between validations: the final metrics must be of the final weights.
             trainer.validate(task, datamodule=dm, verbose=False)

@@ -136,7 +136,7 @@ class RunFolderLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> RunFolderLock:
+    def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

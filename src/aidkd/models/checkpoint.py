@@ -59,11 +59,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict, finite_keys: Sequence[
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:  # e.g. ENOSPC: say which file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        if isinstance(e, RuntimeError) and "write" in str(e):  # torch.save's own I/O errors
+            raise CheckpointError(f"cannot write checkpoint {path}: {str(e).splitlines()[0]}") from e
         raise
     try:  # make the rename itself durable (best effort; not possible on every platform)
         dir_fd = os.open(path.parent, os.O_RDONLY)
