@@ -281,3 +281,34 @@ def test_python_tags_stay_refused(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
+
+
+# ------------------------------------------------------------------ 15.7 a kill never duplicates history or leaves junk
+def test_kill_between_history_and_checkpoint_does_not_duplicate_an_epoch(finished_run, tmp_path):
+    """Simulate the kill: last.ckpt is from before the last validation, whose history line is already written."""
+    raw, out = finished_run
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    history = run / "metrics_history.jsonl"
+    line = json.loads(history.read_text().splitlines()[0])
+    history.write_text(json.dumps(line) + "\n" + json.dumps(dict(line, epoch=1, step=2)) + "\n" + '{"epo')
+    train(config_from_dict(dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=3))), resume=True)
+    steps = [json.loads(x)["step"] for x in history.read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_partial_checkpoint_files_are_removed_on_start(finished_run, tmp_path):
+    raw, out = finished_run
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    junk = [run / "checkpoints" / ".last.ckpt.k2j3.tmp", run / ".model_best.pt.x9.tmp"]
+    for j in junk:
+        j.write_bytes(b"\0" * 1000)
+    keep = run / "checkpoints" / "notes.tmp"  # not a name save_checkpoint uses
+    keep.write_text("mine")
+    train(config_from_dict(dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=2))), resume=True)
+    assert not any(j.exists() for j in junk) and keep.exists()

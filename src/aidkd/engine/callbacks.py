@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -37,8 +38,37 @@ class ExportModel(L.Callback):
             self.best = value
             save_model_file(self.out_dir / "model_best.pt", pl_module.model, pl_module.meta, metrics)
             (self.out_dir / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
-        with open(self.out_dir / "metrics_history.jsonl", "a") as f:
+        with open(self.history, "a") as f:  # one write, synced: a kill leaves whole lines
             f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @property
+    def history(self) -> Path:
+        return self.out_dir / "metrics_history.jsonl"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A kill between a validation's history line and the checkpoint after it: the resumed run redoes that
+        # epoch, so drop the lines from after the checkpoint (and a torn last line) before they are written again.
+        if not trainer.ckpt_path or not trainer.is_global_zero or not self.history.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.history.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(entry.get("step", -1)) <= trainer.global_step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.history.with_name(self.history.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.history)
+            log.info("%s: dropped %d line(s) from after the resumed checkpoint (step %d)", self.history, dropped,
+                     trainer.global_step)
 
     def state_dict(self) -> dict:
         return {"best": self.best}
