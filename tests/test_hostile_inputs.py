@@ -312,3 +312,34 @@ def test_partial_checkpoint_files_are_removed_on_start(finished_run, tmp_path):
     keep.write_text("mine")
     train(config_from_dict(dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=2))), resume=True)
     assert not any(j.exists() for j in junk) and keep.exists()
+
+
+# ------------------------------------------------------------------ 15.3 COCO file_name never escapes the images folder
+@pytest.mark.parametrize("name", ["../../outside/secret.png", "/dev/zero", "sub/../../b.jpg"])
+def test_coco_file_name_outside_the_images_folder_is_refused(tmp_path, name):
+    from aidkd.data import check_dataset, default_image_dir
+    from tests.test_data_coco import base_json, write_coco
+
+    data = base_json()
+    ann = write_coco(tmp_path, data)
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes((default_image_dir(ann) / "b.jpg").read_bytes())
+    data["images"][1]["file_name"] = name
+    ann.write_text(json.dumps(data))
+    problems = [str(p) for p in check_dataset(ann, fmt="coco")]
+    assert any(f"{ann} [images[1].file_name]" in p and "outside the images folder" in p for p in problems), problems
+
+
+def test_coco_file_name_in_a_sub_folder_is_fine(tmp_path):
+    from aidkd.data import check_dataset, default_image_dir
+    from tests.test_data_coco import base_json, write_coco
+
+    data = base_json()
+    ann = write_coco(tmp_path, data)
+    d = default_image_dir(ann)
+    (d / "sub").mkdir()
+    (d / "b.jpg").rename(d / "sub" / "b.jpg")
+    data["images"][1]["file_name"] = "sub/./b.jpg"
+    ann.write_text(json.dumps(data))
+    assert check_dataset(ann, fmt="coco") == []

@@ -83,6 +83,15 @@ def default_image_dir(ann_file: str | Path) -> Path:
     return ann_file.parent
 
 
+def _escapes(file_name: str) -> bool:
+    """An absolute file_name, or one whose ``..`` leads out of the images folder (read lexically, so symlinked
+    images inside the folder stay allowed)."""
+    import os.path
+
+    norm = os.path.normpath(file_name)
+    return Path(file_name).is_absolute() or norm == ".." or norm.startswith(".." + os.sep)
+
+
 def _positive_int(v) -> int | None:
     if _is_int(v) and v > 0:
         return v
@@ -192,7 +201,11 @@ def scan_coco(ann_file: str | Path, image_dir: str | Path | None = None, categor
             err(f"file_name must be a non-empty string, got {_short(fname)}", f"{loc}.file_name")
             bad = True
         elif isinstance(fname, str) and fname:
-            if fname in files:
+            if _escapes(fname):
+                err(f"file_name {fname!r} is outside the images folder {image_dir} (absolute or with '..'); "
+                    "file names are relative to the images folder", f"{loc}.file_name")
+                bad = True
+            elif fname in files:
                 err(f"duplicate file_name {fname!r} (first at images[{files[fname]}])", f"{loc}.file_name")
                 bad = True
             else:
