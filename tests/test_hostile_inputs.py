@@ -343,3 +343,80 @@ def test_coco_file_name_in_a_sub_folder_is_fine(tmp_path):
     data["images"][1]["file_name"] = "sub/./b.jpg"
     ann.write_text(json.dumps(data))
     assert check_dataset(ann, fmt="coco") == []
+
+
+# ------------------------------------------------------------------ 15.11 smaller ones
+def test_16_bit_png_is_scaled_by_its_depth_not_its_content(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from aidkd.data.images import read_image
+
+    dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit frame (max <= 255)
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    assert np.asarray(read_image(tmp_path / "dark16.png"))[0, 0, 0] == round(200 / 65535 * 255)  # 1, not 200
+
+
+def test_exif_orientation_is_noted_once(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from aidkd.data import images
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (16, 8)).save(tmp_path / name, exif=exif)
+    images._exif_noted = False
+    with caplog.at_level(logging.WARNING, logger="aidkd.data"):
+        assert images.read_image(tmp_path / "a.jpg").size == (16, 8)  # stored pixel order, as the boxes are
+        images.read_image(tmp_path / "b.jpg")
+    assert caplog.text.count("EXIF orientation 6 is ignored") == 1 and "a.jpg" in caplog.text
+
+
+def test_kitti_number_with_an_underscore_is_refused():
+    from aidkd.data.kitti import parse_kitti_line
+
+    with pytest.raises(Exception, match=r"field 2 \(truncated\) is not a number: '1_0.00'"):
+        parse_kitti_line("Car 1_0.00 0 0 1 1 10 10 1 1 1 1 1 1 0", file="x.txt", line=3)
+
+
+def test_report_per_class_table_keeps_class_names_with_a_slash():
+    from aidkd.report import _classes_of
+
+    assert _classes_of({"coco/AP": 1.0, "coco/AP/bus/truck": 2.0, "voc/AP50/bus/truck": 3.0}) == ["bus/truck"]
+
+
+def test_kitti_metrics_with_non_kitti_classes_fail_before_training(tiny_cfg, tmp_path, capsys):
+    raw = tiny_cfg("classes", data={"classes": ["Car", "boat"]})
+    assert main(["train", str(_yaml(raw, tmp_path / "c.yaml"))]) == 2
+    line = _error_line(capsys)
+    assert "need KITTI classes" in line and "'boat'" in line and "eval.kitti: false" in line
+    assert not Path(raw["output_dir"]).exists()
+
+
+def test_huge_loss_scale_warns(tmp_path, caplog):
+    import logging
+
+    from aidkd.engine.model_io import model_meta, save_model_file
+    from aidkd.engine.module import DetectionTask
+    from aidkd.models import build_detector
+    from tests.conftest import TINY_MODEL
+
+    teacher = build_detector("retinanet", "resnet18", 4, min_size=64, max_size=192, fpn_channels=16)
+    tfile = save_model_file(tmp_path / "t.pt", teacher, model_meta(teacher, ["Car", "Pedestrian", "Cyclist"],
+                                                                   64, 192, {}))
+    cfg = config_from_dict({"model": TINY_MODEL, "data": {"min_size": 64, "max_size": 192},
+                            "distill": {"teacher": {"checkpoint": str(tfile)}, "methods": [{"name": "attention"}],
+                                        "loss_scale": 1e4}})
+    with caplog.at_level(logging.WARNING, logger="aidkd.engine"):
+        DetectionTask(cfg, ["Car", "Pedestrian", "Cyclist"])
+    assert "distill.loss_scale=10000 multiplies every distillation term" in caplog.text
+
+
+def test_utf16_config_error_names_the_file(tmp_path, capsys):
+    path = tmp_path / "u16.yaml"
+    path.write_text("name: x\n", encoding="utf-16")
+    assert main(["train", str(path)]) == 2
+    assert f"{path}: not UTF-8 text" in _error_line(capsys)

@@ -544,7 +544,7 @@ def _metrics_html(run: Run) -> str:
 def _classes_of(metrics: dict) -> list[str]:
     out = []
     for k in metrics:
-        parts = k.split("/")
+        parts = k.split("/", 2)  # a class name may hold "/" itself
         if len(parts) == 3 and parts[0] in ("coco", "voc") and parts[1] in ("AP", "AP50") and parts[2] not in out:
             out.append(parts[2])
     return out

@@ -6,7 +6,9 @@ Every failure to read an image (missing, zero bytes, truncated, corrupt, unexpec
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ __all__ = ["check_image", "image_to_tensor", "read_image", "read_image_size"]
 
 # PIL refuses "decompression bombs" above this many pixels; real driving data is far below it.
 _MAX_PIXELS = 1 << 28
+log = logging.getLogger("aidkd.data")
 
 
 def _precheck(path: Path) -> None:
@@ -68,12 +71,34 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # 16-bit files (and PNG's "I", which only 16-bit data opens as) are scaled by their depth, not their
+        # content: a dark 16-bit frame must not be read as a bright 8-bit one
+        sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+        top = 65535.0 if sixteen or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([arr] * 3, axis=-1), "RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         return im.convert("RGBA").convert("RGB")
     return im.convert("RGB")
+
+
+_EXIF_ORIENTATION = 0x0112
+_exif_noted = False
+
+
+def _note_exif_orientation(im: Image.Image, path: Path) -> None:
+    """Images are read in stored pixel order (boxes refer to those pixels); say so once if a file says otherwise."""
+    global _exif_noted
+    if _exif_noted:
+        return
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 -- a broken EXIF block is not worth failing the image for
+        return
+    if orientation not in (1, None):
+        _exif_noted = True
+        log.warning("%s: EXIF orientation %s is ignored; images are read in stored pixel order, which the boxes "
+                    "refer to (shown once)", path, orientation)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -121,13 +146,15 @@ def read_image(path: str | Path, expected_size: tuple[int, int] | None = None,
                 if im.size[0] * im.size[1] > _MAX_PIXELS:
                     raise ValueError(f"image too large ({im.size[0]}x{im.size[1]})")
                 im.load()
+                _note_exif_orientation(im, path)
                 rgb = _to_rgb(im)
                 if rgb is im:
                     rgb = im.copy()
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 -- truncated / corrupt data: OSError, SyntaxError, ValueError, struct.error, ...
-        raise DatasetError(f"corrupt or truncated image ({type(e).__name__}: {e})", file=path) from None
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # the file is named already
+        raise DatasetError(f"corrupt or truncated image ({type(e).__name__}: {detail})", file=path) from None
     if rgb.size[0] <= 0 or rgb.size[1] <= 0:
         raise DatasetError(f"image has empty size {rgb.size[0]}x{rgb.size[1]}", file=path)
     _check_size(path, rgb.size, expected_size, source)

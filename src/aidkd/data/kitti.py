@@ -78,6 +78,8 @@ def parse_kitti_line(text: str, file: str | Path | None = None, line: int | None
     vals: list[float] = []
     for i, tok in enumerate(tokens[1:], start=1):
         try:
+            if "_" in tok:  # Python's float() reads "1_0.00" as 10.0; KITTI files never group digits
+                raise ValueError(tok)
             v = float(tok)
         except ValueError:
             shown = tok if len(tok) <= 40 else tok[:40] + "..."

@@ -19,6 +19,9 @@ from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 log = logging.getLogger("aidkd.engine")
 
 
+LARGE_LOSS_SCALE = 100.0  # above this, distill.loss_scale is almost surely a typo (warned)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -45,6 +48,13 @@ class DetectionTask(L.LightningModule):
         self.distiller = self._build_distiller() if cfg.distill is not None and with_teacher else None
         self.val_records = val_records
         self.kitti_metrics = kitti_metrics
+        if kitti_metrics:  # refused now, not at the end of the first epoch
+            from aidkd.eval.kitti_ap import MIN_OVERLAP
+
+            unknown = [c for c in self.classes if c.lower() not in MIN_OVERLAP]
+            if unknown:
+                raise ValueError(f"KITTI metrics (eval.kitti, on by default for KITTI/synth data) need KITTI classes; "
+                                 f"data.classes has {unknown}: set eval.kitti: false or use KITTI class names")
         self.bad_steps = 0
         self.last_bad_step = -(10 ** 9)  # global step of the last non-finite loss
         self._skip_optimizer_step = False
@@ -69,6 +79,10 @@ class DetectionTask(L.LightningModule):
             key = mc.name if mc.name not in methods else f"{mc.name}_{len(methods)}"
             methods[key] = {"name": mc.name, **mc.params}
         aid = AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha) if d.aid.enabled else None
+        if d.loss_scale > LARGE_LOSS_SCALE:
+            log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
+                        "the detection loss (method.md's weights are tuned at 1; small students need ~0.01)",
+                        d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
                          teacher_loss_cache=d.aid.cache)
