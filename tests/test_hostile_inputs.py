@@ -420,3 +420,16 @@ def test_utf16_config_error_names_the_file(tmp_path, capsys):
     path.write_text("name: x\n", encoding="utf-16")
     assert main(["train", str(path)]) == 2
     assert f"{path}: not UTF-8 text" in _error_line(capsys)
+
+
+# ------------------------------------------------------------------ 14.8 short runs still write best.ckpt, no warning
+@pytest.mark.parametrize("train_cfg", [{"epochs": 5, "max_steps": 1, "limit_train_batches": 2},
+                                       {"epochs": 1, "val_every": 2, "limit_train_batches": 1}],
+                         ids=["max_steps_before_validation", "val_every_beyond_epochs"])
+def test_short_run_writes_best_ckpt_without_monitor_warning(tiny_cfg, train_cfg, recwarn):
+    cfg = config_from_dict(tiny_cfg("short", train=dict(train_cfg, limit_val_batches=1)))
+    metrics = train(cfg)
+    best = Path(cfg.output_dir) / "checkpoints" / "best.ckpt"
+    assert best.exists()
+    assert torch.load(best, weights_only=True)["global_step"] == 1 and "coco/AP" in metrics
+    assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
