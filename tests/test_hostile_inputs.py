@@ -433,3 +433,99 @@ def test_short_run_writes_best_ckpt_without_monitor_warning(tiny_cfg, train_cfg,
     assert best.exists()
     assert torch.load(best, weights_only=True)["global_step"] == 1 and "coco/AP" in metrics
     assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
+
+
+# ------------------------------------------------------------------ 14.9 output a user can read and trust
+def test_set_before_the_config_does_not_swallow_it(tiny_cfg, tmp_path, capsys):
+    raw = tiny_cfg("swallow")
+    cfg = _yaml(raw, tmp_path / "s.yaml")
+    # eval of a missing checkpoint: fails after the config was read with the override applied
+    assert main(["eval", "--set", "train.lr=1e-3", "data.batch_size=2", str(cfg), "--checkpoint", "nope.pt"]) == 2
+    assert "checkpoint not found: nope.pt" in _error_line(capsys)
+    assert main(["train", "--resume", str(cfg)]) == 2  # `--resume CONFIG`: resumes the config's output_dir
+    assert "nothing to resume" in _error_line(capsys)
+
+
+def test_version(capsys):
+    from aidkd import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"aidkd {__version__}"
+
+
+def test_every_cli_option_has_help_and_a_readme_row():
+    import argparse
+    import re
+
+    from aidkd.cli.main import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    cli_table = readme[readme.index("## CLI"):readme.index("## Config reference")]
+    rows = [line for line in cli_table.splitlines() if line.startswith("| `aidkd")]
+    missing_help, missing_readme = [], []
+
+    def row_of(path: str) -> str:
+        return next((r for r in rows if r.startswith((f"| `{path} ", f"| `{path}`"))), "")
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                if not action.help:
+                    missing_help.append(f"{path} {action.dest}")
+                for flag in action.option_strings:
+                    if path != "aidkd" and flag.startswith("--") and not re.search(rf"{flag}\b(?!-)", row_of(path)):
+                        missing_readme.append(f"{path} {flag}")
+
+    for action in build_parser()._actions:  # the top-level options: in the text under the table
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help" and flag not in cli_table:
+                missing_readme.append(f"aidkd {flag}")
+    walk(build_parser(), "aidkd")
+    assert not missing_help, missing_help
+    assert not missing_readme, missing_readme
+
+
+def test_console_output_is_not_wrapped_at_80_columns(tiny_cfg, tmp_path, capsys):
+    long_dir = tmp_path / ("x" * 120)
+    raw = tiny_cfg("w", train=QUICK)
+    raw["output_dir"] = str(long_dir)
+    long_dir.mkdir()
+    (long_dir / "old.txt").write_text("")
+    assert main(["train", str(_yaml(raw, tmp_path / "w.yaml"))]) == 2
+    assert str(long_dir) in _error_line(capsys)  # one line, path whole
+
+
+def test_metrics_table_says_what_each_value_is():
+    from aidkd.eval import format_metrics_table
+
+    table = format_metrics_table({"coco/AP": 12.3456, "kitti/Car/moderate": 50.0, "voc/AP50/a/b": float("nan")})
+    assert "| Metric | Value (%) | Meaning |" in table
+    assert "| coco/AP | 12.35 | COCO AP, IoU 0.50:0.95, mean over classes |" in table
+    assert "| kitti/Car/moderate | 50.00 | KITTI AP|R40 of class Car, moderate |" in table
+    assert "| voc/AP50/a/b | n/a | VOC AP at IoU 0.5 of class a/b |" in table
+
+
+def test_data_check_prints_a_summary(synth_root, capsys):
+    from aidkd.data.check import dataset_summary
+
+    summary = dataset_summary(synth_root)
+    assert summary["images"] == 20 and summary["boxes"]["Car"] > 0
+    main(["data", "check", str(synth_root)])
+    out = capsys.readouterr().out
+    assert f"20 images ({summary['images_without_boxes']} without boxes)" in out
+    assert f"Car {summary['boxes']['Car']}" in out
+
+
+def test_corrupt_image_message_has_no_python_object_repr(tmp_path):
+    from aidkd.data import DatasetError
+    from aidkd.data.images import read_image
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image at all")
+    with pytest.raises(DatasetError) as err:
+        read_image(bad)
+    assert str(bad) in str(err.value) and "BytesIO" not in str(err.value) and "0x" not in str(err.value)

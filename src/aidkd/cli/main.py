@@ -18,17 +18,24 @@ log = logging.getLogger("aidkd")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML run config (see configs/)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.lr=0.02 data.batch_size=8")
+    # nargs="?": `--set k=v CONFIG` hands CONFIG to --set's list; _load takes it back (it is no KEY=VALUE)
+    p.add_argument("config", nargs="?", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys (values read as YAML), e.g. --set train.lr=0.02 data.batch_size=8")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip (and count) invalid samples instead of refusing the dataset")
 
 
 def _load(args):
-    from aidkd.engine.config import load_config
+    from aidkd.engine.config import ConfigError, load_config
 
     overrides = list(args.overrides)
+    plain = [o for o in overrides if "=" not in o]
+    if args.config is None and len(plain) == 1:  # `--set k=v CONFIG`
+        args.config = plain[0]
+        overrides.remove(plain[0])
+    if args.config is None:
+        raise ConfigError("the YAML run config is missing: aidkd COMMAND CONFIG.yaml [--set KEY=VALUE ...]")
     if getattr(args, "skip_invalid", False):
         overrides.append("data.skip_invalid=true")
     return load_config(args.config, overrides)
@@ -37,6 +44,8 @@ def _load(args):
 def cmd_train(args) -> int:
     from aidkd.engine.run import train
 
+    if args.config is None and str(args.resume or "").endswith((".yaml", ".yml")):  # `--resume CONFIG`
+        args.config, args.resume = args.resume, "auto"
     cfg = _load(args)
     if args.command == "distill" and cfg.distill is None:
         raise ValueError(f"{args.config}: 'aidkd distill' needs a 'distill:' section (teacher, methods, aid)")
@@ -84,10 +93,13 @@ def cmd_eval_kitti(args) -> int:
 
 def cmd_data_check(args) -> int:
     from aidkd.data import check_dataset
+    from aidkd.data.check import dataset_summary, format_summary
 
     problems = check_dataset(args.root, fmt=args.format, image_dir=args.images)
     for p in problems:
         console.print(str(p), markup=False, highlight=False)
+    console.print(escape(format_summary(dataset_summary(args.root, fmt=args.format, image_dir=args.images))),
+                  highlight=False)
     if problems:
         console.print(f"[red]{len(problems)} problem(s) found[/red]")
         return 1
@@ -144,8 +156,11 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aidkd import __version__
+
     ap = argparse.ArgumentParser(prog="aidkd", description="Adaptive Instance Distillation for object detectors")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback for every error")
+    ap.add_argument("--version", action="version", version=f"aidkd {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     for name, help_ in (("train", "train a detector (teachers and baseline students)"),
@@ -164,63 +179,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained detector on the configured val set")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split of the config's data")
     p.add_argument("--json", help="where to write the metrics (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="write KITTI-format predictions (and drawn images/video)")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
+    p.add_argument("--out", required=True, help="folder for the prediction files (and drawings)")
     p.add_argument("--input", help="a folder of images or a video file (default: the configured val set)")
     p.add_argument("--draw", action="store_true", help="also write images (or a video) with boxes drawn")
-    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
-    p.add_argument("gt_label_dir")
-    p.add_argument("pred_dir")
-    p.add_argument("--json")
+    p.add_argument("gt_label_dir", help="KITTI label_2 folder (ground truth)")
+    p.add_argument("pred_dir", help="prediction files, one per frame (matched by stem)")
+    p.add_argument("--json", help="also write the AP table as json here")
     p.set_defaults(func=cmd_eval_kitti)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="list every problem in a dataset (exit 1 if any)")
     p.add_argument("root", help="KITTI root, or a COCO instances json")
-    p.add_argument("--format", choices=["kitti", "coco"], default="kitti")
-    p.add_argument("--images", help="COCO image folder")
+    p.add_argument("--format", choices=["kitti", "coco"], default="kitti", help="dataset layout")
+    p.add_argument("--images", help="COCO image folder (default: DATA/NAME for DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
-    p.add_argument("out")
-    p.add_argument("--num-images", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=320)
-    p.add_argument("--height", type=int, default=96)
-    p.add_argument("--hard-fraction", type=float, default=0.2)
-    p.add_argument("--mislabel-fraction", type=float, default=0.05)
+    p.add_argument("out", help="output folder (KITTI layout)")
+    p.add_argument("--num-images", type=int, default=200, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same scenes)")
+    p.add_argument("--width", type=int, default=320, help="image width in pixels")
+    p.add_argument("--height", type=int, default=96, help="image height in pixels")
+    p.add_argument("--hard-fraction", type=float, default=0.2, help="fraction of hard objects (low contrast, blur, small, occluded)")
+    p.add_argument("--mislabel-fraction", type=float, default=0.05,
+                   help="fraction of deliberately mislabelled objects (listed in synth_meta.json)")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("coco-traffic", help="build the COCO-traffic subset from a COCO instances json")
-    p.add_argument("instances_json")
-    p.add_argument("out_json")
-    p.add_argument("--variant", type=int, choices=[11, 13], default=11)
+    p.add_argument("instances_json", help="a COCO instances json (e.g. instances_train2017.json)")
+    p.add_argument("out_json", help="where to write the subset")
+    p.add_argument("--variant", type=int, choices=[11, 13], default=11, help="the 11- or 13-class subset")
     p.set_defaults(func=cmd_data_coco_traffic)
 
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results")
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
     p.add_argument("--arch", default="gfl", choices=["gfl", "retinanet", "fcos"],
                    help="detector family of teacher and students")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")
-    p.add_argument("checkpoint")
-    p.add_argument("--onnx", required=True)
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("checkpoint", help="model file (model_best.pt) or Lightning .ckpt")
+    p.add_argument("--onnx", required=True, help="where to write the .onnx file")
+    p.add_argument("--samples", type=int, default=4, help="random inputs for the onnxruntime parity check")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report for a run or benchmark folder")
-    p.add_argument("run_dir")
-    p.add_argument("--out")
+    p.add_argument("run_dir", help="a run folder, or a folder of runs (e.g. the demo's)")
+    p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
     return ap
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .structures import DatasetError, ImageRecord
 
-__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "check_dataset", "combine_errors", "sort_errors"]
+__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "check_dataset", "combine_errors", "dataset_summary", "format_summary",
+           "sort_errors"]
 
 MAX_LISTED_ERRORS = 20
 
@@ -94,3 +95,26 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     errors = list(scan.errors)
     errors += validate_records(scan.records, check_images=True, decode=decode)
     return _dedup(errors)
+
+
+def dataset_summary(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None) -> dict:
+    """What a dataset holds, for ``aidkd data check``'s last lines: ``images``, ``images_without_boxes`` and
+    ``boxes`` per class name (crowd regions counted under ``<name> (crowd)``), from the labels alone."""
+    from collections import Counter
+
+    from .coco import scan_coco
+    from .kitti import scan_kitti
+
+    path = Path(root_or_json)
+    if fmt == "auto":
+        fmt = "coco" if path.suffix.lower() == ".json" else "kitti"
+    scan = scan_coco(path, image_dir=image_dir) if fmt == "coco" else scan_kitti(path, split="all")
+    boxes = Counter(o.cls + (" (crowd)" if o.iscrowd else "") for r in scan.records for o in r.objects)
+    return {"images": len(scan.records), "images_without_boxes": sum(not r.objects for r in scan.records),
+            "boxes": dict(sorted(boxes.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def format_summary(summary: dict) -> str:
+    per_class = ", ".join(f"{name} {n}" for name, n in summary["boxes"].items()) or "none"
+    return (f"{summary['images']} images ({summary['images_without_boxes']} without boxes); "
+            f"{sum(summary['boxes'].values())} boxes: {per_class}")

@@ -137,14 +137,39 @@ class DetectionEvaluator:
         return metrics
 
 
+_METRIC_MEANINGS = {
+    "coco/AP": "COCO AP, IoU 0.50:0.95, mean over classes", "coco/AP50": "COCO AP at IoU 0.50",
+    "coco/AP75": "COCO AP at IoU 0.75", "coco/APs": "COCO AP, small objects (< 32x32 px)",
+    "coco/APm": "COCO AP, medium objects", "coco/APl": "COCO AP, large objects (> 96x96 px)",
+    "voc/mAP50": "VOC mAP at IoU 0.5 (the paper's KITTI metric)",
+    "kitti/moderate_mAP": "KITTI AP|R40, moderate, mean over classes",
+}
+
+
+def metric_meaning(key: str) -> str:
+    """What a flat metric key measures, in words (empty for keys it does not know)."""
+    if key in _METRIC_MEANINGS:
+        return _METRIC_MEANINGS[key]
+    parts = key.split("/", 2)
+    if key.startswith("coco/AP/") and len(parts) == 3:
+        return f"COCO AP of class {parts[2]}"
+    if key.startswith("voc/AP50/") and len(parts) == 3:
+        return f"VOC AP at IoU 0.5 of class {parts[2]}"
+    if key.startswith("kitti/"):
+        cls, _, diff = key[len("kitti/"):].rpartition("/")
+        if cls and diff in DIFFICULTIES:
+            return f"KITTI AP|R40 of class {cls}, {diff}"
+    return ""
+
+
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
-    """Markdown table ``| Metric | Value |`` in the given order; ``nan`` shows as ``n/a``."""
-    lines = ["| Metric | Value |", "|---|---:|"]
+    """Markdown table ``| Metric | Value (%) | Meaning |`` in the given order; ``nan`` shows as ``n/a``."""
+    lines = ["| Metric | Value (%) | Meaning |", "|---|---:|---|"]
     for key, val in metrics.items():
         try:
             v = float(val)
             shown = "n/a" if math.isnan(v) else f"{v:.2f}"
         except (TypeError, ValueError):
             shown = str(val)
-        lines.append(f"| {key} | {shown} |")
+        lines.append(f"| {key} | {shown} | {metric_meaning(key)} |")
     return "\n".join(lines) + "\n"
