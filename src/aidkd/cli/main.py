@@ -254,9 +254,9 @@ def _user_error(e: BaseException) -> str | None:
     if isinstance(e, DatasetError):  # may list several problems, one per line
         return str(e)
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
-        where = f" writing {e.filename}" if e.filename else ""
-        hint = "; free some space or choose another output_dir" if e.errno == errno.ENOSPC else ""
-        return f"{e.strerror or e}{where}{hint}"
+        if e.errno == errno.ENOSPC:
+            return f"{e.strerror} writing {e.filename or 'a file'}; free some space or choose another output_dir"
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
     if isinstance(e, (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, yaml.YAMLError,
                       UnicodeError)):
         return " ".join(str(e).split())
