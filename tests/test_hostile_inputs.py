@@ -262,6 +262,12 @@ def test_markup_in_user_values_is_printed_as_is(tiny_cfg, tmp_path, capsys, valu
     assert f"got str '{value}'" in _error_line(capsys)
 
 
+def test_markup_in_a_class_name_is_printed_as_is(tiny_cfg, tmp_path, capsys):
+    raw = tiny_cfg("cls", data={"classes": ["[/x]", "[bold]Car"]})
+    assert main(["train", str(_yaml(raw, tmp_path / "c.yaml"))]) == 2
+    assert "['[/x]', '[bold]Car']" in _error_line(capsys)
+
+
 # ------------------------------------------------------------------ 15.6 YAML floats
 def test_exponent_floats_are_floats(tmp_path):
     from aidkd.engine.config import load_config
