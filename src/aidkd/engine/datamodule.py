@@ -22,7 +22,21 @@ def synth_root(cfg: DataConfig) -> Path:
     return Path("runs") / "synth_cache" / key
 
 
+def check_format_matches_root(cfg: DataConfig) -> None:
+    """A ``data.root`` that looks like another format than ``data.format`` is an error naming the one to set."""
+    from aidkd.data.layout import format_mismatch
+    from aidkd.data.structures import DatasetError
+
+    if cfg.root:
+        msg = format_mismatch(cfg.root, cfg.format)
+        if msg:
+            raise DatasetError(msg, file=cfg.root)
+
+
 def ensure_synth(cfg: DataConfig) -> Path:
+    """Generate the scenes unless ``synth_root`` already holds them; never writes into a folder aidkd did not
+    generate (``generate_synth`` refuses it)."""
+    check_format_matches_root(cfg)
     root = synth_root(cfg)
     done = root / ".complete"
     if not done.exists():
@@ -60,15 +74,17 @@ def load_records(cfg: DataConfig, split: str, classes: list[str]):
 
 def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | None):
     if cfg.format == "coco":
+        check_format_matches_root(cfg)
         ann = cfg.train_ann if split == "train" else cfg.val_ann
         images = cfg.train_images if split == "train" else cfg.val_images
         if not ann or not images:
             raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data")
         records, _ = load_coco_records(ann, images, classes, errors=errors)
         return records
-    root = ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root or "")
     if cfg.format == "kitti" and not cfg.root:
         raise ValueError("data.root is required for KITTI data")
+    check_format_matches_root(cfg)
+    root = ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root or "")
     split_name = cfg.train_split if split == "train" else cfg.val_split
     split_file = cfg.train_split_file if split == "train" else cfg.val_split_file
     return load_kitti_records(root, split=split_name, split_file=split_file, val_fraction=cfg.val_fraction,
