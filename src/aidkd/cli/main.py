@@ -71,7 +71,12 @@ def cmd_predict(args) -> int:
 def cmd_eval_kitti(args) -> int:
     from aidkd.eval.kitti_io import evaluate_kitti_dirs, format_kitti_table
 
-    result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir)
+    stems = None
+    if args.split:
+        from aidkd.data import read_split_file
+
+        stems = read_split_file(args.split)
+    result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir, stems=stems)
     console.print(format_kitti_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
     p.add_argument("gt_label_dir")
     p.add_argument("pred_dir")
+    p.add_argument("--split", metavar="FILE",
+                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt); "
+                        "default: every label file (a label file without prediction file counts as no detections)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_eval_kitti)
 
