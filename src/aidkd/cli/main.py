@@ -63,7 +63,7 @@ def cmd_predict(args) -> int:
 
     cfg = _load(args)
     n = predict_command(cfg, args.checkpoint, Path(args.out), source=args.input, draw=args.draw,
-                        score_thresh=args.score_thresh)
+                        score_thresh=args.score_thresh, fmt=args.format)
     console.print(f"wrote predictions for {n} images to {args.out}")
     return 0
 
@@ -165,13 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the metrics (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="write KITTI-format predictions (and drawn images/video)")
+    p = sub.add_parser("predict", help="write KITTI prediction files or a COCO results json (and drawn images/video)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--input", help="a folder of images or a video file (default: the configured val set)")
     p.add_argument("--draw", action="store_true", help="also write images (or a video) with boxes drawn")
-    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="keep detections scoring at least this (default: the config's eval.score_thresh, 0.05 "
+                        "unless set: the threshold eval scores with)")
+    p.add_argument("--format", choices=["kitti", "coco"], default=None,
+                   help="kitti: one <stem>.txt per image (whitespace in class names written as %%20); coco: "
+                        "OUT/predictions.json, a COCO results list (default: coco for COCO data, else kitti)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")

@@ -99,11 +99,14 @@ class DetectionDataModule(L.LightningDataModule):
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None
 
-    def make_dataset(self, split: str, train: bool) -> DetectionDataset:
+    def make_dataset(self, split: str, train: bool, resize: bool | None = None) -> DetectionDataset:
+        """``resize`` defaults to ``train``: evaluation datasets hand the model original images, which its own
+        transform resizes exactly as ``predict`` and the exported ONNX graph do."""
         c = self.cfg
         return DetectionDataset(load_records(c, split, self.classes), self.classes, self.ignore_classes,
                                 min_size=c.min_size, max_size=c.max_size, train=train,
-                                hflip_prob=c.hflip if train else 0.0, skip_invalid=c.skip_invalid)
+                                hflip_prob=c.hflip if train else 0.0, skip_invalid=c.skip_invalid,
+                                resize=train if resize is None else resize)
 
     def prepare_data(self) -> None:
         if self.cfg.format == "synth":

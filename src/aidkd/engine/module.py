@@ -148,7 +148,7 @@ class DetectionTask(L.LightningModule):
         preds = self.model(images)
         for p, t in zip(preds, targets):
             sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
-            keep = p["scores"] >= self.cfg.eval.score_thresh
+            keep = (p["scores"] >= self.cfg.eval.score_thresh) & (p["labels"] >= 1)  # as predict: 0 is background
             # Back to original pixels with the dataset's exact per-axis factors (validation never flips).
             boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy], device=p["boxes"].device)
             self._val_preds.append((int(t["image_id"]), {"boxes": boxes.cpu(), "scores": p["scores"][keep].cpu(),

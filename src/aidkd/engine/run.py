@@ -118,7 +118,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict
 
 
 @torch.no_grad()
-def predict_images(model: torch.nn.Module, images: list[torch.Tensor], score_thresh: float = 0.3) -> list[dict]:
+def predict_images(model: torch.nn.Module, images: list[torch.Tensor], score_thresh: float = 0.05) -> list[dict]:
     """Detections for a list of CHW [0,1] tensors, boxes in those tensors' pixels."""
     model.eval()
     out = model(images)
