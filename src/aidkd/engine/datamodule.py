@@ -91,6 +91,32 @@ def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | 
                               seed=cfg.split_seed, errors=errors)
 
 
+def check_configured_data(cfg: DataConfig) -> None:
+    """The full check of ``aidkd data check`` on the configured data (every label line, split file and image,
+    fully decoded): every problem is raised in one :class:`DatasetError` (all listed, the same messages as
+    ``data check``; its headline names the dataset). ``data.skip_invalid`` skips this (bad images are then left
+    out and counted)."""
+    from aidkd.data import check_dataset, combine_errors, sort_errors
+
+    if cfg.skip_invalid:
+        return
+    if cfg.format == "coco":
+        sources = [(ann, images) for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images))
+                   if ann]
+        sources = list(dict.fromkeys(sources))  # train and val may share a json
+        fmt = "coco"
+    else:
+        if cfg.format == "kitti" and not cfg.root:
+            raise ValueError("data.root is required for KITTI data")
+        sources = [(ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root), None)]
+        fmt = "kitti"
+    for path, images in sources:
+        problems = sort_errors(check_dataset(path, fmt=fmt, image_dir=images))
+        if problems:
+            raise combine_errors(problems, what=f"{path} (found by the same check as `aidkd data check`)",
+                                 limit=None, file=path)
+
+
 class DetectionDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig):
         super().__init__()

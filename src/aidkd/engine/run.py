@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
-from aidkd.engine.datamodule import DetectionDataModule
+from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
 from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import DetectionTask
 
@@ -89,6 +89,7 @@ def train(cfg: RunConfig, resume: str | bool | None = None, extra_callbacks=()) 
         torch.use_deterministic_algorithms(True, warn_only=True)
     dm = DetectionDataModule(cfg.data)
     dm.prepare_data()
+    check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
     dm.setup("fit")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
     trainer = build_trainer(cfg, out_dir, extra_callbacks)
