@@ -108,7 +108,29 @@ class DetectionTask(L.LightningModule):
         if self.distiller is not None and self._logging_step():  # AID statistics sync the device: not every step
             for k, v in self.distiller.last_stats.items():
                 self.log(f"aid/{k}", float(v), batch_size=bs)
+            self._record_aid_weights(targets)
         return total
+
+    def _record_aid_weights(self, targets: list[dict]) -> None:
+        """Append this step's AID instance weights and their classes to ``<output_dir>/aid_weights.jsonl`` (one
+        line a logging step: ``step``, ``weights``, ``classes``), the source of the report's weight histogram."""
+        aid = self.distiller.aid
+        per_instance = getattr(self.distiller, "_last_per_instance", None)
+        if aid is None or per_instance is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        weights, classes = [], []
+        for w, t in zip(aid.instance_weights(per_instance), targets):
+            labels = t["labels"].tolist()
+            if len(labels) != w.numel():  # not one weight per positive box: nothing to attribute
+                return
+            weights += [round(float(v), 5) for v in w.detach().float().cpu()]
+            classes += [self.classes[lab - 1] for lab in labels]
+        if weights:
+            import json
+            from pathlib import Path
+
+            with open(Path(self.cfg.output_dir) / "aid_weights.jsonl", "a") as f:
+                f.write(json.dumps({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""
