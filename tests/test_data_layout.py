@@ -90,3 +90,14 @@ def test_format_is_required_with_a_root(tmp_path):
         load_config(path)
     assert load_config(path, ["data.format=synth"]).data.format == "synth"
     assert config_from_dict({}).data.format == "synth"  # no root: the synth cache, as before
+
+
+def test_changed_synth_parameters_regenerate_the_folder(tmp_path):
+    root = tmp_path / "s"
+    cfg = config_from_dict({"data": {"format": "synth", "root": str(root),
+                                     "synth": {"num_images": 3, "width": 64, "height": 32}}}).data
+    ensure_synth(cfg)
+    assert len(list((root / "training" / "image_2").iterdir())) == 3
+    cfg.synth.num_images = 5
+    ensure_synth(cfg)  # .complete alone would have kept the 3 old scenes
+    assert len(list((root / "training" / "image_2").iterdir())) == 5

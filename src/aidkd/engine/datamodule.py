@@ -39,13 +39,35 @@ def ensure_synth(cfg: DataConfig) -> Path:
     check_format_matches_root(cfg)
     root = synth_root(cfg)
     done = root / ".complete"
+    s = cfg.synth
+    if done.exists() and synth_params(root) not in (None, _wanted_params(cfg)):
+        log.info("data.synth differs from the scenes in %s: regenerating them", root)
+        done.unlink()
     if not done.exists():
-        s = cfg.synth
         log.info("generating %d synthetic driving scenes in %s", s.num_images, root)
         generate_synth(root, num_images=s.num_images, seed=s.seed, width=s.width, height=s.height,
                        hard_fraction=s.hard_fraction, mislabel_fraction=s.mislabel_fraction)
         done.write_text("ok\n")
     return root
+
+
+def _wanted_params(cfg: DataConfig) -> dict:
+    s = cfg.synth
+    return {"seed": s.seed, "num_images": s.num_images, "width": s.width, "height": s.height,
+            "hard_fraction": s.hard_fraction, "mislabel_fraction": s.mislabel_fraction}
+
+
+def synth_params(root: Path) -> dict | None:
+    """The generator parameters recorded in ``root``'s marker (None without a readable marker)."""
+    import json
+
+    from aidkd.data.layout import SYNTH_MARKER
+
+    try:
+        data = json.loads((root / SYNTH_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: data.get(k) for k in _wanted_params(DataConfig())} if isinstance(data, dict) else None
 
 
 def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
