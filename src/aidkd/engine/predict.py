@@ -5,6 +5,7 @@ Images go to the model at their original size; its own transform resizes them --
 and the exported ONNX graph, so ``eval``'s metrics are those of what ``predict`` and ``export`` ship."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def default_output_format(cfg: RunConfig) -> str:
 
 def _category_ids(cfg: RunConfig, classes: list[str]) -> list[int]:
     """The COCO category id of each class (from the configured json), or 1..K without one."""
-    ann = cfg.data.val_ann or cfg.data.train_ann if cfg.data.format == "coco" else None
+    ann = (cfg.data.val_ann or cfg.data.train_ann) if cfg.data.format == "coco" else None
     if not ann:
         return list(range(1, len(classes) + 1))
     from aidkd.data import coco_category_ids
@@ -137,7 +138,7 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
         ids = (int(r.image_id) for r in records)
     else:
         items = iter_source(Path(source))
-        ids = iter(range(10 ** 12))
+        ids = itertools.count()
     results: list[dict] = []
     drawn_dir = out / "drawn"
     writer = None
