@@ -56,7 +56,7 @@ def data_stats(data: dict) -> dict:
     dm = DetectionDataModule(cfg.data)
     out = {"classes": dm.classes}
     for split in ("train", "val"):
-        ds = dm.make_dataset(split, train=False)
+        ds = dm.make_dataset(split, train=False, resize=True)  # the tensor sizes training sees
         pos, ign, sizes = Counter(), 0, Counter()
         for i in range(len(ds)):
             img, t = ds[i]

@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from aidkd.data import DatasetError, check_dataset, combine_errors
+from aidkd.data import DatasetError, check_dataset, combine_errors, sort_errors
 
 CAR = "Car 0.00 0 0 1 1 10 10 1 1 1 1 1 1 1"
 
@@ -19,7 +20,8 @@ def png(path: Path, w: int = 40, h: int = 20) -> bytes:
     return path.read_bytes()
 
 
-def test_kitti_every_problem(tmp_path):
+def broken_kitti(tmp_path) -> Path:
+    """A KITTI root with nine problems of seven kinds."""
     root = tmp_path / "k"
     img, lbl = root / "training" / "image_2", root / "training" / "label_2"
     for i in range(6):
@@ -37,6 +39,11 @@ def test_kitti_every_problem(tmp_path):
     (root / "ImageSets").mkdir()
     (root / "ImageSets" / "train.txt").write_text("000000\n000001\n000042\n")
     (root / "ImageSets" / "val.txt").write_text("000001\n000002\n")
+    return root
+
+
+def test_kitti_every_problem(tmp_path):
+    root = broken_kitti(tmp_path)
     errs = check_dataset(root)
     assert all(isinstance(e, DatasetError) for e in errs)
     got = sorted(f"{Path(e.file).name}:{e.line}" for e in errs)
@@ -91,3 +98,26 @@ def test_clean_dataset_and_combine(tmp_path):
     errs = [DatasetError("a", file="f", line=1), DatasetError("b", file="g", location="x")]
     c = combine_errors(errs, what="thing")
     assert str(c) == "f:1: 2 problems in thing:\n  f:1: a\n  g [x]: b" and c.problems == errs
+
+
+def test_train_reports_every_problem_of_data_check(tmp_path, capsys):
+    """`train` runs the same full check as `aidkd data check`: every problem, the same messages, the root named."""
+    from aidkd.cli.main import main
+    from aidkd.engine.config import config_from_dict
+    from aidkd.engine.run import train
+
+    root = broken_kitti(tmp_path)
+    expected = [e.format() for e in sort_errors(check_dataset(root))]
+    assert len(expected) == 9
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "data": {"format": "kitti", "root": str(root)},
+                            "model": {"fpn_channels": 16}})
+    with pytest.raises(DatasetError) as e:
+        train(cfg)
+    assert [p.format() for p in e.value.problems] == expected
+    assert str(e.value).startswith(f"{root}: 9 problems in {root}")
+    assert all(line in str(e.value) for line in expected)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'run2'}\ndata: {{format: kitti, root: {root}}}\n")
+    assert main(["train", str(path)]) == 2
+    out = "".join(capsys.readouterr().out.split())  # whitespace-free: rich wraps long lines (issue 15's item)
+    assert [line for line in expected if "".join(line.split()) not in out] == []

@@ -192,3 +192,29 @@ def test_bad_arguments(tmp_path):
         DetectionDataset([r], classes=["Car"], ignore_classes=["Car"])
     with pytest.raises(ValueError):
         DetectionDataset([r], classes=[])
+
+
+def test_training_resize_is_the_models_resize():
+    """The dataset resizes as torchvision's GeneralizedRCNNTransform (what eval, predict and ONNX run)."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    from aidkd.data import resize_tensor
+
+    img = torch.rand(3, 100, 300, generator=torch.Generator().manual_seed(0))
+    ours, scale, (sx, sy) = resize_tensor(img, 48, 144)
+    theirs, _ = _resize_image_and_masks(img, 48, 144)
+    assert ours.shape == theirs.shape == (3, 48, 144) and scale == pytest.approx(0.48) and (sx, sy) == (0.48, 0.48)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    same, s1, _ = resize_tensor(ours, 48, 144)
+    assert s1 == 1.0 and torch.equal(same, ours)
+
+
+def test_eval_dataset_gives_original_images(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(path)
+    rec = ImageRecord(image_path=path, image_id=1, objects=[ObjectAnnotation("Car", (20.0, 10.0, 60.0, 50.0))])
+    img, t = DetectionDataset([rec], min_size=50, max_size=1000, resize=False)[0]
+    assert img.shape == (3, 100, 200) and t["scale"] == 1.0 and t["scale_xy"] == (1.0, 1.0)
+    assert t["boxes"].tolist() == [[20.0, 10.0, 60.0, 50.0]]
+    img2, t2 = DetectionDataset([rec], min_size=50, max_size=1000)[0]
+    assert img2.shape == (3, 50, 100) and t2["boxes"].tolist() == [[10.0, 5.0, 30.0, 25.0]]

@@ -145,6 +145,14 @@ def test_distill_run_logs_terms_and_weight_images(tiny_cfg, teacher_file):
             "aid/instance_w_min", "aid/instance_w_max"} <= scalars
     w = [e.value for e in acc.Scalars("aid/instance_w_mean")]
     assert all(0 < v <= 1 for v in w)
+    # the instance weights themselves, with their classes, for the report's histogram (one line a logging step)
+    from aidkd.report import read_aid_weights
+
+    weights, classes, steps = read_aid_weights(Path(cfg.output_dir) / "aid_weights.jsonl")
+    assert weights and len(weights) == len(classes) and set(classes) <= {"Car", "Pedestrian", "Cyclist"}
+    assert all(0 < v <= 1 for v in weights) and len(set(steps)) == len(w)
+    means = {s: [v for v, t in zip(weights, steps) if t == s] for s in set(steps)}
+    assert sorted(sum(v) / len(v) for v in means.values()) == pytest.approx(sorted(w), rel=1e-3)
 
 
 def test_distill_checkpoint_saves_student_once_and_resumes_exactly(tiny_cfg, teacher_file):

@@ -1,6 +1,8 @@
 """KITTI prediction files and directory evaluation."""
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import numpy as np
@@ -55,8 +57,7 @@ def test_write_other_inputs(tmp_path):
         write_kitti_predictions(tmp_path / "c.txt", {"boxes": [[0, 0, 1, 1]], "scores": [1.0], "labels": [4]}, CLASSES)
     with pytest.raises(ValueError, match="class_names"):
         write_kitti_predictions(tmp_path / "c.txt", {"boxes": [[0, 0, 1, 1]], "scores": [1.0], "labels": [1]})
-    with pytest.raises(ValueError):
-        format_prediction_line("Person sitting", (0, 0, 1, 1), 0.5)
+    assert format_prediction_line("Person sitting", (0, 0, 1, 1), 0.5).startswith("Person%20sitting -1 -1 ")
 
 
 @pytest.mark.parametrize("line, match", [
@@ -129,3 +130,39 @@ def test_evaluate_dirs_errors(tmp_path):
     with pytest.raises(DatasetError) as e:
         evaluate_kitti_dirs(gt, pr)
     assert e.value.file.endswith("000001.txt") and e.value.line == 1
+
+
+def test_label_files_without_predictions_are_counted_in_a_warning(tmp_path, caplog):
+    gt, pr = _make_dirs(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aidkd.eval"):
+        evaluate_kitti_dirs(gt, pr)
+    assert "1 of 3 label files have no prediction file" in caplog.text and "000002.txt" in caplog.text
+    assert "--split FILE" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aidkd.eval"):
+        evaluate_kitti_dirs(gt, pr, stems=["000000", "000001"])
+    assert "no prediction file" not in caplog.text
+
+
+def test_eval_kitti_cli_split_file(tmp_path, capsys):
+    from aidkd.cli.main import main
+
+    gt, pr = _make_dirs(tmp_path)
+    split = tmp_path / "val.txt"
+    split.write_text("000000\n000001\n")
+    out = tmp_path / "r.json"
+    assert main(["eval-kitti", str(gt), str(pr), "--split", str(split), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["Car"]["moderate"] == 100.0 and math.isnan(res["Pedestrian"]["easy"])  # the miss is out of the split
+    assert main(["eval-kitti", str(gt), str(pr), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["Pedestrian"]["easy"] == 0.0
+
+
+def test_class_names_with_spaces_round_trip(tmp_path):
+    path = write_kitti_predictions(tmp_path / "p.txt", [("fire hydrant", (1, 2, 3, 4), 0.5),
+                                                         ("100%\tsure", (1, 2, 3, 4), 0.25), ("Car", (1, 2, 3, 4), 0.1)])
+    first = path.read_text().splitlines()[0]
+    assert first.split()[0] == "fire%20hydrant" and len(first.split()) == 16
+    assert [d.cls for d in read_kitti_predictions(path)] == ["fire hydrant", "100%\tsure", "Car"]
+    with pytest.raises(ValueError, match="empty"):
+        write_kitti_predictions(tmp_path / "q.txt", [("", (1, 2, 3, 4), 0.5)])

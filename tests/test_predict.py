@@ -103,3 +103,83 @@ def test_predict_on_image_folder(tmp_path, model_file):
     assert [p.name for p in out2.iterdir()] == ["img1.txt"]
     with pytest.raises(FileNotFoundError, match="no images"):
         predict_command(_cfg(), model_file, out2, source=str(tmp_path / "out2"))
+
+
+def _folder(tmp_path, n=3):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(_scenes(n)):
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_default_score_threshold_is_the_eval_threshold(tmp_path, model_file, capsys):
+    from aidkd.cli.main import main
+
+    folder = _folder(tmp_path)
+    out = tmp_path / "out"
+    predict_command(_cfg(), model_file, out, source=str(folder))
+    scores = [d.score for p in sorted(out.glob("*.txt")) for d in read_kitti_predictions(p)]
+    assert scores and min(scores) >= 0.05 and min(scores) < 0.3  # the old default (0.3) wrote none of these
+    cfg = config_from_dict({"data": {"format": "synth", "min_size": H, "max_size": W}, "eval": {"score_thresh": 0.5}})
+    predict_command(cfg, model_file, tmp_path / "out2", source=str(folder))
+    scores2 = [d.score for p in sorted((tmp_path / "out2").glob("*.txt")) for d in read_kitti_predictions(p)]
+    assert scores2 and min(scores2) >= 0.5 and len(scores2) < len(scores)
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "eval.score_thresh, 0.05" in text and "--format {kitti,coco}" in text
+
+
+@pytest.fixture(scope="module")
+def coco_setup(tmp_path_factory):
+    """A 3-image COCO json whose categories have a space in a name, and a detector for its two classes."""
+    import json
+
+    root = tmp_path_factory.mktemp("coco")
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i, img in enumerate(_scenes(3)):
+        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
+        images.append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": W, "height": H})
+        anns.append({"id": 1 + i, "image_id": 100 + i, "category_id": 11, "bbox": [10, 10, 20, 30], "area": 600,
+                     "iscrowd": 0})
+    cats = [{"id": 3, "name": "car"}, {"id": 11, "name": "fire hydrant"}]
+    ann = root / "val.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    torch.manual_seed(0)
+    classes = ["car", "fire hydrant"]
+    model = build_detector("retinanet", "resnet18", 3, min_size=H, max_size=W, fpn_channels=16)
+    with torch.no_grad():
+        for name, p in model.head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif "cls_logits" in name:
+                p.fill_(-2.0)
+    path = save_model_file(root / "model.pt", model, model_meta(model, classes, H, W, {}))
+    cfg = config_from_dict({"data": {"format": "coco", "train_ann": str(ann), "train_images": str(root / "images"),
+                                     "val_ann": str(ann), "val_images": str(root / "images"),
+                                     "min_size": H, "max_size": W}})
+    return cfg, path, ann
+
+
+def test_predict_on_coco_writes_a_coco_results_json(tmp_path, coco_setup):
+    import json
+
+    from pycocotools.coco import COCO
+
+    cfg, model_path, ann = coco_setup
+    out = tmp_path / "out"
+    assert predict_command(cfg, model_path, out) == 3  # the default for COCO data: --format coco
+    assert [p.name for p in out.iterdir()] == ["predictions.json"]
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {100, 101, 102}
+    assert {r["category_id"] for r in results} == {3, 11} and min(r["score"] for r in results) >= 0.05
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and r["bbox"][3] >= 0 for r in results)
+    gt = COCO(str(ann))
+    assert len(gt.loadRes(str(out / "predictions.json")).getAnnIds()) == len(results)
+    # KITTI files are still possible; the space is escaped and read back
+    predict_command(cfg, model_path, tmp_path / "k", fmt="kitti")
+    names = {d.cls for p in (tmp_path / "k").glob("*.txt") for d in read_kitti_predictions(p)}
+    assert names == {"car", "fire hydrant"}
+    assert "fire%20hydrant" in (tmp_path / "k" / "000.txt").read_text() + (tmp_path / "k" / "001.txt").read_text()

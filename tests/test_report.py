@@ -13,7 +13,7 @@ import torch
 from aidkd.engine.config import config_from_dict, dump_config
 from aidkd.engine.model_io import model_meta, save_model_file
 from aidkd.models import build_detector
-from aidkd.report import build_report, discover_runs, tensorboard_images
+from aidkd.report import ap_noise, best_row, build_report, discover_runs, read_aid_weights, tensorboard_images
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 MIN, MAX = 64, 192  # the conftest synth set: 192x64 scenes
@@ -50,7 +50,10 @@ def _write_run(run_dir, cfg: dict, ap: float, tb_images: bool = False):
     (run_dir / "metrics_history.jsonl").write_text(
         "\n".join(json.dumps(dict(_metrics(ap * f), epoch=e)) for e, f in enumerate((0.5, 1.0))) + "\n")
     (run_dir / "csv").mkdir()
-    rows = ["epoch,step,train/loss,val/coco/AP"] + [f"0,{s},{2.0 - 0.1 * s}," for s in range(8)] + [f"1,8,,{ap}"]
+    # loss terms as DetectionTask logs them: train/<detection term>, train/distill/<method>/<term>, train/loss
+    rows = [("epoch,step,train/loss,train/classification,train/bbox_regression,train/distill/attention/am,"
+             "val/coco/AP")]
+    rows += [f"0,{s},{2.0 - 0.1 * s},{1.5 - 0.1 * s},0.4,0.1," for s in range(8)] + [f"1,8,,,,,{ap}"]
     (run_dir / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     if tb_images:
         from torch.utils.tensorboard import SummaryWriter
@@ -79,6 +82,9 @@ def demo_folder(tmp_path_factory, synth_root):
               distill={"teacher": {"checkpoint": str(root / "teacher" / "model_best.pt")},
                        "methods": [{"name": "attention", "params": {}}], "aid": {"enabled": True}})
     _write_run(root / "kd_aid", kd, 30.0, tb_images=True)
+    (root / "kd_aid" / "aid_weights.jsonl").write_text(
+        json.dumps({"step": 0, "weights": [1.0, 0.5, 0.25], "classes": ["Car", "Car", "Pedestrian"]}) + "\n" +
+        json.dumps({"step": 10, "weights": [0.75], "classes": ["Car"]}) + "\nnot json\n")
     broken = root / "broken"
     broken.mkdir()
     (broken / "best_metrics.json").write_text(json.dumps({"coco/AP": 1.5}))
@@ -182,3 +188,51 @@ def test_report_renders_in_chromium(demo_report, tmp_path):
                 "distill-images-kd_aid", "speed-kd_aid"):
         assert f'id="{sid}"' in dom, sid
     assert "aidkd report" in dom and dom.count("<img") >= 10 and "<table" in dom
+
+
+def test_report_aid_weights_loss_terms_and_samples(demo_report):
+    page = demo_report.read_text()
+    kd = page[page.index('id="run-kd_aid"'):page.index('id="run-broken"')]
+    aid = kd[kd.index('id="aid-weights-kd_aid"'):kd.index('id="distill-images-kd_aid"')]
+    assert "4 positive instances over 2 logging steps" in aid and 'src="data:image/png;base64,' in aid
+    # per class: Car 1.0, 0.5, 0.75 (mean 0.75); Pedestrian 0.25
+    assert "<td>Car</td><td>3</td><td>0.7500</td>" in aid and "<td>Pedestrian</td><td>1</td><td>0.2500</td>" in aid
+    losses = kd[kd.index('id="losses-kd_aid"'):kd.index('id="speed-kd_aid"')]
+    assert 'src="data:image/png;base64,' in losses
+    assert "<td>distill/attention/am</td><td>distillation</td>" in losses
+    assert "<td>classification</td><td>detection</td><td>1.5</td>" in losses
+    teacher = page[page.index('id="run-teacher"'):page.index('id="run-kd_aid"')]
+    assert "not available: not a distillation run" in teacher[teacher.index('id="aid-weights-teacher"'):]
+    # samples: the detections eval scores, at eval.score_thresh (0.05), not a separate drawing threshold
+    samples = kd[kd.index('id="samples-kd_aid"'):kd.index('id="aid-weights-kd_aid"')]
+    assert samples.count("detections &gt;= 0.05 (eval.score_thresh)") == 2
+
+
+def test_read_aid_weights(tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text('{"step": 3, "weights": [0.5, 1], "classes": ["a", "b"]}\n{"step": 4, "weights": [1]}\n')
+    assert read_aid_weights(p) == ([0.5, 1.0], ["a", "b"], [3, 3])
+
+
+def test_best_only_beyond_noise():
+    assert ap_noise(50.0, 100) == pytest.approx(5.0) and ap_noise(0.0, 100) == pytest.approx(1.0)
+    assert np.isnan(ap_noise(10.0, 0))
+    assert best_row([30.0, 29.0], [1.0, 1.0]) is None  # 1 point apart, noise 1.4 each way
+    assert best_row([40.0, 30.0, 20.0], [1.0, 1.0, 1.0]) == 0
+    assert best_row([5.0, 10.0], [0.1, 0.1], higher=False) == 0
+    assert best_row([40.0, 30.0], [float("nan"), 1.0]) is None and best_row([40.0], [1.0]) is None
+
+
+def test_comparison_delta_digits_and_noise(tmp_path):
+    from aidkd.report import EvalResult, Run, _comparison_html
+
+    def run(name, ap, n_gt):
+        m = {"coco/AP": ap, "coco/AP50": 2 * ap, "voc/mAP50": 2 * ap, "kitti/moderate_mAP": ap}
+        return Run(name=name, path=tmp_path / name, metrics=m,
+                   evaluation=EvalResult(m, None, [], 10, 10, 0.0, n_gt=n_gt))
+
+    html = _comparison_html([run("student", 12.34, 5000), run("kd", 12.87, 5000), run("kd_aid", 20.0, 5000)])
+    assert "Δ COCO AP vs student" in html and "+0.53" in html and "+7.66" in html and "12.34" in html
+    assert html.count('class="best"') == 4  # kd_aid's AP, AP50, VOC, KITTI moderate: far beyond the noise
+    close = _comparison_html([run("student", 12.34, 50), run("kd", 12.87, 50)])
+    assert 'class="best"' not in close  # 0.5 points on 50 boxes is noise

@@ -10,12 +10,17 @@ For every run (a folder with ``config.yaml``, ``model_best.pt``, ``best_metrics.
   re-evaluation (:class:`aidkd.eval.KittiAPResult` curves);
 * training curves (``csv/metrics.csv`` or ``metrics_history.jsonl``);
 * speed: parameters and CPU latency of one image at the configured size, for the model and its teacher;
-* sample predictions on val images (predictions coloured per class, ground truth in white);
-* the AID instance-weight and teacher attention images logged to TensorBoard (``distill/instance_weights``,
-  ``distill/teacher_spatial_attention``).
+* detection vs distillation loss terms over training (the ``train/*`` columns of ``csv/metrics.csv``);
+* sample predictions on val images at the evaluation threshold ``eval.score_thresh`` (predictions coloured per
+  class, ground truth in white);
+* the AID weights: a histogram and per-class weights on one colour scale, from the weights training logged
+  (``aid_weights.jsonl``), and the AID instance-weight and teacher attention images logged to TensorBoard
+  (``distill/instance_weights``, ``distill/teacher_spatial_attention``).
 
 A folder holding several runs (e.g. ``teacher``, ``student``, ``kd``, ``kd_aid`` of ``aidkd demo``) gets a
-comparison table, a speed table and overlaid PR curves first. Anything that cannot be produced (no model file, no
+comparison table (with each run's difference to the ``student`` baseline), a speed table and overlaid PR curves
+first. A value is marked best only where it beats the runner-up by more than twice their combined noise
+(:func:`ap_noise`; latency: the spread of the timed passes). Anything that cannot be produced (no model file, no
 data, no TensorBoard images, ...) is shown as "not available" with the reason, never raised.
 """
 from __future__ import annotations
@@ -40,19 +45,21 @@ import torch
 
 log = logging.getLogger("aidkd.report")
 
-__all__ = ["DISTILL_IMAGE_TAGS", "SECTION_IDS", "build_report", "discover_runs", "tensorboard_images"]
+__all__ = ["DISTILL_IMAGE_TAGS", "SECTION_IDS", "ap_noise", "best_row", "build_report", "discover_runs",
+           "read_aid_weights", "tensorboard_images"]
 
 DISTILL_IMAGE_TAGS = {"distill/instance_weights": "AID instance weights (red: low weight) over the input",
                       "distill/teacher_spatial_attention": "teacher spatial attention (finest FPN level)"}
 # element ids of the page's sections (the per-run ones get a "-<run>" suffix)
-SECTION_IDS = ("overview", "comparison", "metrics", "per-class", "pr-curves", "training", "speed", "samples",
-               "distill-images")
+SECTION_IDS = ("overview", "comparison", "metrics", "per-class", "pr-curves", "training", "losses", "speed",
+               "samples", "aid-weights", "distill-images")
 RUN_ORDER = ("teacher", "student", "kd", "kd_aid")
 HEADLINE = ("coco/AP", "coco/AP50", "coco/AP75", "coco/APs", "coco/APm", "coco/APl", "voc/mAP50",
             "kitti/moderate_mAP")
 DIFFICULTIES = ("easy", "moderate", "hard")
-DRAW_SCORE = 0.3  # score threshold of the drawn sample predictions
-MAX_DRAWN = 30  # most confident detections drawn per sample image
+MAX_DRAWN = 30  # most confident detections (at or above eval.score_thresh) drawn per sample image
+BASELINE = "student"  # the run the comparison's differences are against
+DIGITS = 2  # decimals of metric values (percent)
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -80,6 +87,7 @@ class EvalResult:
     n_images: int
     n_total: int
     seconds: float
+    n_gt: int = 0  # positive ground-truth boxes of the evaluated images (the noise of AP, ap_noise)
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Speed:
     latency_ms: float
     size: tuple[int, int]
     device: str = "cpu"
+    spread_ms: float = 0.0  # standard deviation of the timed passes
 
 
 @dataclass
@@ -246,6 +255,7 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
     thresh = run.cfg.eval.score_thresh
     bs = max(1, run.cfg.data.val_batch_size or run.cfg.data.batch_size)
     samples = []
+    n_gt = 0
     for start in range(0, n, bs):
         images, targets = collate_fn([ds[i] for i in range(start, min(n, start + bs))])
         preds = model([im.to(device) for im in images])
@@ -257,17 +267,21 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
             boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy])
             ids.append(int(t["image_id"]))
             dets.append({"boxes": boxes, "scores": p["scores"][keep], "labels": p["labels"][keep]})
+            n_gt += len(t["boxes"])
             if len(samples) < num_samples:
-                shown = torch.nonzero((p["scores"] >= max(thresh, DRAW_SCORE)) & (p["labels"] >= 1))[:, 0]
+                # the detections eval scores (>= eval.score_thresh), the most confident MAX_DRAWN drawn
+                shown = torch.nonzero(keep)[:, 0]
                 shown = shown[p["scores"][shown].argsort(descending=True)[:MAX_DRAWN]]
-                det = {k: v[shown] for k, v in p.items()}
+                det = {k: v[shown] for k, v in p.items()}  # in the pixels of ``im``, as its ground truth
                 name = Path(ds.records[start + len(ids) - 1].image_path).name
-                caption = (f"{name}: {len(shown)} detections >= {max(thresh, DRAW_SCORE):g} (at most {MAX_DRAWN}), "
+                drawn = (f"all {int(keep.sum())}" if int(keep.sum()) <= MAX_DRAWN
+                         else f"the {MAX_DRAWN} most confident of {int(keep.sum())}")
+                caption = (f"{name}: {drawn} detections >= {thresh:g} (eval.score_thresh), "
                            f"{len(t['boxes'])} ground truth (white)")
                 samples.append((_draw_sample(im, det, t["boxes"], dm.classes), caption))
         evaluator.update(ids, dets)
     metrics = evaluator.compute()
-    return EvalResult(metrics, evaluator.kitti_result, samples, n, n_total, time.perf_counter() - t0)
+    return EvalResult(metrics, evaluator.kitti_result, samples, n, n_total, time.perf_counter() - t0, n_gt=n_gt)
 
 
 @torch.no_grad()
@@ -282,7 +296,8 @@ def measure_speed(model: torch.nn.Module, size: tuple[int, int], runs: int = 5) 
         t0 = time.perf_counter()
         model(x)
         times.append((time.perf_counter() - t0) * 1000)
-    return Speed(sum(p.numel() for p in model.parameters()), float(statistics.median(times)), size)
+    return Speed(sum(p.numel() for p in model.parameters()), float(statistics.median(times)), size,
+                 spread_ms=float(statistics.stdev(times)) if len(times) > 1 else 0.0)
 
 
 def _speed_of(path: Path, size: tuple[int, int] | None, runs: int) -> tuple[Speed, dict]:
@@ -350,6 +365,77 @@ def _training_series(run: Run) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+def _loss_terms(run: Run) -> dict[str, list[tuple[float, float]]]:
+    """Each logged loss term by step (``train/<term>`` columns of the csv log, ``train/loss`` -- their sum --
+    left out): detection terms by their names, distillation terms as ``distill/<method>/<term>``."""
+    terms: dict[str, list[tuple[float, float]]] = {}
+    folder = run.path / "csv"
+    paths = sorted(folder.glob("**/metrics.csv")) if folder.is_dir() else []
+    for path in paths:  # a resumed run starts a new csv version: read them all, in order
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if not key or not key.startswith("train/") or key == "train/loss" or not value:
+                        continue
+                    try:
+                        x, y = float(row.get("step") or "nan"), float(value)
+                    except ValueError:
+                        continue
+                    if not (math.isnan(x) or math.isnan(y)):
+                        terms.setdefault(key.removeprefix("train/"), []).append((x, y))
+    return terms
+
+
+def _summed(terms: dict[str, list[tuple[float, float]]], keys: list[str]) -> list[tuple[float, float]]:
+    by_step: dict[float, float] = {}
+    for k in keys:
+        for x, y in terms[k]:
+            by_step[x] = by_step.get(x, 0.0) + y
+    return sorted(by_step.items())
+
+
+def read_aid_weights(path: str | Path) -> tuple[list[float], list[str], list[int]]:
+    """``(weights, classes, steps)`` of every instance in ``aid_weights.jsonl`` (written by training on logging
+    steps); unreadable lines are skipped."""
+    weights: list[float] = []
+    classes: list[str] = []
+    steps: list[int] = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            w, c = [float(v) for v in rec["weights"]], [str(v) for v in rec["classes"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if len(w) == len(c):
+            weights += w
+            classes += c
+            steps += [int(rec.get("step", -1))] * len(w)
+    return weights, classes, steps
+
+
+def ap_noise(ap: float, n_gt: int) -> float:
+    """Approximate standard error (percent points) of an AP measured on ``n_gt`` ground-truth boxes, treating AP as
+    a proportion: ``sqrt(AP (100 - AP) / n_gt)``, floored at ``100 / n_gt`` (one box more or less found)."""
+    if n_gt <= 0 or ap is None or math.isnan(ap):
+        return float("nan")
+    p = min(max(ap, 0.0), 100.0)
+    return max(math.sqrt(p * (100.0 - p) / n_gt), 100.0 / n_gt)
+
+
+def best_row(values: list[float], noise: list[float], higher: bool = True) -> int | None:
+    """Index of the best value, or ``None`` when it does not beat the runner-up by more than twice their combined
+    noise (``2 * sqrt(n_best^2 + n_second^2)``; an unknown -- nan -- noise marks nothing)."""
+    ok = [i for i, v in enumerate(values) if v is not None and not math.isnan(v)]
+    if len(ok) < 2:
+        return None
+    order = sorted(ok, key=lambda i: values[i], reverse=higher)
+    first, second = order[0], order[1]
+    combined = math.hypot(noise[first], noise[second])
+    if math.isnan(combined):
+        return None
+    return first if abs(values[first] - values[second]) > 2 * combined else None
+
+
 # ================================================================================================== plots
 
 def _pr_figure(kitti, classes: list[str], title: str) -> bytes:
@@ -415,6 +501,62 @@ def _training_figure(series: dict[str, list[tuple[float, float]]]) -> bytes:
     return _figure_png(fig)
 
 
+def _loss_figure(terms: dict[str, list[tuple[float, float]]]) -> bytes:
+    from matplotlib.figure import Figure
+
+    distill = [k for k in terms if k.startswith("distill/")]
+    detect = [k for k in terms if k not in distill]
+    fig = Figure(figsize=(10, 3.4))
+    ax_sum, ax_each = fig.subplots(1, 2)
+    for keys, label in ((detect, "detection (sum)"), (distill, "distillation (sum)")):
+        if keys:
+            xs, ys = zip(*_summed(terms, keys))
+            ax_sum.plot(xs, ys, label=label)
+    ax_sum.set_title("detection vs distillation loss")
+    for k in detect + distill:
+        xs, ys = zip(*sorted(terms[k]))
+        ax_each.plot(xs, ys, "--" if k in distill else "-", label=k, lw=1)
+    ax_each.set_title("each term")
+    if all(y > 0 for k in terms for _, y in terms[k]):
+        ax_each.set_yscale("log")
+    for ax in (ax_sum, ax_each):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+def _aid_figure(weights: list[float], classes: list[str]) -> bytes:
+    """Histogram of the weights and per-class mean weights (p10-p90 bars), bars coloured on one weight scale."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    w = np.asarray(weights, dtype=np.float64)
+    norm = Normalize(vmin=float(w.min()), vmax=max(float(w.max()), float(w.min()) + 1e-6))
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(10, 3.4))
+    ax_hist, ax_cls = fig.subplots(1, 2)
+    counts, edges = np.histogram(w, bins=30, range=(norm.vmin, norm.vmax))
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax_hist.bar(centres, counts, width=np.diff(edges), color=cmap(norm(centres)), edgecolor="none")
+    ax_hist.set_xlabel("AID instance weight")
+    ax_hist.set_ylabel("instances")
+    ax_hist.set_title(f"{len(w)} instance weights")
+    names = sorted(set(classes))
+    by_cls = {c: w[[i for i, k in enumerate(classes) if k == c]] for c in names}
+    means = [float(by_cls[c].mean()) for c in names]
+    lo = [means[i] - float(np.percentile(by_cls[c], 10)) for i, c in enumerate(names)]
+    hi = [float(np.percentile(by_cls[c], 90)) - means[i] for i, c in enumerate(names)]
+    ax_cls.barh(names, means, xerr=[lo, hi], color=cmap(norm(np.asarray(means))), capsize=3)
+    ax_cls.set_xlim(norm.vmin, norm.vmax)
+    ax_cls.set_xlabel("mean weight (bars: 10th-90th percentile)")
+    ax_cls.set_title("per class")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_hist, ax_cls], label="weight (colour scale)")
+    return _figure_png(fig)
+
+
 # ================================================================================================== HTML pieces
 
 def _e(x: Any) -> str:
@@ -441,7 +583,7 @@ def _img(png: bytes, alt: str, caption: str | None = None, min_width: int | None
     return f'<figure><img alt="{_e(alt)}" src="{src}"{size}>{cap}</figure>'
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def _fmt(v: Any, digits: int = DIGITS) -> str:
     if v is None:
         return "n/a"
     try:
@@ -451,24 +593,18 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return "n/a" if math.isnan(f) else f"{f:.{digits}f}"
 
 
-def _table(head: list[str] | None, rows: list[list[str]], best_cols: dict[int, bool] | None = None) -> str:
-    """Cells are pre-escaped HTML; ``best_cols`` {column: higher_is_better} marks each column's best value."""
-    best: dict[int, str] = {}
-    for c, higher in (best_cols or {}).items():
-        vals = []
-        for r in rows:
-            try:
-                vals.append(float(r[c]))
-            except (ValueError, IndexError):
-                pass
-        if len(vals) > 1 and max(vals) > min(vals):  # a tie everywhere marks nothing
-            best[c] = _fmt(max(vals) if higher else min(vals), 1)
+def _table(head: list[str] | None, rows: list[list[str]],
+           best: dict[int, tuple[bool, list[float], list[float]]] | None = None) -> str:
+    """Cells are pre-escaped HTML; ``best`` {column: (higher_is_better, values, noise)} (one value and noise a
+    row) marks a column's best cell where :func:`best_row` finds one beyond the noise."""
+    marked = {(i, c) for c, (higher, vals, noise) in (best or {}).items()
+              for i in [best_row(vals, noise, higher)] if i is not None}
     out = ["<table>" + ("<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>" if head
                         else "") + "<tbody>"]
-    for r in rows:
+    for row_i, r in enumerate(rows):
         cells = []
         for i, cell in enumerate(r):
-            cls = ' class="best"' if i in best and cell == best[i] else ""
+            cls = ' class="best"' if (row_i, i) in marked else ""
             cells.append(f"<td{cls}>{cell}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -586,6 +722,43 @@ def _training_html(run: Run) -> str:
     return _img(_training_figure(series), f"training curves of {run.name}")
 
 
+def _losses_html(run: Run) -> str:
+    terms = _loss_terms(run)
+    if not terms:
+        return _na("no train/<term> columns in csv/metrics.csv")
+    distill = sorted(k for k in terms if k.startswith("distill/"))
+    detect = sorted(k for k in terms if k not in distill)
+    rows = []
+    for k in detect + distill:
+        pts = sorted(terms[k])
+        tail = [y for _, y in pts[-max(1, len(pts) // 10):]]  # the last tenth of training
+        rows.append([_e(k), "distillation" if k in distill else "detection", f"{pts[0][1]:.4g}",
+                     f"{sum(tail) / len(tail):.4g}"])
+    note = "" if distill else '<p class="sub">no distillation terms (trained alone)</p>'
+    return (_img(_loss_figure(terms), f"loss terms of {run.name}") + note +
+            _table(["term", "kind", "first logged", "mean of the last tenth"], rows))
+
+
+def _aid_weights_html(run: Run) -> str:
+    if run.cfg is not None and (run.cfg.distill is None or not run.cfg.distill.aid.enabled):
+        return _na("not an AID run" if run.cfg.distill is not None else "not a distillation run")
+    path = run.path / "aid_weights.jsonl"
+    if not path.exists():
+        return _na("no aid_weights.jsonl (written by training on logging steps, train.log_every)")
+    weights, classes, steps = read_aid_weights(path)
+    if not weights:
+        return _na(f"{path.name} holds no weights")
+    rows = []
+    for c in sorted(set(classes)):
+        w = np.asarray([v for v, k in zip(weights, classes) if k == c])
+        rows.append([_e(c), str(len(w)), f"{w.mean():.4f}", f"{np.percentile(w, 10):.4f}",
+                     f"{np.median(w):.4f}", f"{np.percentile(w, 90):.4f}"])
+    sub = (f'<p class="sub">{len(weights)} positive instances over {len(set(steps))} logging steps '
+           f"(steps {min(steps)}-{max(steps)}); weight exp(-alpha * teacher loss), 1 = full distillation</p>")
+    return (sub + _img(_aid_figure(weights, classes), f"AID weights of {run.name}") +
+            _table(["class", "instances", "mean", "p10", "median", "p90"], rows))
+
+
 def _speed_row(label: str, sp: Speed) -> list[str]:
     return [_e(label), f"{sp.params / 1e6:.2f}", f"{sp.latency_ms:.1f}", f"{sp.size[0]}x{sp.size[1]}"]
 
@@ -647,8 +820,12 @@ def _run_html(run: Run) -> str:
                       _guard("per-class", lambda: _per_class_html(run))),
              _section(f"pr-curves-{a}", "Precision-recall curves", _guard("PR curves", lambda: _pr_html(run))),
              _section(f"training-{a}", "Training curves", _guard("training curves", lambda: _training_html(run))),
+             _section(f"losses-{a}", "Loss terms: detection vs distillation",
+                      _guard("loss terms", lambda: _losses_html(run))),
              _section(f"speed-{a}", "Speed", _guard("speed", lambda: _speed_html(run))),
              _section(f"samples-{a}", "Sample predictions", _guard("samples", lambda: _samples_html(run))),
+             _section(f"aid-weights-{a}", "AID weights: histogram and per class",
+                      _guard("AID weights", lambda: _aid_weights_html(run))),
              _section(f"distill-images-{a}", "Distillation: instance weights and attention masks",
                       _guard("distillation images", lambda: _distill_images_html(run))),
              "</section>"]
@@ -657,31 +834,59 @@ def _run_html(run: Run) -> str:
 
 # ================================================================================================== comparison
 
+def _mean_kitti(m: dict, d: str) -> float:
+    vals = [m.get(f"kitti/{c}/{d}", float("nan")) for c in _classes_of(m)]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 def _comparison_html(runs: list[Run]) -> str:
-    head = ["run", "model", "params (M)", "CPU ms", "COCO AP", "AP50", "VOC mAP50", "KITTI easy", "KITTI moderate",
-            "KITTI hard", "train s"]
+    metric_cols = [("COCO AP", lambda m: m.get("coco/AP", float("nan"))),
+                   ("AP50", lambda m: m.get("coco/AP50", float("nan"))),
+                   ("VOC mAP50", lambda m: m.get("voc/mAP50", float("nan"))),
+                   ("KITTI easy", lambda m: _mean_kitti(m, "easy")),
+                   ("KITTI moderate", lambda m: m.get("kitti/moderate_mAP", _mean_kitti(m, "moderate"))),
+                   ("KITTI hard", lambda m: _mean_kitti(m, "hard"))]
+    base = next((r for r in runs if r.name == BASELINE), None)
+    base_m = base.best_metrics if base is not None else {}
+    head = ["run", "model", "params (M)", "CPU ms"] + [c for c, _ in metric_cols]
+    if base is not None:
+        head += [f"Δ COCO AP vs {BASELINE}", f"Δ KITTI moderate vs {BASELINE}"]
+    head.append("train s")
+    nan = float("nan")
+    values: dict[int, list[float]] = {}
+    noise: dict[int, list[float]] = {}
     rows = []
     for r in runs:
         m = r.best_metrics
-        classes = _classes_of(m)
-
-        def mean_diff(d: str, m=m, classes=classes) -> float:
-            vals = [m.get(f"kitti/{c}/{d}", float("nan")) for c in classes]
-            vals = [v for v in vals if not math.isnan(v)]
-            return sum(vals) / len(vals) if vals else float("nan")
-
+        n_gt = r.evaluation.n_gt if r.evaluation is not None else 0  # stored metrics: noise unknown, never best
         model = f"{r.meta['arch']}/{r.meta['backbone']}" if r.meta else (
             f"{r.cfg.model.arch}/{r.cfg.model.backbone}" if r.cfg else "n/a")
-        rows.append([f'<a href="#run-{_e(r.anchor)}">{_e(r.name)}</a>', _e(model),
-                     f"{r.speed.params / 1e6:.2f}" if r.speed else "n/a",
-                     f"{r.speed.latency_ms:.1f}" if r.speed else "n/a",
-                     _fmt(m.get("coco/AP")), _fmt(m.get("coco/AP50")), _fmt(m.get("voc/mAP50")),
-                     _fmt(mean_diff("easy")), _fmt(m.get("kitti/moderate_mAP", mean_diff("moderate"))),
-                     _fmt(mean_diff("hard")), f"{r.seconds:.0f}" if r.seconds is not None else "n/a"])
-    src = ("re-evaluated model_best.pt where possible, else best_metrics.json; KITTI columns: mean AP|R40 over "
-           "classes; best value per column in green")
-    body = f'<p class="sub">{_e(src)}</p>' + _table(head, rows, {3: False, 4: True, 5: True, 6: True, 7: True,
-                                                               8: True, 9: True})
+        row = [f'<a href="#run-{_e(r.anchor)}">{_e(r.name)}</a>', _e(model),
+               f"{r.speed.params / 1e6:.2f}" if r.speed else "n/a",
+               f"{r.speed.latency_ms:.1f} ± {r.speed.spread_ms:.1f}" if r.speed else "n/a"]
+        values.setdefault(3, []).append(r.speed.latency_ms if r.speed else nan)
+        noise.setdefault(3, []).append(r.speed.spread_ms if r.speed else nan)
+        for j, (_, get) in enumerate(metric_cols):
+            v = float(get(m))
+            row.append(_fmt(v))
+            values.setdefault(4 + j, []).append(v)
+            noise.setdefault(4 + j, []).append(ap_noise(v, n_gt))
+        if base is not None:
+            for key, get in (("coco/AP", metric_cols[0][1]), ("kitti/moderate_mAP", metric_cols[4][1])):
+                d = float(get(m)) - float(get(base_m))
+                row.append("—" if r is base else ("n/a" if math.isnan(d) else f"{d:+.{DIGITS}f}"))
+        row.append(f"{r.seconds:.0f}" if r.seconds is not None else "n/a")
+        rows.append(row)
+    best = {c: (c != 3, values[c], noise[c]) for c in values}
+    src = ("re-evaluated model_best.pt where possible, else best_metrics.json; metrics in percent; KITTI columns: "
+           "mean AP|R40 over classes; CPU ms: median ± standard deviation of the timed passes. A value is marked "
+           "best (green) only where it beats the runner-up by more than twice their combined noise: for AP the "
+           "approximate standard error sqrt(AP (100 - AP) / N) of N val ground-truth boxes (re-evaluated runs "
+           "only)")
+    if base is not None:
+        src += f"; Δ: difference to the {BASELINE} run (the baseline without distillation)"
+    body = f'<p class="sub">{_e(src)}</p>' + _table(head, rows, best)
     with_curves = [r for r in runs if r.evaluation is not None and r.evaluation.kitti is not None]
     if with_curves:
         classes = list(with_curves[0].evaluation.kitti.ap)

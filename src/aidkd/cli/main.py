@@ -75,7 +75,7 @@ def cmd_predict(args) -> int:
 
     cfg = _load(args)
     n = predict_command(cfg, args.checkpoint, Path(args.out), source=args.input, draw=args.draw,
-                        score_thresh=args.score_thresh)
+                        score_thresh=args.score_thresh, fmt=args.format)
     console.print(f"wrote predictions for {n} images to {args.out}", markup=False)
     return 0
 
@@ -83,7 +83,12 @@ def cmd_predict(args) -> int:
 def cmd_eval_kitti(args) -> int:
     from aidkd.eval.kitti_io import evaluate_kitti_dirs, format_kitti_table
 
-    result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir)
+    stems = None
+    if args.split:
+        from aidkd.data import read_split_file
+
+        stems = read_split_file(args.split)
+    result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir, stems=stems)
     console.print(format_kitti_table(result), markup=False, highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -184,18 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="where to write the metrics (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="write KITTI-format predictions (and drawn images/video)")
+    p = sub.add_parser("predict", help="write KITTI prediction files or a COCO results json (and drawn images/video)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--out", required=True, help="folder for the prediction files (and drawings)")
     p.add_argument("--input", help="a folder of images or a video file (default: the configured val set)")
     p.add_argument("--draw", action="store_true", help="also write images (or a video) with boxes drawn")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring at least this")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="keep detections scoring at least this (default: the config's eval.score_thresh, 0.05 "
+                        "unless set: the threshold eval scores with)")
+    p.add_argument("--format", choices=["kitti", "coco"], default=None,
+                   help="kitti: one <stem>.txt per image (whitespace in class names written as %%20); coco: "
+                        "OUT/predictions.json, a COCO results list (default: coco for COCO data, else kitti)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
     p.add_argument("gt_label_dir", help="KITTI label_2 folder (ground truth)")
     p.add_argument("pred_dir", help="prediction files, one per frame (matched by stem)")
+    p.add_argument("--split", metavar="FILE",
+                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt); "
+                        "default: every label file (a label file without prediction file counts as no detections)")
     p.add_argument("--json", help="also write the AP table as json here")
     p.set_defaults(func=cmd_eval_kitti)
 

@@ -30,7 +30,7 @@ from .kitti import (
 )
 from .structures import DatasetError, ImageRecord, ObjectAnnotation
 from .synth import generate_synth, render_scene
-from .transforms import resize_image, resize_scale, resized_size
+from .transforms import resize_image, resize_scale, resize_tensor, resized_size
 
 __all__ = [
     "KITTI_CLASSES",
@@ -67,6 +67,7 @@ __all__ = [
     "render_scene",
     "resize_image",
     "resize_scale",
+    "resize_tensor",
     "resized_size",
     "scan_coco",
     "scan_kitti",

@@ -35,8 +35,9 @@ def sort_errors(errors: list[DatasetError]) -> list[DatasetError]:
 
 
 def combine_errors(errors: list[DatasetError], what: str = "dataset",
-                   limit: int = MAX_LISTED_ERRORS) -> DatasetError:
-    """One :class:`DatasetError` summarising ``errors`` (the first ``limit`` listed as ``file:line: message``).
+                   limit: int | None = MAX_LISTED_ERRORS, file: str | Path | None = None) -> DatasetError:
+    """One :class:`DatasetError` summarising ``errors`` (the first ``limit`` listed as ``file:line: message``;
+    ``None``: all). Its headline names ``file`` when given (e.g. the dataset root), else the first problem's place.
 
     A single error is returned unchanged. The full list is kept on the result as ``.problems``.
     """
@@ -47,12 +48,14 @@ def combine_errors(errors: list[DatasetError], what: str = "dataset",
         if not hasattr(err, "problems"):
             err.problems = [err]
         return err
+    limit = len(errors) if limit is None else limit
     lines = [f"  {e.format()}" for e in errors[:limit]]
     if len(errors) > limit:
         lines.append(f"  ... and {len(errors) - limit} more (run `aidkd data check` to list all)")
     first = errors[0]
-    err = DatasetError(f"{len(errors)} problems in {what}:\n" + "\n".join(lines),
-                       file=first.file, line=first.line, location=first.location)
+    msg = f"{len(errors)} problems in {what}:\n" + "\n".join(lines)
+    err = (DatasetError(msg, file=file) if file is not None
+           else DatasetError(msg, file=first.file, line=first.line, location=first.location))
     err.problems = list(errors)
     return err
 

@@ -6,14 +6,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .check import combine_errors, sort_errors
 from .images import check_image, image_to_tensor, read_image
 from .kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
 from .structures import DatasetError, ImageRecord
-from .transforms import clip_boxes, hflip_boxes, resize_image, scale_boxes
+from .transforms import clip_boxes, hflip_boxes, hflip_image, resize_tensor, scale_boxes
 
 __all__ = ["DetectionDataset", "collate_fn", "validate_record", "validate_records"]
 
@@ -86,9 +85,12 @@ class DetectionDataset(Dataset):
     ``ignore_classes`` and objects of any *other* class (neither in ``classes`` nor in ``ignore_classes``) become
     ignore regions -- an unlisted class is never treated as background.
 
-    Resize: keep-ratio, ``scale = min(min_size / short, max_size / long)`` (torchvision's rule), so the model,
-    built with the same ``min_size``/``max_size``, leaves the image as it is. Horizontal flip with probability
-    ``hflip_prob`` only when ``train``.
+    Resize (``resize=True``, training): keep-ratio, ``scale = min(min_size / short, max_size / long)``
+    (torchvision's rule), bilinear on the float image as the model's own transform does it
+    (:func:`aidkd.data.transforms.resize_tensor`), so the model, built with the same ``min_size``/``max_size``,
+    leaves the image as it is. ``resize=False`` (evaluation): the original image, ``scale`` 1 -- the model's
+    transform resizes it, exactly as in ``predict`` and in the exported ONNX graph, so the metrics are those of the
+    path that ships. Horizontal flip with probability ``hflip_prob`` only when ``train``.
 
     Construction validates all records (:func:`validate_records`, image headers when ``check_images``): with
     ``skip_invalid=False`` problems raise one :class:`DatasetError` listing them (first 20 with file:line); with
@@ -99,7 +101,7 @@ class DetectionDataset(Dataset):
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str] = KITTI_DEFAULT_CLASSES,
                  ignore_classes: Sequence[str] = KITTI_DEFAULT_IGNORE, min_size: int = 800, max_size: int = 1333,
                  train: bool = False, hflip_prob: float = 0.5, skip_invalid: bool = False,
-                 check_images: bool = True):
+                 check_images: bool = True, resize: bool = True):
         self.classes = list(classes)
         self.ignore_classes = list(ignore_classes)
         if not self.classes:
@@ -115,6 +117,7 @@ class DetectionDataset(Dataset):
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.min_size, self.max_size = int(min_size), int(max_size)
         self.train, self.hflip_prob = bool(train), float(hflip_prob)
+        self.resize = bool(resize)
         self.label_of = {c: i + 1 for i, c in enumerate(self.classes)}
 
         records = list(records)
@@ -157,8 +160,12 @@ class DetectionDataset(Dataset):
         declared = (r.width, r.height) if r.width is not None and r.height is not None else None
         img = read_image(r.image_path, expected_size=declared, source=r.source or None)
         w0, h0 = img.size
-        img, scale, (sx, sy) = resize_image(img, self.min_size, self.max_size)
-        nw, nh = img.size
+        image = image_to_tensor(img)
+        if self.resize:
+            image, scale, (sx, sy) = resize_tensor(image, self.min_size, self.max_size)
+        else:
+            scale, sx, sy = 1.0, 1.0, 1.0
+        nh, nw = image.shape[-2:]
 
         boxes, labels, ignore = [], [], []
         for o in r.objects:
@@ -176,7 +183,7 @@ class DetectionDataset(Dataset):
 
         flipped = bool(self.train and self.hflip_prob > 0 and torch.rand(()).item() < self.hflip_prob)
         if flipped:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = hflip_image(image)
             b = hflip_boxes(b, nw)
             g = hflip_boxes(g, nw)
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
@@ -192,7 +199,7 @@ class DetectionDataset(Dataset):
             "flipped": flipped,
             "scale_xy": (float(sx), float(sy)),
         }
-        return image_to_tensor(img), target
+        return image, target
 
 
 def collate_fn(batch):

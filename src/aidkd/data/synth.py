@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .kitti import format_kitti_line, split_stems
-from .structures import ObjectAnnotation
+from .structures import DatasetError, ObjectAnnotation
 
 __all__ = ["SYNTH_CLASS_PROBS", "generate_synth", "occlusion_level", "render_scene"]
 
@@ -719,6 +719,9 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
                    write_meta: bool = True) -> Path:
     """Write ``num_images`` synthetic scenes in KITTI layout under ``out_dir`` and return ``out_dir``.
 
+    ``out_dir`` must be missing, empty or a folder this function wrote (its ``.aidkd_synth`` marker, written
+    first): anything else raises :class:`DatasetError` naming the folder, so a real dataset is never overwritten.
+
     ``training/image_2/NNNNNN.png``, ``training/label_2/NNNNNN.txt`` (15 KITTI fields), ``ImageSets/train.txt``
     and ``val.txt`` (the :func:`aidkd.data.kitti.split_stems` split, 80/20 by default) and, with
     ``write_meta``, ``synth_meta.json``. Image ``i`` depends only on ``(seed, i)`` and the options, and the same
@@ -732,6 +735,8 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
     out = Path(out_dir)
+    claim_synth_folder(out, {"seed": seed, "num_images": num_images, "width": width, "height": height,
+                             "hard_fraction": hard_fraction, "mislabel_fraction": mislabel_fraction})
     img_dir, lbl_dir, sets = out / "training" / "image_2", out / "training" / "label_2", out / "ImageSets"
     for d in (img_dir, lbl_dir, sets):
         d.mkdir(parents=True, exist_ok=True)
@@ -758,3 +763,20 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
                 "frames": frames}
         (out / "synth_meta.json").write_text(json.dumps(info, separators=(",", ":")), encoding="utf-8")
     return out
+
+
+def claim_synth_folder(out: Path, params: dict) -> None:
+    """Refuse a non-empty folder aidkd did not generate; otherwise write the marker that makes it aidkd's."""
+    from .layout import SYNTH_MARKER, detect_layout, is_synth_folder
+
+    if out.is_file():
+        raise DatasetError(f"cannot generate synthetic scenes in {out}: it is a file", file=out)
+    if out.is_dir() and any(out.iterdir()) and not is_synth_folder(out):
+        layout = detect_layout(out)
+        hint = {"kitti": "; it looks like a KITTI dataset: set data.format: kitti to train on it",
+                "coco": "; it looks like a COCO dataset: set data.format: coco"}.get(layout, "")
+        raise DatasetError(f"refusing to generate synthetic scenes in {out}: the folder holds files aidkd did not "
+                           f"generate (no {SYNTH_MARKER} marker){hint}; use an empty or new folder", file=out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SYNTH_MARKER).write_text(json.dumps({"generator": "aidkd.data.synth", **params}, sort_keys=True) + "\n",
+                                    encoding="utf-8")

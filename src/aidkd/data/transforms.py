@@ -15,6 +15,7 @@ __all__ = [
     "hflip_image",
     "resize_image",
     "resize_scale",
+    "resize_tensor",
     "resized_size",
     "scale_boxes",
 ]
@@ -43,6 +44,19 @@ def resize_image(img: Image.Image, min_size: int, max_size: int) -> tuple[Image.
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
     return img, s, (nw / w, nh / h)
+
+
+def resize_tensor(image: torch.Tensor, min_size: int, max_size: int
+                  ) -> tuple[torch.Tensor, float, tuple[float, float]]:
+    """Resize a float CHW image keep-ratio with the interpolation of torchvision's ``GeneralizedRCNNTransform``
+    (bilinear, ``align_corners=False``, no antialiasing), so training images are made the way the model (and its
+    ONNX graph) resizes at inference. Returns ``(image, scale, (sx, sy))`` as :func:`resize_image`."""
+    h, w = image.shape[-2:]
+    nh, nw, s = resized_size(h, w, min_size, max_size)
+    if (nh, nw) != (h, w):
+        image = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode="bilinear",
+                                                align_corners=False)[0]
+    return image, s, (nw / w, nh / h)
 
 
 def scale_boxes(boxes: torch.Tensor, sx: float, sy: float | None = None) -> torch.Tensor:

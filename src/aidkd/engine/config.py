@@ -231,7 +231,21 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    _require_format_with_root(data)
     return _build(RunConfig, data)
+
+
+def _require_format_with_root(data: dict) -> None:
+    """``data.root`` without ``data.format`` is refused: the default (synth) would generate scenes into that folder."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or section.get("root") in (None, "") or section.get("format") is not None:
+        return
+    from aidkd.data.layout import detect_layout
+
+    layout = detect_layout(section["root"])
+    hint = f" ({section['root']} looks like {layout} data)" if layout in ("kitti", "coco") else ""
+    raise ConfigError(f"config key 'data.format' is required when data.root is given{hint}: kitti (a KITTI root), "
+                      "coco (train_ann/val_ann jsons) or synth (aidkd generates scenes into data.root)")
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -22,16 +22,52 @@ def synth_root(cfg: DataConfig) -> Path:
     return Path("runs") / "synth_cache" / key
 
 
+def check_format_matches_root(cfg: DataConfig) -> None:
+    """A ``data.root`` that looks like another format than ``data.format`` is an error naming the one to set."""
+    from aidkd.data.layout import format_mismatch
+    from aidkd.data.structures import DatasetError
+
+    if cfg.root:
+        msg = format_mismatch(cfg.root, cfg.format)
+        if msg:
+            raise DatasetError(msg, file=cfg.root)
+
+
 def ensure_synth(cfg: DataConfig) -> Path:
+    """Generate the scenes unless ``synth_root`` already holds them; never writes into a folder aidkd did not
+    generate (``generate_synth`` refuses it)."""
+    check_format_matches_root(cfg)
     root = synth_root(cfg)
     done = root / ".complete"
+    s = cfg.synth
+    if done.exists() and synth_params(root) not in (None, _wanted_params(cfg)):
+        log.info("data.synth differs from the scenes in %s: regenerating them", root)
+        done.unlink()
     if not done.exists():
-        s = cfg.synth
         log.info("generating %d synthetic driving scenes in %s", s.num_images, root)
         generate_synth(root, num_images=s.num_images, seed=s.seed, width=s.width, height=s.height,
                        hard_fraction=s.hard_fraction, mislabel_fraction=s.mislabel_fraction)
         done.write_text("ok\n")
     return root
+
+
+def _wanted_params(cfg: DataConfig) -> dict:
+    s = cfg.synth
+    return {"seed": s.seed, "num_images": s.num_images, "width": s.width, "height": s.height,
+            "hard_fraction": s.hard_fraction, "mislabel_fraction": s.mislabel_fraction}
+
+
+def synth_params(root: Path) -> dict | None:
+    """The generator parameters recorded in ``root``'s marker (None without a readable marker)."""
+    import json
+
+    from aidkd.data.layout import SYNTH_MARKER
+
+    try:
+        data = json.loads((root / SYNTH_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: data.get(k) for k in _wanted_params(DataConfig())} if isinstance(data, dict) else None
 
 
 def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
@@ -60,19 +96,47 @@ def load_records(cfg: DataConfig, split: str, classes: list[str]):
 
 def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | None):
     if cfg.format == "coco":
+        check_format_matches_root(cfg)
         ann = cfg.train_ann if split == "train" else cfg.val_ann
         images = cfg.train_images if split == "train" else cfg.val_images
         if not ann or not images:
             raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data")
         records, _ = load_coco_records(ann, images, classes, errors=errors)
         return records
-    root = ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root or "")
     if cfg.format == "kitti" and not cfg.root:
         raise ValueError("data.root is required for KITTI data")
+    check_format_matches_root(cfg)
+    root = ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root or "")
     split_name = cfg.train_split if split == "train" else cfg.val_split
     split_file = cfg.train_split_file if split == "train" else cfg.val_split_file
     return load_kitti_records(root, split=split_name, split_file=split_file, val_fraction=cfg.val_fraction,
                               seed=cfg.split_seed, errors=errors)
+
+
+def check_configured_data(cfg: DataConfig) -> None:
+    """The full check of ``aidkd data check`` on the configured data (every label line, split file and image,
+    fully decoded): every problem is raised in one :class:`DatasetError` (all listed, the same messages as
+    ``data check``; its headline names the dataset). ``data.skip_invalid`` skips this (bad images are then left
+    out and counted)."""
+    from aidkd.data import check_dataset, combine_errors, sort_errors
+
+    if cfg.skip_invalid:
+        return
+    if cfg.format == "coco":
+        sources = [(ann, images) for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images))
+                   if ann]
+        sources = list(dict.fromkeys(sources))  # train and val may share a json
+        fmt = "coco"
+    else:
+        if cfg.format == "kitti" and not cfg.root:
+            raise ValueError("data.root is required for KITTI data")
+        sources = [(ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root), None)]
+        fmt = "kitti"
+    for path, images in sources:
+        problems = sort_errors(check_dataset(path, fmt=fmt, image_dir=images))
+        if problems:
+            raise combine_errors(problems, what=f"{path} (found by the same check as `aidkd data check`)",
+                                 limit=None, file=path)
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -83,11 +147,14 @@ class DetectionDataModule(L.LightningDataModule):
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None
 
-    def make_dataset(self, split: str, train: bool) -> DetectionDataset:
+    def make_dataset(self, split: str, train: bool, resize: bool | None = None) -> DetectionDataset:
+        """``resize`` defaults to ``train``: evaluation datasets hand the model original images, which its own
+        transform resizes exactly as ``predict`` and the exported ONNX graph do."""
         c = self.cfg
         return DetectionDataset(load_records(c, split, self.classes), self.classes, self.ignore_classes,
                                 min_size=c.min_size, max_size=c.max_size, train=train,
-                                hflip_prob=c.hflip if train else 0.0, skip_invalid=c.skip_invalid)
+                                hflip_prob=c.hflip if train else 0.0, skip_invalid=c.skip_invalid,
+                                resize=train if resize is None else resize)
 
     def prepare_data(self) -> None:
         if self.cfg.format == "synth":

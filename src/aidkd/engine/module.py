@@ -127,6 +127,7 @@ class DetectionTask(L.LightningModule):
         if self.distiller is not None and self._logging_step():  # AID statistics sync the device: not every step
             for k, v in self.distiller.last_stats.items():
                 self.log(f"aid/{k}", float(v), batch_size=bs)
+            self._record_aid_weights(targets)
         return total
 
     def _any_rank(self, flag: bool) -> bool:
@@ -171,6 +172,27 @@ class DetectionTask(L.LightningModule):
         return (f"{head} The last checkpoint from finite steps is {path} (step {good.saved_step}); resume from it "
                 f"with a lower learning rate: --resume {path} {change}")
 
+    def _record_aid_weights(self, targets: list[dict]) -> None:
+        """Append this step's AID instance weights and their classes to ``<output_dir>/aid_weights.jsonl`` (one
+        line a logging step: ``step``, ``weights``, ``classes``), the source of the report's weight histogram."""
+        aid = self.distiller.aid
+        per_instance = getattr(self.distiller, "_last_per_instance", None)
+        if aid is None or per_instance is None or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        weights, classes = [], []
+        for w, t in zip(aid.instance_weights(per_instance), targets):
+            labels = t["labels"].tolist()
+            if len(labels) != w.numel():  # not one weight per positive box: nothing to attribute
+                return
+            weights += [round(float(v), 5) for v in w.detach().float().cpu()]
+            classes += [self.classes[lab - 1] for lab in labels]
+        if weights:
+            import json
+            from pathlib import Path
+
+            with open(Path(self.cfg.output_dir) / "aid_weights.jsonl", "a") as f:
+                f.write(json.dumps({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
+
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""
         trainer = self._trainer
@@ -209,7 +231,7 @@ class DetectionTask(L.LightningModule):
         preds = self.model(images)
         for p, t in zip(preds, targets):
             sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
-            keep = p["scores"] >= self.cfg.eval.score_thresh
+            keep = (p["scores"] >= self.cfg.eval.score_thresh) & (p["labels"] >= 1)  # as predict: 0 is background
             # Back to original pixels with the dataset's exact per-axis factors (validation never flips).
             boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy], device=p["boxes"].device)
             self._val_preds.append((int(t["image_id"]), {"boxes": boxes.cpu(), "scores": p["scores"][keep].cpu(),

@@ -1,6 +1,12 @@
-"""``aidkd predict``: KITTI-format prediction files (15 fields + score) and, with ``--draw``, drawn images."""
+"""``aidkd predict``: KITTI-format prediction files (15 fields + score) or a COCO results json and, with
+``--draw``, drawn images.
+
+Images go to the model at their original size; its own transform resizes them -- the same path as ``aidkd eval``
+and the exported ONNX graph, so ``eval``'s metrics are those of what ``predict`` and ``export`` ship."""
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +33,46 @@ def draw_detections(image: Image.Image, det: dict, classes: list[str]) -> Image.
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, image: Image.Image, min_size: int, max_size: int,
-           score_thresh: float) -> dict:
-    """Detections in the original image's pixels (the model resizes internally with its own transform)."""
+def detect(model: torch.nn.Module, image: Image.Image, score_thresh: float) -> dict:
+    """Detections in the original image's pixels (the model resizes internally with its own transform, as in
+    evaluation), scores ``>= score_thresh``, labels ``>= 1`` (as in evaluation)."""
+    from aidkd.data.images import image_to_tensor
+
     model.eval()
-    tensor = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
     device = next(model.parameters()).device
-    pred = model([tensor.to(device)])[0]
-    keep = pred["scores"] >= score_thresh
+    pred = model([image_to_tensor(image.convert("RGB")).to(device)])[0]
+    keep = (pred["scores"] >= score_thresh) & (pred["labels"] >= 1)  # label 0 is background, never a class
     return {k: v[keep].cpu() for k, v in pred.items()}
+
+
+def coco_results(image_id: int, det: dict, category_ids: list[int]) -> list[dict]:
+    """COCO results entries (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of one image;
+    ``category_ids[label - 1]`` is a label's category id."""
+    out = []
+    for (x1, y1, x2, y2), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        out.append({"image_id": int(image_id), "category_id": int(category_ids[label - 1]),
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(float(score), 6)})
+    return out
+
+
+def default_output_format(cfg: RunConfig) -> str:
+    """``coco`` for COCO data, ``kitti`` otherwise."""
+    return "coco" if cfg.data.format == "coco" else "kitti"
+
+
+def _category_ids(cfg: RunConfig, classes: list[str]) -> list[int]:
+    """The COCO category id of each class (from the configured json), or 1..K without one."""
+    ann = (cfg.data.val_ann or cfg.data.train_ann) if cfg.data.format == "coco" else None
+    if not ann:
+        return list(range(1, len(classes) + 1))
+    from aidkd.data import coco_category_ids
+
+    ids = coco_category_ids(ann)
+    missing = [c for c in classes if c not in ids]
+    if missing:
+        raise ValueError(f"{ann}: the model's classes {missing} are not categories of this json")
+    return [ids[c] for c in classes]
 
 
 def is_video_source(source: str | Path | None) -> bool:
@@ -72,25 +109,37 @@ def _as_pil(img) -> Image.Image:
 
 
 def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: str | None = None,
-                    draw: bool = False, score_thresh: float = 0.3) -> int:
+                    draw: bool = False, score_thresh: float | None = None, fmt: str | None = None) -> int:
     """Predict on the configured val set, or on ``source`` (a folder of images, an image or a video file).
 
-    Writes ``out/<name>.txt`` (KITTI format, one per image or video frame ``<stem>_<frame:06d>``) and, with
-    ``draw``, ``out/drawn/<name>.png`` for images or ``out/<video stem>_boxes.mp4`` (source frame rate) for a
-    video. Returns the number of images / frames.
+    ``score_thresh`` defaults to ``cfg.eval.score_thresh`` (0.05), the threshold ``eval`` scores with.
+    ``fmt="kitti"`` writes ``out/<name>.txt`` (KITTI format, one per image or video frame
+    ``<stem>_<frame:06d>``; whitespace in class names percent-encoded, ``fire%20hydrant``); ``fmt="coco"`` writes
+    ``out/predictions.json``, a COCO results list (``image_id``: the COCO id for the configured val set, else the
+    0-based index of the image / frame; ``category_id``: the configured json's id of the class, else its label
+    1..K). Default: ``coco`` for COCO data, ``kitti`` otherwise. With ``draw``: ``out/drawn/<name>.png`` for
+    images or ``out/<video stem>_boxes.mp4`` (source frame rate) for a video. Returns the number of images / frames.
     """
     from aidkd.engine.datamodule import load_records, resolve_classes
     from aidkd.eval.kitti_io import write_kitti_predictions
 
+    fmt = fmt or default_output_format(cfg)
+    if fmt not in ("kitti", "coco"):
+        raise ValueError(f"unknown prediction format {fmt!r} (expected 'kitti' or 'coco')")
+    thresh = cfg.eval.score_thresh if score_thresh is None else float(score_thresh)
     classes, _ = resolve_classes(cfg.data)
     model, meta = load_detector(checkpoint, classes=classes)
+    category_ids = _category_ids(cfg, meta["classes"]) if fmt == "coco" else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
-        frames = ((r.stem or Path(r.image_path).stem, r.image_path) for r in load_records(cfg.data, "val", classes))
-        items = ((name, _load(path)) for name, path in frames)
+        records = load_records(cfg.data, "val", classes)
+        items = ((r.stem or Path(r.image_path).stem, _load(r.image_path)) for r in records)
+        ids = (int(r.image_id) for r in records)
     else:
         items = iter_source(Path(source))
+        ids = itertools.count()
+    results: list[dict] = []
     drawn_dir = out / "drawn"
     writer = None
     if draw and is_video_source(source):
@@ -99,9 +148,12 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
         writer = VideoWriter(out / (Path(source).stem + "_boxes.mp4"), fps=video_fps(source))
     n = 0
     try:
-        for name, image in items:
-            det = detect(model, image, meta["min_size"], meta["max_size"], score_thresh)
-            write_kitti_predictions(out / f"{name}.txt", det, meta["classes"])
+        for (name, image), image_id in zip(items, ids):
+            det = detect(model, image, thresh)
+            if fmt == "coco":
+                results += coco_results(image_id, det, category_ids)
+            else:
+                write_kitti_predictions(out / f"{name}.txt", det, meta["classes"])
             if draw:
                 drawn = draw_detections(image, det, meta["classes"])
                 if writer is not None:
@@ -116,6 +168,8 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
         raise
     if writer is not None:
         writer.close()
+    if fmt == "coco":
+        (out / "predictions.json").write_text(json.dumps(results))
     return n
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
-from aidkd.engine.datamodule import DetectionDataModule
+from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
 from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import DetectionTask
 from aidkd.engine.run_folder import (
@@ -94,6 +94,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
         torch.use_deterministic_algorithms(True, warn_only=True)
     dm = DetectionDataModule(cfg.data)
     dm.prepare_data()
+    check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
     dm.setup("fit")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
     lock = RunFolderLock(out_dir)
@@ -157,7 +158,7 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict
 
 
 @torch.no_grad()
-def predict_images(model: torch.nn.Module, images: list[torch.Tensor], score_thresh: float = 0.3) -> list[dict]:
+def predict_images(model: torch.nn.Module, images: list[torch.Tensor], score_thresh: float = 0.05) -> list[dict]:
     """Detections for a list of CHW [0,1] tensors, boxes in those tensors' pixels."""
     model.eval()
     out = model(images)

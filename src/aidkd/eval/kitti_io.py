@@ -10,7 +10,9 @@ orientation: the devkit then skips AOS), dimensions ``-1 -1 -1``, location ``-10
 """
 from __future__ import annotations
 
+import logging
 import math
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from aidkd.data.structures import DatasetError, ObjectAnnotation
 from aidkd.eval.kitti_ap import DIFFICULTIES, KITTI_CLASSES, Detection, KittiAPResult, kitti_ap_r40
 
 __all__ = [
+    "escape_class_name",
     "evaluate_kitti_dirs",
     "evaluate_kitti_dirs_full",
     "format_kitti_table",
@@ -29,18 +32,32 @@ __all__ = [
     "load_kitti_dirs",
     "read_kitti_labels",
     "read_kitti_predictions",
+    "unescape_class_name",
     "write_kitti_predictions",
 ]
 
 _UNKNOWN_3D = "-1 -1 -1 -1000 -1000 -1000 -10"
+log = logging.getLogger("aidkd.eval")
+
+
+def escape_class_name(cls: str) -> str:
+    """A class name as one whitespace-free KITTI field: ``%`` and whitespace percent-encoded
+    (``fire hydrant`` -> ``fire%20hydrant``); names without them are unchanged."""
+    if not cls:
+        raise ValueError("KITTI class names cannot be empty")
+    return "".join(f"%{ord(c):02X}" if c == "%" or c.isspace() else c for c in cls)
+
+
+def unescape_class_name(field: str) -> str:
+    """Inverse of :func:`escape_class_name`."""
+    return urllib.parse.unquote(field) if "%" in field else field
 
 
 def format_prediction_line(cls: str, box: Sequence[float], score: float, alpha: float = -10.0) -> str:
-    """One prediction line (no newline)."""
-    if any(c.isspace() for c in cls) or not cls:
-        raise ValueError(f"KITTI class names cannot be empty or contain spaces: {cls!r}")
+    """One prediction line (no newline); the class name is escaped with :func:`escape_class_name`."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    return f"{cls} -1 -1 {float(alpha):.2f} {x1:.4f} {y1:.4f} {x2:.4f} {y2:.4f} {_UNKNOWN_3D} {float(score):.8g}"
+    return (f"{escape_class_name(cls)} -1 -1 {float(alpha):.2f} {x1:.4f} {y1:.4f} {x2:.4f} {y2:.4f} {_UNKNOWN_3D} "
+            f"{float(score):.8g}")
 
 
 def _to_np(x: Any, dtype) -> np.ndarray:
@@ -130,7 +147,7 @@ def read_kitti_predictions(path: str | Path) -> list[Detection]:
         vals = _floats(parts[1:], path, lineno)
         box = (vals[3], vals[4], vals[5], vals[6])
         _check_box(box, path, lineno)
-        dets.append(Detection(cls=parts[0], box=box, score=vals[14], alpha=vals[2]))
+        dets.append(Detection(cls=unescape_class_name(parts[0]), box=box, score=vals[14], alpha=vals[2]))
     return dets
 
 
@@ -145,8 +162,8 @@ def load_kitti_dirs(
 ) -> tuple[list[str], list[list[ObjectAnnotation]], list[list[Detection]]]:
     """Read ``<stem>.txt`` label and prediction files matched by stem.
 
-    Every label file is evaluated (or only ``stems``); a label file without prediction file has no detections;
-    a prediction file without label file is an error.
+    Every label file is evaluated (or only ``stems``); a label file without prediction file has no detections
+    (a warning on the ``aidkd.eval`` logger gives their count); a prediction file without label file is an error.
     """
     gt_dir, pr_dir = Path(gt_label_dir), Path(pred_dir)
     for d, what in ((gt_dir, "ground-truth label"), (pr_dir, "prediction")):
@@ -173,6 +190,11 @@ def load_kitti_dirs(
                                f"e.g. {extra[0]}.txt", file=pr_dir)
     if not chosen:
         raise DatasetError("no label files (*.txt) found", file=gt_dir)
+    unpredicted = [s for s in chosen if s not in pred_files]
+    if unpredicted:
+        log.warning("%d of %d label files have no prediction file in %s (e.g. %s.txt); they count as frames with no "
+                    "detections%s", len(unpredicted), len(chosen), pr_dir, unpredicted[0],
+                    "" if stems is not None else " (pass --split FILE to evaluate only the frames you predicted)")
     gts = [read_kitti_labels(label_files[s]) for s in chosen]
     dets = [read_kitti_predictions(pred_files[s]) if s in pred_files else [] for s in chosen]
     return chosen, gts, dets
