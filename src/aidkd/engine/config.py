@@ -30,6 +30,11 @@ class SynthConfig:
     height: int = 96
     hard_fraction: float = 0.2
     mislabel_fraction: float = 0.05
+    # An easier set (the demo's): only these of Car/Pedestrian/Cyclist/Van/Truck, objects nearer (depth t >= min_t)
+    classes: list[str] | None = None
+    min_t: float = 0.0
+    max_objects: int = 10
+    clutter: int = 5
 
 
 @dataclass
