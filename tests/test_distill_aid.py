@@ -152,8 +152,27 @@ def test_aid_stats():
     assert stats["instance_w_min"] == pytest.approx(math.exp(-0.3))
     assert stats["instance_w_count"] == 2
     assert "image_w_mean" in AIDWeighting("image").stats(LOSSES)
-    assert AIDWeighting("level").stats(None, torch.tensor([0.0, 10.0]))["level_w_min"] == pytest.approx(math.exp(-1))
     assert AIDWeighting().stats([torch.zeros(0)]) == {}
+
+
+def test_aid_stats_log_teacher_losses_and_quantiles():
+    losses = [torch.tensor([1.0, 3.0, 2.0]), torch.tensor([4.0]), torch.zeros(0)]
+    stats = AIDWeighting(alpha=0.5).stats(losses)
+    assert stats["teacher_loss_mean"] == pytest.approx(2.5)
+    assert (stats["teacher_loss_min"], stats["teacher_loss_max"]) == (1.0, 4.0)
+    assert stats["teacher_loss_q50"] == pytest.approx(2.5)  # linear interpolation between 2 and 3
+    assert stats["teacher_loss_q10"] == pytest.approx(1.3) and stats["teacher_loss_q90"] == pytest.approx(3.7)
+    assert stats["teacher_loss_count"] == 4
+    assert stats["instance_w_q50"] == pytest.approx((math.exp(-0.5 * 2) + math.exp(-0.5 * 3)) / 2)
+    assert stats["instance_w_max"] == pytest.approx(math.exp(-0.5))
+
+
+def test_aid_stats_level_logs_the_weights_it_applies():
+    """With ``level`` only level weights are applied: log those (and the per-level D^T), not instance weights."""
+    stats = AIDWeighting("level").stats(LOSSES, torch.tensor([0.0, 10.0]))
+    assert stats["level_w_min"] == pytest.approx(math.exp(-1)) and stats["level_w_max"] == 1.0
+    assert stats["teacher_loss_level_max"] == 10.0 and stats["level_w_count"] == 2
+    assert not any(k.startswith("instance_w") for k in stats)
 
 
 def test_aid_remembers_last_instance_weights():

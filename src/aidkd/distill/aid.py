@@ -167,29 +167,39 @@ class AIDWeighting:
 
     @torch.no_grad()
     def stats(self, per_instance_losses: Sequence[Tensor] | None = None,
-                per_level_losses: Tensor | None = None) -> dict[str, float]:
-        """Logging statistics: mean/min/max/count of the instance weights (``instance_w_*``), plus of the
-        weights this granularity actually applies for ``image`` (``image_w_*``) and ``level`` (``level_w_*``).
-        Missing inputs are skipped; empty sets give no keys. Calls ``.item()`` (a device sync): log, not per op."""
+              per_level_losses: Tensor | None = None) -> dict[str, float]:
+        """Logging statistics of what this granularity actually applies, beside the teacher losses behind it.
+
+        ``instance`` / ``image``: the teacher's per-instance losses D^T (``teacher_loss_*``) and their weights
+        (``instance_w_*``), plus the image weights for ``image`` (``image_w_*``). ``level``: the per-level losses
+        (``teacher_loss_level_*``) and the level weights that are applied (``level_w_*``); no instance weights,
+        which that granularity never applies. Each as ``_mean``, ``_min``, ``_max``, ``_q10``, ``_q50``, ``_q90``
+        and ``_count``. Missing inputs are skipped; empty sets give no keys. Calls ``.item()`` (a device sync):
+        log, not per op."""
         stats: dict[str, float] = {}
 
         def add(prefix: str, values: Tensor) -> None:
             values = values.detach().to(torch.float32).flatten()
             if values.numel() == 0:
                 return
-            stats[f"{prefix}_mean"] = values.mean().item()
-            stats[f"{prefix}_min"] = values.min().item()
-            stats[f"{prefix}_max"] = values.max().item()
+            q = torch.quantile(values, values.new_tensor([0.1, 0.5, 0.9]))
+            for key, value in (("mean", values.mean()), ("min", values.min()), ("max", values.max()),
+                               ("q10", q[0]), ("q50", q[1]), ("q90", q[2])):
+                stats[f"{prefix}_{key}"] = value.item()
             stats[f"{prefix}_count"] = float(values.numel())
 
+        if self.granularity == "level":
+            if per_level_losses is not None:
+                add("teacher_loss_level", per_level_losses)
+                add("level_w", aid_weights(per_level_losses, self.alpha))
+            return stats
         if per_instance_losses is not None and len(per_instance_losses):
-            weights = self.instance_weights(per_instance_losses)
-            add("instance_w", torch.cat([w.flatten() for w in weights]))
+            losses = torch.cat([v.detach().flatten().to(torch.float32) for v in per_instance_losses])
+            add("teacher_loss", losses)
+            add("instance_w", aid_weights(losses, self.alpha))
             if self.granularity == "image":
                 device = per_instance_losses[0].device
                 add("image_w", aid_weights(_per_image_mean(per_instance_losses, 0.0, device), self.alpha))
-        if per_level_losses is not None and self.granularity == "level":
-            add("level_w", aid_weights(per_level_losses, self.alpha))
         return stats
 
 
