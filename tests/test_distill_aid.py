@@ -56,12 +56,33 @@ def test_pixel_weights_tiny_box_claims_its_centre_cell():
     expected = torch.ones(4, 4)
     expected[2, 1] = 0.4
     torch.testing.assert_close(pw[0], expected)
-    # inside a larger box the tiny box still wins its centre cell
+    # inside a larger box that covers the cell, the tiny box claims nothing (the larger box keeps its cell)
     boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [9.0, 17.0, 11.0, 19.0]])
     pw = instance_pixel_weights([boxes], [torch.tensor([0.8, 0.4])], 4, 4, 8)
-    expected = torch.full((4, 4), 0.8)
-    expected[2, 1] = 0.4
-    torch.testing.assert_close(pw[0], expected)
+    torch.testing.assert_close(pw[0], torch.full((4, 4), 0.8))
+
+
+def test_tiny_box_does_not_take_the_only_cell_of_a_box_covering_it():
+    """A 4x4 box inside a 64x64 box at stride 64: the big box covers the one cell's centre, so it keeps it (the
+    tiny box used to claim it, leaving the big box no cell at all on that level)."""
+    boxes = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 10.0, 14.0, 14.0]])]
+    weights = [torch.tensor([0.9, 0.2])]
+    pw = instance_pixel_weights(boxes, weights, 2, 2, 64)
+    torch.testing.assert_close(pw[0], torch.tensor([[0.9, 1.0], [1.0, 1.0]]))
+    # order does not matter
+    pw = instance_pixel_weights([boxes[0].flip(0)], [weights[0].flip(0)], 2, 2, 64)
+    assert pw[0, 0, 0] == pytest.approx(0.9)
+
+
+def test_competing_tiny_boxes_smallest_wins_and_free_cells_are_claimed():
+    """Boxes covering no cell centre claim their centre cell where no box covers it; among claimants the smallest
+    wins, whatever the order."""
+    tiny = torch.tensor([[70.0, 70.0, 80.0, 80.0], [72.0, 72.0, 76.0, 76.0], [10.0, 70.0, 14.0, 74.0]])
+    weights = torch.tensor([0.5, 0.3, 0.7])
+    for order in ([0, 1, 2], [2, 1, 0]):
+        pw = instance_pixel_weights([tiny[order]], [weights[order]], 2, 2, 64)
+        # cell (1, 1): claimed by boxes 0 and 1 -> the smaller (1) wins; cell (1, 0): box 2 alone
+        torch.testing.assert_close(pw[0], torch.tensor([[1.0, 1.0], [0.7, 0.3]]))
 
 
 def test_pixel_weights_stride_handling():

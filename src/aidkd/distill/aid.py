@@ -8,7 +8,8 @@ this package: ``AIDWeighting.make`` turns the teacher's losses into the ``pixel_
 Granularities (``AIDWeighting.granularity``):
 
 - ``"instance"`` (default; the paper's wording): one D^T per ground-truth box. Pixel maps per level hold the box's
-  weight on its footprint (``instance_pixel_weights``: cell-centre rule, smallest box wins) and 1 on background;
+  weight on its footprint (``instance_pixel_weights``: cell-centre rule, smallest box wins; a box covering no cell
+  centre takes its centre cell only if no other box covers it) and 1 on background;
   ``image_weights`` (for global terms) are the mean instance weight of each image (1 for an image without boxes).
 - ``"image"``: one D^T per image, the mean of its instances' losses (0, hence weight 1, without boxes). The image
   weight scales *all* terms of that image: the pixel maps are filled with it everywhere (background included) and it
@@ -53,9 +54,10 @@ def instance_pixel_weights(
     """Per-pixel instance weights of one FPN level: (B, H, W), float32.
 
     boxes: per image (N_i, 4) xyxy in input pixels; weights: per image (N_i,). A cell belongs to box k when its
-    centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); a box that
-    covers no cell centre claims the cell holding its own centre (clamped into the map); where boxes overlap the
-    smallest box (area) wins; cells of no box get 1. Vectorised over boxes and cells (loops only over images).
+    centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); where
+    boxes overlap the smallest box (area) wins. A box that covers no cell centre claims the cell holding its own
+    centre (clamped into the map) only if no box covers that cell; where several such boxes claim one cell, the
+    smallest wins. Cells of no box get 1. Vectorised over boxes and cells (loops only over images).
     """
     if len(boxes) != len(weights):
         raise ValueError(f"instance_pixel_weights: {len(boxes)} box tensors but {len(weights)} weight tensors")
@@ -86,7 +88,8 @@ class AIDWeighting:
     """Turns the teacher's own detection losses into AID weights.
 
     granularity: ``"instance"`` | ``"image"`` | ``"level"`` (module docstring). alpha: the rate in
-    ``exp(-alpha * D^T)`` (paper: 0.1).
+    ``exp(-alpha * D^T)`` (paper: 0.1). Every method applies the weights linearly (``aidkd.distill.base``): an
+    instance of weight w gets w times the gradient of an unweighted one, so alpha means the same in every method.
     """
 
     granularity: Granularity = "instance"

@@ -199,18 +199,33 @@ def weighted_batch_mean(per_image: Tensor, image_weights: Tensor | None = None) 
     return per_image.sum() / per_image.shape[0]
 
 
-def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float, *, claim_centre: bool = True) -> Tensor:
     """Which feature cells each box of one image covers: bool (N, H, W).
 
     A cell (x, y) belongs to box k when its centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside the box
-    (``x1 <= cx < x2`` and ``y1 <= cy < y2``). A box that covers no cell centre (small boxes, boxes off the map)
-    claims the cell holding its own centre, clamped into the map, so every box covers at least one cell.
-    Vectorised over boxes and cells.
+    (``x1 <= cx < x2`` and ``y1 <= cy < y2``). With ``claim_centre`` (default) a box that covers no cell centre
+    (small boxes, boxes off the map) claims the cell holding its own centre, clamped into the map, so every box
+    covers at least one cell. Vectorised over boxes and cells.
     """
+    member, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
+    if claim_centre and member.shape[0]:
+        k = torch.arange(member.shape[0], device=member.device)
+        # Set the centre cell of empty boxes without a host sync: non-empty boxes write their (already True or
+        # False) value back unchanged.
+        current = member[k, centre_row, centre_col]
+        member[k, centre_row, centre_col] = current | empty
+    return member
+
+
+def _cell_cover(boxes: Tensor, height: int, width: int, stride: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cells whose centre lies in each box (N, H, W), which boxes cover none (N,), and each box's centre cell."""
     device = boxes.device
     n = boxes.shape[0]
     if n == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool, device=device)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return (torch.zeros((0, height, width), dtype=torch.bool, device=device),
+                torch.zeros(0, dtype=torch.bool, device=device), none, none)
     boxes = boxes.to(torch.float32)
     cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride  # (W,)
     cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride  # (H,)
@@ -221,26 +236,32 @@ def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float) -
     empty = ~(inside_x.any(dim=1) & inside_y.any(dim=1))  # (N,): no cell centre inside
     centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
     centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
-    k = torch.arange(n, device=device)
-    # Set the centre cell of empty boxes without a host sync: non-empty boxes write their (already True or
-    # False) value back unchanged.
-    current = member[k, centre_row, centre_col]
-    member[k, centre_row, centre_col] = current | empty
-    return member
+    return member, empty, centre_row, centre_col
 
 
 def box_cell_owner(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
     """For one image, the index of the box that owns each feature cell, or -1 for background. Shape (H, W), int64.
 
-    Cells are assigned as in ``box_cell_membership``; where boxes overlap, the smallest box (by area in pixels)
-    wins; ties go to the lower index.
+    A cell whose centre lies in one or more boxes belongs to the smallest of them (by area in pixels). A box that
+    covers no cell centre claims the cell holding its own centre only if no box covers that cell; where several such
+    boxes claim one cell, the smallest wins. Ties go to the lower index. (So a tiny box never takes the only cell of
+    a larger box that covers it.)
     """
-    member = box_cell_membership(boxes, height, width, stride)
-    if member.shape[0] == 0:
+    covered, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
+    if covered.shape[0] == 0:
         return torch.full((height, width), -1, dtype=torch.long, device=boxes.device)
     x1, y1, x2, y2 = boxes.to(torch.float32).unbind(-1)
     area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (N,)
+    claims = torch.zeros_like(covered)
+    k = torch.arange(covered.shape[0], device=covered.device)
+    claims[k, centre_row, centre_col] = empty
     inf = torch.full_like(area, float("inf"))
-    keyed = torch.where(member, area[:, None, None], inf[:, None, None])
-    owner = keyed.argmin(dim=0)  # (H, W); argmin returns the first minimum, so ties go to the lower index
-    return torch.where(member.any(dim=0), owner, torch.full_like(owner, -1))
+
+    def smallest(member: Tensor) -> Tensor:
+        # argmin returns the first minimum, so ties go to the lower index
+        return torch.where(member, area[:, None, None], inf[:, None, None]).argmin(dim=0)
+
+    by_cover, by_claim = smallest(covered), smallest(claims)
+    is_covered, is_claimed = covered.any(dim=0), claims.any(dim=0)
+    owner = torch.where(is_covered, by_cover, by_claim)
+    return torch.where(is_covered | is_claimed, owner, torch.full_like(owner, -1))
