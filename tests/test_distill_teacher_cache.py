@@ -121,3 +121,17 @@ def test_cache_is_lru_and_checks_the_box_count():
     assert (c.hits, c.misses) == (1, 2)
     c.clear()
     assert len(c) == 0 and (c.hits, c.misses) == (0, 0)
+
+
+def test_level_granularity_logs_the_level_weights_it_applies():
+    """``level`` applies one weight per FPN level: last_stats reports those (the old code logged instance weights,
+    which that granularity never applies, and no level weights)."""
+    d = make_distiller("retinanet", granularity="level")
+    batch = [sample(1), sample(2)]
+    d([b[0] for b in batch], [b[1] for b in batch])
+    stats = d.last_stats
+    applied = d.last_inputs.level_weights
+    assert stats["level_w_count"] == applied.numel()
+    assert stats["level_w_min"] == pytest.approx(float(applied.min()))
+    assert stats["level_w_max"] == pytest.approx(float(applied.max()))
+    assert "teacher_loss_level_mean" in stats and not any(k.startswith("instance_w") for k in stats)

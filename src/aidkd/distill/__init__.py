@@ -2,11 +2,17 @@
 from .aid import GRANULARITIES, AIDWeighting, AIDWeights, aid_weights, instance_pixel_weights
 from .attention import AttentionDistill, attention_masks, attention_transfer_loss, masked_feature_loss
 from .base import (
+    REDUCTIONS,
+    REFERENCE_BATCH,
+    REFERENCE_CHANNELS,
+    REFERENCE_INPUT,
     DistillInputs,
     DistillMethod,
     box_cell_membership,
     box_cell_owner,
     make_adapter,
+    reference_cells,
+    root_sum_squares,
     weighted_batch_mean,
     weighted_norm,
 )
@@ -25,6 +31,10 @@ from .registry import METHODS, build_method, method_params, register_method
 __all__ = [
     "GRANULARITIES",
     "METHODS",
+    "REDUCTIONS",
+    "REFERENCE_BATCH",
+    "REFERENCE_CHANNELS",
+    "REFERENCE_INPUT",
     "AIDWeighting",
     "AIDWeights",
     "AttentionDistill",
@@ -52,7 +62,9 @@ __all__ = [
     "masked_feature_loss",
     "method_params",
     "nonlocal_loss",
+    "reference_cells",
     "register_method",
+    "root_sum_squares",
     "weighted_batch_mean",
     "weighted_norm",
 ]

@@ -93,14 +93,15 @@ class Distiller(nn.Module):
         self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
         self._last_per_instance: list[Tensor] | None = None
+        self._last_per_level: Tensor | None = None
         self.last_inputs: DistillInputs | None = None
 
     @property
     def last_stats(self) -> dict[str, float]:
         """AID weight statistics of the last step (computed on request: they sync the device)."""
-        if self.aid is None or self._last_per_instance is None:
+        if self.aid is None or (self._last_per_instance is None and self._last_per_level is None):
             return {}
-        stats = self.aid.stats(self._last_per_instance)
+        stats = self.aid.stats(self._last_per_instance, self._last_per_level)
         if self.loss_cache is not None:
             seen = self.loss_cache.hits + self.loss_cache.misses
             stats["teacher_loss_cache_hit_rate"] = self.loss_cache.hits / seen if seen else 0.0
@@ -184,7 +185,7 @@ class Distiller(nn.Module):
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
-                self._last_per_instance = per_instance
+                self._last_per_instance, self._last_per_level = per_instance, per_level
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
                                pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
         self.last_inputs = inputs
