@@ -1,7 +1,7 @@
 """``aidkd demo``: generated driving scenes -> teacher, student, KD, KD+AID on the CPU, as one markdown table.
 
 Sized for an idle 2-core CPU (a few minutes in all): an easy generated set (cars only, near and large, few
-distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student about 3x cheaper a step.
+distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student at half its cost a step.
 A second run reuses the generated scenes and the teacher when their configuration is unchanged (``fresh=True``,
 ``aidkd demo --fresh``, makes both again); the three student runs are trained anew every time.
 """
