@@ -25,7 +25,7 @@ console = Console()
 # Cars only: in a few CPU minutes a teacher from random weights learns cars and not the thin, small pedestrians and
 # cyclists (their AP stays ~0 for teacher and student alike), so the demo generates and reports only cars.
 DEMO_CLASSES = ["Car"]
-# The easy profile: objects nearer (depth t >= 0.3: boxes >= ~8 px high, median ~24 px), few objects and
+# The easy profile: objects nearer (depth t >= 0.3: a car's box >= ~11 px high, median ~24 px), few objects and
 # distractors; 20 % hard and 5 % mislabelled instances stay in, they are what AID down-weights.
 DEMO_SYNTH = {"num_images": 200, "seed": 0, "width": 320, "height": 96, "hard_fraction": 0.2,
               "mislabel_fraction": 0.05, "classes": DEMO_CLASSES, "min_t": 0.3, "max_objects": 6, "clutter": 3}
@@ -44,7 +44,6 @@ DISTILL_SCALE = 0.0025
 # (teacher, student) epochs: the teacher's longer schedule is what makes it clearly better from random weights.
 EPOCHS = {False: (5, 3), True: (1, 1)}
 QUICK_IMAGES = 24
-RUNS = ("teacher", "student", "kd", "kd_aid")
 
 
 def _synth(quick: bool) -> dict:
