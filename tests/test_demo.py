@@ -136,6 +136,10 @@ def test_reuse_and_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "EPOCHS", {True: (2, 1), False: demo.EPOCHS[False]})
     run_demo(out, quick=True)
     assert calls[0] == "teacher", "a teacher of another configuration is not reused"
+    calls.clear()
+    (out / "teacher" / "final_metrics.json").write_text("{}")  # a run stopped before its validation
+    run_demo(out, quick=True)
+    assert calls[0] == "teacher"
 
 
 def same(a: dict, b: dict) -> bool:

@@ -195,7 +195,7 @@ def _reusable(run_dir: Path, raw: dict) -> dict | None:
         metrics = json.loads((run_dir / "final_metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    return metrics if same and (run_dir / "model_best.pt").exists() else None
+    return metrics if same and metrics and (run_dir / "model_best.pt").exists() else None
 
 
 def run_demo(out: Path, quick: bool = False, arch: str = "gfl", fresh: bool = False) -> dict:
