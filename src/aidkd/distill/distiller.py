@@ -146,7 +146,17 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ one step
     def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict]
                         ) -> tuple[list[Tensor], Tensor | None]:
-        """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head."""
+        """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
+
+        Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
+        teacher's loss would be rounded (Faster R-CNN's D^T moved by up to 0.4). The teacher's features come in as
+        computed (possibly half precision) and are cast up."""
+        with torch.autocast(image_list.tensors.device.type, enabled=False):
+            return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
+                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets)
+
+    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict]
+                             ) -> tuple[list[Tensor], Tensor | None]:
         if self.loss_cache is None:
             tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
             per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
@@ -180,7 +190,8 @@ class Distiller(nn.Module):
 
         pixel_w = image_w = level_w = None
         if self.aid is not None:
-            with torch.no_grad():
+            # the weights in float32 under autocast too (_teacher_losses: D^T as well)
+            with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
                 per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
