@@ -18,6 +18,7 @@ from aidkd.distill import (
     fitnet_loss,
     masked_feature_loss,
     nonlocal_loss,
+    pkd_loss,
     reference_cells,
 )
 
@@ -81,6 +82,7 @@ def _functional_terms(student, teacher, boxes, stride):
         "at_code": attention_transfer_loss(student, teacher, form="code", stride=stride),
         "nl": nonlocal_loss(student, teacher, stride=stride),
         "fitnet": fitnet_loss(student, teacher),
+        "pkd": pkd_loss(student, teacher),
         "fgd_attention": fgd_attention_loss(s_sp, s_ch, sp, ch, stride=stride),
     }
     out["fgd_fg"], out["fgd_bg"] = fgd_feature_loss(student, teacher, fg, bg, sp, ch)

@@ -26,6 +26,7 @@ from .fgd import (
 )
 from .fitnet import FitNetDistill, fitnet_loss
 from .nonlocal_kd import NonLocalBlock2d, NonLocalDistill, default_nonlocal_plan, nonlocal_loss
+from .pkd import PKDDistill, channel_standardise, pkd_loss
 from .registry import METHODS, build_method, method_params, register_method
 
 __all__ = [
@@ -45,12 +46,14 @@ __all__ = [
     "GlobalContextBlock",
     "NonLocalBlock2d",
     "NonLocalDistill",
+    "PKDDistill",
     "aid_weights",
     "attention_masks",
     "attention_transfer_loss",
     "box_cell_membership",
     "box_cell_owner",
     "build_method",
+    "channel_standardise",
     "default_nonlocal_plan",
     "fgd_attention_loss",
     "fgd_feature_loss",
@@ -62,6 +65,7 @@ __all__ = [
     "masked_feature_loss",
     "method_params",
     "nonlocal_loss",
+    "pkd_loss",
     "reference_cells",
     "register_method",
     "root_sum_squares",

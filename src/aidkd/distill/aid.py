@@ -15,7 +15,11 @@ Granularities (``AIDWeighting.granularity``):
   weight scales *all* terms of that image: the pixel maps are filled with it everywhere (background included) and it
   is the image's ``image_weights`` entry.
 - ``"level"``: the published code's behaviour: one weight per FPN level for the whole batch from the teacher's
-  per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``).
+  per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``). The
+  per-level loss counts the level's *positive* locations / anchors only, normalised like the detector, in every
+  family (RetinaNet, FCOS, GFL, Faster R-CNN: RPN positives plus the RoI head's positive mean), so it measures how
+  well the teacher fits the objects alike everywhere. (The published GFL code's per-level loss also holds the
+  negatives' QFL; a level with few objects would then be weighted by its background.)
 """
 from __future__ import annotations
 

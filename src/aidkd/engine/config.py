@@ -128,7 +128,7 @@ class AIDConfig:
     enabled: bool = True
     granularity: Literal["instance", "image", "level"] = "instance"
     alpha: float = 0.1
-    # Remember each sample's teacher losses (key: image, flip, size, padded shape) instead of rerunning the teacher's
+    # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True
 
