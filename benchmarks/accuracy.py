@@ -56,15 +56,22 @@ PROFILES_DIR = HERE / "profiles"
 RESULTS = HERE / "results"
 
 FAMILIES = ("one-stage", "two-stage")
-SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid")
+SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid", "pkd", "pkd_aid")
+# what a profile without ``variants`` trains (the committed results were made with these)
+DEFAULT_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid")
+PAIRED_REFS = ("student", "kd", "pkd")  # paired differences are given against each of these
+# PKD (aidkd.distill.pkd) unless a family's profile entry sets ``pkd_methods``
+DEFAULT_PKD_METHODS = [{"name": "pkd"}]
 METRICS = [("coco/AP", "COCO AP"), ("coco/AP50", "AP50"), ("voc/mAP50", "VOC mAP@0.5"),
            ("kitti/moderate_mAP", "KITTI moderate mAP")]
 LABELS = {"teacher": "teacher", "self_teacher": "self-distillation teacher (student arch, teacher schedule)",
           "student": "student alone", "kd": "KD (attention + non-local)", "kd_aid_instance": "KD + AID (instance)",
-          "kd_aid_level": "KD + AID (level)", "self_kd_aid": "self-distillation, KD + AID (instance)"}
+          "kd_aid_level": "KD + AID (level)", "self_kd_aid": "self-distillation, KD + AID (instance)",
+          "pkd": "PKD (Pearson, per-channel standardised MSE)", "pkd_aid": "PKD + AID (instance)"}
 
 SHORT = {"teacher": "teacher", "self_teacher": "self-distil. teacher", "student": "student", "kd": "KD",
-         "kd_aid_instance": "KD+AID (instance)", "kd_aid_level": "KD+AID (level)", "self_kd_aid": "self-distil. KD+AID"}
+         "kd_aid_instance": "KD+AID (instance)", "kd_aid_level": "KD+AID (level)", "self_kd_aid": "self-distil. KD+AID",
+         "pkd": "PKD", "pkd_aid": "PKD+AID"}
 
 log = logging.getLogger("aidkd.bench")
 
@@ -168,7 +175,7 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
     common_train = {"progress_bar": False, "log_every": 10, **prof.get("train", {})}
     sched = prof["schedule"]
     alpha = float(prof.get("aid_alpha", 0.1))
-    variants = list(prof.get("variants", SEED_VARIANTS))
+    variants = list(prof.get("variants", DEFAULT_VARIANTS))
     unknown = set(variants) - set(SEED_VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {SEED_VARIANTS}")
@@ -209,6 +216,9 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
                     distill = None
                 elif v == "self_kd_aid":
                     distill = kd_section(fam["methods"], self_ckpt, "instance", alpha, scale)
+                elif v in ("pkd", "pkd_aid"):
+                    distill = kd_section(fam.get("pkd_methods", DEFAULT_PKD_METHODS), teacher_ckpt,
+                                         "instance" if v == "pkd_aid" else None, alpha, scale)
                 else:
                     distill = kd_section(fam["methods"], teacher_ckpt, v.removeprefix("kd_aid_") if "aid" in v
                                          else None, alpha, scale)
@@ -507,7 +517,7 @@ def aggregate(plan: list[dict], finished: dict[str, dict]) -> dict:
         # Paired by seed (same initialisation and batch order): the spread of the *difference*, which is what
         # says whether a method helps, is much smaller than the spread of each variant's own metric.
         for v in SEED_VARIANTS[1:]:  # every variant but the student alone
-            for ref in ("student", "kd"):
+            for ref in PAIRED_REFS:
                 if v == ref or v not in variants or ref not in variants:
                     continue
                 by_seed = {x["seed"]: x["metrics"] for x in variants[ref]}
@@ -584,7 +594,7 @@ def paired_table(fam: dict, metrics: list[tuple[str, str]]) -> list[str]:
     """Differences paired by seed: mean ± std of (variant - reference) over seeds, and how many seeds improved."""
     rows = []
     for v in SEED_VARIANTS:
-        for ref in ("student", "kd"):
+        for ref in PAIRED_REFS:
             e = fam.get(v, {})
             if f"paired_vs_{ref}" not in e.get(metrics[0][0], {}):
                 continue

@@ -46,9 +46,14 @@ def methods(stage: str, which: str) -> list[dict]:
             {"name": "nonlocal", "params": {"nl_weight": w["nl_weight"], "train_teacher_block": True}}]
 
 
-def distill(stage: str, teacher_ckpt: str, aid: str | None, loss_scale: float = 1.0) -> dict:
+# PKD (Cao et al. 2022; aidkd.distill.pkd): per-channel standardised MSE, weight 6 per level (MMRazor's Faster R-CNN
+# config). It is a mean of standardised features, so it needs no loss scale on small settings.
+PKD_METHODS = [{"name": "pkd", "params": {"pkd_weight": 6.0}}]
+
+
+def distill(stage: str, teacher_ckpt: str, aid: str | None, loss_scale: float = 1.0, pkd: bool = False) -> dict:
     d = {"teacher": {"checkpoint": teacher_ckpt},
-         "methods": methods(stage, "aid" if aid else "kd"),
+         "methods": PKD_METHODS if pkd else methods(stage, "aid" if aid else "kd"),
          "aid": {"enabled": aid is not None, "granularity": aid or "instance", "alpha": 0.1},
          "image_log_every": 200}
     return d if loss_scale == 1.0 else {**d, "loss_scale": loss_scale}
@@ -107,6 +112,11 @@ def paper_configs() -> dict[str, tuple[str, dict]]:
                 out[n] = ((f"{dname}, {ARCH[arch]} R101 -> {size.upper()} KD + AID (instance, alpha 0.1, AID "
                            f"weights), 12 epochs (aidkd distill; train {teacher}.yaml first)"),
                           cfg(n, size, 12, distill(stage, teacher_ckpt, "instance")))
+            for aid in (None, "instance"):
+                n = f"{dataset}_{arch}_r50_pkd" + ("_aid" if aid else "")
+                out[n] = ((f"{dname}, {ARCH[arch]} R101 -> R50 PKD{' + AID (instance)' if aid else ''}, 12 epochs "
+                           f"(aidkd distill; train {teacher}.yaml first)"),
+                          cfg(n, "r50", 12, distill(stage, teacher_ckpt, aid, pkd=True)))
             n = f"{dataset}_{arch}_r101_self_kd_aid"
             out[n] = ((f"{dname}, {ARCH[arch]} self-distillation R101 -> R101, KD + AID (instance), 12 epochs "
                        f"(aidkd distill; the teacher is {teacher}.yaml's model)"),
@@ -178,6 +188,10 @@ def small_configs() -> dict[str, tuple[str, dict]]:
                 f"{desc}; {a} R50 -> R18 KD + AID (level: the published code's granularity), {s_epochs} epochs",
                 cfg(f"{tag}_r18_kd_aid_level", "r18", 32, s_epochs,
                     distill(stage, teacher_ckpt, "level", SMALL_DISTILL_SCALE)))
+            for aid in (None, "instance"):
+                n = f"{tag}_r18_pkd" + ("_aid" if aid else "")
+                out[n] = (f"{desc}; {a} R50 -> R18 PKD{' + AID (instance)' if aid else ''}, {s_epochs} epochs",
+                          cfg(n, "r18", 32, s_epochs, distill(stage, teacher_ckpt, aid, pkd=True)))
             out[f"{tag}_r18_self_teacher"] = (
                 f"{desc}; {a} ResNet-18-FPN32 self-distillation teacher ({t_epochs} epochs, the teacher schedule)",
                 cfg(f"{tag}_r18_self_teacher", "r18", 32, t_epochs))

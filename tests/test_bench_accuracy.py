@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from aidkd.engine.config import config_from_dict
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,7 @@ def plan(acc, tmp_path):
 
 
 def test_plan_has_every_variant_per_seed_and_shared_schedule(acc, plan, tmp_path):
-    assert len(plan) == 2 * (2 + 3 * len(acc.SEED_VARIANTS))
+    assert len(plan) == 2 * (2 + 3 * len(acc.DEFAULT_VARIANTS))
     keys = [r["key"] for r in plan]
     assert len(set(keys)) == len(keys)
     students = [r for r in plan if r["variant"] in acc.SEED_VARIANTS]
@@ -46,6 +48,24 @@ def test_plan_has_every_variant_per_seed_and_shared_schedule(acc, plan, tmp_path
     assert selfkd["cfg"]["distill"]["teacher"]["checkpoint"].endswith("two-stage/self_teacher/model_best.pt")
     assert selfkd["cfg"]["model"]["backbone"] == next(
         r for r in plan if r["key"] == "two-stage/self_teacher")["cfg"]["model"]["backbone"]
+
+
+def test_pkd_variants_distil_with_pkd_alone_and_with_aid(acc, tmp_path):
+    prof = acc.load_profile("synth_cpu")
+    prof["variants"] = ["student", "pkd", "pkd_aid"]
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0])
+    pkd = next(r for r in plan if r["key"] == "one-stage/pkd_seed0")
+    pkd_aid = next(r for r in plan if r["key"] == "one-stage/pkd_aid_seed0")
+    for run, aid in ((pkd, False), (pkd_aid, True)):
+        d = run["cfg"]["distill"]
+        assert d["methods"] == [{"name": "pkd", "params": {}}]
+        assert d["aid"]["enabled"] is aid and d["aid"]["granularity"] == "instance"
+        assert d["teacher"]["checkpoint"] == str(tmp_path / "one-stage" / "teacher" / "model_best.pt")
+        assert config_from_dict(run["cfg"]).distill.methods[0].name == "pkd"  # a valid run config
+    prof["families"]["one-stage"]["pkd_methods"] = [{"name": "pkd", "pkd_weight": 2.0}]
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0])
+    pkd = next(r for r in plan if r["key"] == "one-stage/pkd_seed0")
+    assert pkd["cfg"]["distill"]["methods"] == [{"name": "pkd", "params": {"pkd_weight": 2.0}}]
 
 
 def test_scheduler_starts_teachers_first_and_waits_for_them(acc, plan):

@@ -101,7 +101,10 @@ def test_paper_settings():
         assert cfg.train.epochs == expected, name
         if name.endswith("_teacher"):
             assert cfg.model.backbone == "resnet101", name
-        if cfg.distill is not None:
+        if cfg.distill is not None and "_pkd" in name:
+            assert [(m.name, m.params) for m in cfg.distill.methods] == [("pkd", {"pkd_weight": 6.0})], name
+            assert cfg.distill.aid.enabled == name.endswith("_aid"), name
+        elif cfg.distill is not None:
             att = next(m for m in cfg.distill.methods if m.name == "attention").params
             one_stage = cfg.model.arch == "gfl"
             assert att["temperature"] == (0.1 if one_stage else 0.5), name

@@ -138,3 +138,51 @@ def test_bad_arguments(tmp_path):
         generate_synth(tmp_path / "x", 1, hard_fraction=1.5)
     with pytest.raises(ValueError):
         generate_synth(tmp_path / "x", 1, width=8)
+
+
+def test_defaults_unchanged_by_the_easier_profile_options(tmp_path):
+    """Pinned from the generator before `classes` / `min_t` existed: its defaults still make the same scenes."""
+    root = generate_synth(tmp_path / "d", 3, seed=1)
+    labels = b"".join((root / "training" / "label_2" / f"{i:06d}.txt").read_bytes() for i in range(3))
+    pixels = b"".join(np.asarray(Image.open(root / "training" / "image_2" / f"{i:06d}.png")).tobytes()
+                      for i in range(3))
+    assert hashlib.sha256(labels).hexdigest() == "ef61ba43d8d20953bd9ee08c8aaf7f2ba806dc7b75acb6a7200e4ca20d059dba"
+    assert hashlib.sha256(pixels).hexdigest() == "e0612eec42cb50c2d25ec5db0fc586601c02ffa8856a79c1e5b2bf6d4bdd91b2"
+
+
+def _positive_heights(root: Path, hard: bool = False) -> list[float]:
+    """Box heights of the labelled, untruncated positives (hard ones only when ``hard``) from synth_meta.json."""
+    frames = json.loads((root / "synth_meta.json").read_text())["frames"]
+    return [o["true_box"][3] - o["true_box"][1] for f in frames.values() for o in f["objects"]
+            if o["true_cls"] in ("Car", "Pedestrian", "Cyclist") and o["truncated_exact"] == 0
+            and bool(o["hard"]) == hard and o["covered"] < 0.9]
+
+
+def test_easier_profile_options(tmp_path):
+    easy = generate_synth(tmp_path / "easy", 40, seed=2, classes=["Car"], min_t=0.3, max_objects=6, clutter=3,
+                          mislabel_fraction=0.3)
+    default = generate_synth(tmp_path / "default", 40, seed=2, mislabel_fraction=0.3)
+    names = {o.cls for p in (easy / "training" / "label_2").glob("*.txt") for o in parse_kitti_label_file(p)}
+    assert names <= {"Car", "DontCare"} and "Car" in names
+    meta = json.loads((easy / "synth_meta.json").read_text())
+    assert (meta["classes"], meta["min_t"], meta["max_objects"], meta["clutter"]) == (["Car"], 0.3, 6, 3)
+    objs = [o for f in meta["frames"].values() for o in f["objects"]]
+    assert {o["true_cls"] for o in objs} <= {"Car", "DontCare"}
+    # one class: a mislabel can only be a bad box, never a swap to a class that is not generated
+    assert {o["mislabel"] for o in objs} == {None, "box"}
+    assert max(len(f["objects"]) for f in meta["frames"].values()) <= 6 + 6 + 1  # objects + car occluders + group
+    # t >= 0.3: an untruncated car (>= 1.4 m high, 0.28 * 96 px a metre at t = 1) is >= 0.3 * 1.4 * 26.88 px high;
+    # the exceptions are the cars placed in front of a hard "small" one to occlude it (they stay near it)
+    heights = _positive_heights(easy)
+    assert heights and np.mean(np.array(heights) >= 0.3 * 1.4 * 0.28 * 96 - 1) > 0.95
+    assert np.median(heights) > 1.2 * np.median(_positive_heights(default))
+    two = generate_synth(tmp_path / "two", 20, seed=2, classes=["Pedestrian", "Cyclist"])
+    assert {o.cls for p in (two / "training" / "label_2").glob("*.txt")
+            for o in parse_kitti_label_file(p)} <= {"Pedestrian", "Cyclist", "DontCare"}
+
+
+def test_easier_profile_bad_options(tmp_path):
+    with pytest.raises(ValueError, match=r"subset of \['Car', 'Pedestrian', 'Cyclist', 'Van', 'Truck'\].*Bus"):
+        generate_synth(tmp_path / "x", 1, classes=["Car", "Bus"])
+    with pytest.raises(ValueError, match="min_t must be in"):
+        generate_synth(tmp_path / "x", 1, min_t=1.5)

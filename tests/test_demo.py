@@ -1,10 +1,22 @@
-"""`aidkd demo`: the README's main command. Its plan (pure) and a --quick run end to end."""
+"""`aidkd demo`: the README's main command. Its plan, reuse and summaries (pure or with a fake `train`) and a
+--quick run end to end."""
 import json
 
 import pytest
+import torch
 
-from aidkd.engine.config import config_from_dict
-from aidkd.engine.demo import demo_configs, run_demo
+from aidkd.data import generate_synth, load_kitti_records
+from aidkd.engine import demo
+from aidkd.engine.config import config_from_dict, dump_config
+from aidkd.engine.demo import (
+    AIDWeightLog,
+    data_folder,
+    demo_configs,
+    results_table,
+    row_names,
+    run_demo,
+    summarize_aid,
+)
 
 
 def test_demo_plan(tmp_path):
@@ -12,25 +24,152 @@ def test_demo_plan(tmp_path):
     assert list(cfgs) == ["teacher", "student", "kd", "kd_aid"]
     t, s = cfgs["teacher"], cfgs["student"]
     assert t["train"]["epochs"] > s["train"]["epochs"], "the teacher needs the longer schedule to be the better model"
-    assert t["model"]["backbone"] == "resnet50" and s["model"]["backbone"] == "resnet18"
+    # the teacher is the costlier model: ResNet-18 with a 64-channel FPN vs MobileNetV3-small with 32 channels
+    assert (t["model"]["backbone"], t["model"]["fpn_channels"]) == ("resnet18", 64)
+    assert (s["model"]["backbone"], s["model"]["fpn_channels"]) == ("mobilenet_v3_small", 32)
     for name in ("student", "kd", "kd_aid"):  # one schedule, one model for every student run
         assert cfgs[name]["train"] == s["train"] and cfgs[name]["model"] == s["model"]
+    for raw in cfgs.values():  # one validation, at the end of a cosine schedule
+        assert raw["train"]["val_every"] == raw["train"]["epochs"] and raw["train"]["scheduler"] == "cosine"
     assert cfgs["kd"]["distill"]["aid"]["enabled"] is False and cfgs["kd_aid"]["distill"]["aid"]["enabled"] is True
     assert cfgs["kd"]["distill"]["loss_scale"] == cfgs["kd_aid"]["distill"]["loss_scale"] < 1
     assert cfgs["kd_aid"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "teacher" / "model_best.pt")
+    # the easy profile: cars only, near (large) objects; generated and evaluated classes agree
+    assert t["data"]["classes"] == t["data"]["synth"]["classes"] == ["Car"] and t["data"]["synth"]["min_t"] > 0
+    assert t["data"]["root"] == str(data_folder(tmp_path)) and data_folder(tmp_path).parent == tmp_path / "data"
     for raw in cfgs.values():
         config_from_dict(raw)  # every config is valid
     assert demo_configs(tmp_path, arch="retinanet")["student"]["model"]["kwargs"] == {"anchor_size": 16}
     assert demo_configs(tmp_path)["student"]["model"]["arch"] == "gfl"
+    quick = demo_configs(tmp_path, quick=True)
+    assert quick["teacher"]["data"]["synth"]["num_images"] < t["data"]["synth"]["num_images"]
+    assert data_folder(tmp_path, quick=True) != data_folder(tmp_path)
+
+
+def test_data_folder_follows_the_generator_settings(tmp_path, monkeypatch):
+    before = data_folder(tmp_path)
+    monkeypatch.setattr(demo, "DEMO_SYNTH", dict(demo.DEMO_SYNTH, min_t=0.4))
+    assert data_folder(tmp_path) != before  # a changed profile never reuses scenes made for the old one
+
+
+def test_results_table():
+    m = {"coco/AP": 20.04, "coco/AP50": 40.0, "coco/AP/Car": 30.0, "coco/AP/Pedestrian": 10.0, "voc/mAP50": 38.0,
+         "kitti/moderate_mAP": 33.3}
+    results = {"teacher": {"metrics": m, "seconds": 80.2, "reused": True},
+               "student": {"metrics": {"coco/AP": 5.0}, "seconds": 30.4, "reused": False}}
+    lines = results_table(results, {"teacher": "T"}, ["Car"]).splitlines()
+    assert lines[0] == "| run | COCO AP | AP50 | VOC mAP@0.5 | KITTI moderate mAP | train s |"
+    assert lines[2] == "| T | 20.0 | 40.0 | 38.0 | 33.3 | reused |"
+    assert lines[3] == "| student | 5.0 | nan | nan | nan | 30 |"
+    two = results_table(results, None, ["Car", "Pedestrian"]).splitlines()
+    assert two[0].startswith("| run | COCO AP | AP50 | AP Car | AP Pedestrian | VOC") and two[1] == "|---" * 8 + "|"
+    assert two[2].split(" | ")[3:5] == ["30.0", "10.0"]
+
+
+def test_row_names(tmp_path):
+    names = row_names(demo_configs(tmp_path, quick=True))
+    assert names["teacher"] == "teacher (resnet18, 1 epoch)"
+    assert names["student"] == "student (mobilenet_v3_small, 1 epoch) alone"
+    assert row_names(demo_configs(tmp_path))["teacher"].endswith(f"{demo.EPOCHS[False][0]} epochs)")
+
+
+def test_summarize_aid(tmp_path):
+    root = generate_synth(tmp_path / "s", 6, seed=0, classes=["Car"], min_t=0.3, mislabel_fraction=0.5,
+                          hard_fraction=0.5)
+    kinds = demo._instance_kinds(root, ["Car"])
+    records = {r.image_id: r for r in load_kitti_records(root, "train") + load_kitti_records(root, "val")}
+    assert {i: len(k) for i, k in kinds.items()} == {i: sum(o.cls == "Car" for o in r.objects)
+                                                    for i, r in records.items()}
+    log = AIDWeightLog()
+    weight_of = {"clean": 0.9, "hard": 0.5, "mislabelled": 0.2}
+    for image_id, k in kinds.items():
+        log.per_image[image_id] = [weight_of[x] for x in k]
+        log.weights += log.per_image[image_id]
+    s = summarize_aid(log, root, ["Car"])
+    flat = [x for k in kinds.values() for x in k]
+    assert s["instances"] == len(flat) > 0 and s["below_0.5"] == flat.count("mislabelled")
+    assert s["min"] == min(log.weights) and s["max"] == max(log.weights)
+    assert s["mean"] == pytest.approx(sum(log.weights) / len(flat))
+    assert next(iter(s["by_kind"])) == "clean" and set(s["by_kind"]) <= {"clean", "hard", "mislabelled"}
+    for kind, v in s["by_kind"].items():
+        assert v == {"instances": flat.count(kind), "mean": pytest.approx(weight_of[kind])}
+    log.per_image[next(iter(kinds))].append(1.0)  # instances that do not match the metadata: no breakdown
+    assert "by_kind" not in summarize_aid(log, root, ["Car"])
+    assert summarize_aid(AIDWeightLog(), root, ["Car"]) == {"instances": 0}
+    text = demo.aid_summary_text(s)
+    assert f"{s['instances']} ground-truth instances" in text and f"mean {s['mean']:.3f}" in text
+
+
+def test_reuse_and_fresh(tmp_path, monkeypatch):
+    """A second run reuses the teacher of the same configuration; --fresh or a changed teacher config retrains it;
+    the students always train anew (fake `train`: records the calls, writes what a run writes)."""
+    calls = []
+
+    def fake_train(cfg, extra_callbacks=()):
+        calls.append(cfg.name)
+        out = tmp_path / "demo" / cfg.name
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        metrics = {"coco/AP": float(len(calls))}
+        (out / "final_metrics.json").write_text(json.dumps(metrics))
+        torch.save({}, out / "model_best.pt")
+        return metrics
+
+    monkeypatch.setattr("aidkd.engine.run.train", fake_train)
+    out = tmp_path / "demo"
+    first = run_demo(out, quick=True)
+    assert calls == ["teacher", "student", "kd", "kd_aid"] and not first["teacher"]["reused"]
+    (out / "student" / "stale.txt").write_text("x")
+    calls.clear()
+    second = run_demo(out, quick=True)
+    assert calls == ["student", "kd", "kd_aid"] and second["teacher"]["reused"]
+    assert second["teacher"]["metrics"] == first["teacher"]["metrics"]
+    assert second["teacher"]["seconds"] == pytest.approx(first["teacher"]["seconds"])
+    assert not (out / "student" / "stale.txt").exists(), "a student run starts from an empty folder"
+    assert "| reused |" in (out / "results.md").read_text()
+    calls.clear()
+    (out / "data" / "keep.txt").parent.mkdir(parents=True, exist_ok=True)
+    (out / "data" / "keep.txt").write_text("x")
+    run_demo(out, quick=True, fresh=True)
+    assert calls == ["teacher", "student", "kd", "kd_aid"] and not (out / "data" / "keep.txt").exists()
+    calls.clear()
+    monkeypatch.setattr(demo, "EPOCHS", {True: (2, 1), False: demo.EPOCHS[False]})
+    run_demo(out, quick=True)
+    assert calls[0] == "teacher", "a teacher of another configuration is not reused"
+    calls.clear()
+    (out / "teacher" / "final_metrics.json").write_text("{}")  # a run stopped before its validation
+    run_demo(out, quick=True)
+    assert calls[0] == "teacher"
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal metrics, NaN included (an AP of a size range without boxes is NaN)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 @pytest.mark.timeout(300)
-def test_quick_demo_writes_the_table(tmp_path):
+def test_quick_demo_writes_the_table(tmp_path, capsys):
     results = run_demo(tmp_path, quick=True)
     assert list(results) == ["teacher", "student", "kd", "kd_aid"]
     for r in results.values():
-        assert 0.0 <= r["metrics"]["coco/AP"] <= 100.0 and r["seconds"] > 0
+        assert 0.0 <= r["metrics"]["coco/AP"] <= 100.0 and r["seconds"] > 0 and r["reused"] is False
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[0].startswith("| run | COCO AP") and len(table) == 2 + 4
+    assert table[0].startswith("| run | COCO AP") and table[2].startswith("| teacher (resnet18, 1 epoch) |")
+    assert len([line for line in table if line.startswith("|")]) == 2 + 4
     assert json.loads((tmp_path / "results.json").read_text()).keys() == results.keys()
-    assert (tmp_path / "kd_aid" / "model_best.pt").exists()
+    for name in results:
+        assert (tmp_path / name / "model_best.pt").exists()
+    # one AID weight per training instance of the last epoch (one epoch: every training image once)
+    records = load_kitti_records(data_folder(tmp_path, quick=True), "train")
+    s = results["kd_aid"]["aid_weights"]
+    assert s["instances"] == sum(o.cls == "Car" for r in records for o in r.objects) > 0
+    assert 0.0 < s["min"] <= s["mean"] <= s["max"] <= 1.0
+    assert sum(v["instances"] for v in s["by_kind"].values()) == s["instances"]
+    printed = capsys.readouterr().out
+    assert f"aidkd report {tmp_path}" in printed.replace("\n", "") and "results.md" in printed
+    # a second run reuses the teacher and, deterministic for the seed, gives the students the same numbers
+    again = run_demo(tmp_path, quick=True)
+    assert again["teacher"]["reused"] and same(again["teacher"]["metrics"], results["teacher"]["metrics"])
+    for name in ("student", "kd", "kd_aid"):
+        assert same(again[name]["metrics"], results[name]["metrics"]), name
+    assert again["kd_aid"]["aid_weights"] == s

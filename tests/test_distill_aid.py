@@ -56,12 +56,33 @@ def test_pixel_weights_tiny_box_claims_its_centre_cell():
     expected = torch.ones(4, 4)
     expected[2, 1] = 0.4
     torch.testing.assert_close(pw[0], expected)
-    # inside a larger box the tiny box still wins its centre cell
+    # inside a larger box that covers the cell, the tiny box claims nothing (the larger box keeps its cell)
     boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [9.0, 17.0, 11.0, 19.0]])
     pw = instance_pixel_weights([boxes], [torch.tensor([0.8, 0.4])], 4, 4, 8)
-    expected = torch.full((4, 4), 0.8)
-    expected[2, 1] = 0.4
-    torch.testing.assert_close(pw[0], expected)
+    torch.testing.assert_close(pw[0], torch.full((4, 4), 0.8))
+
+
+def test_tiny_box_does_not_take_the_only_cell_of_a_box_covering_it():
+    """A 4x4 box inside a 64x64 box at stride 64: the big box covers the one cell's centre, so it keeps it (the
+    tiny box used to claim it, leaving the big box no cell at all on that level)."""
+    boxes = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 10.0, 14.0, 14.0]])]
+    weights = [torch.tensor([0.9, 0.2])]
+    pw = instance_pixel_weights(boxes, weights, 2, 2, 64)
+    torch.testing.assert_close(pw[0], torch.tensor([[0.9, 1.0], [1.0, 1.0]]))
+    # order does not matter
+    pw = instance_pixel_weights([boxes[0].flip(0)], [weights[0].flip(0)], 2, 2, 64)
+    assert pw[0, 0, 0] == pytest.approx(0.9)
+
+
+def test_competing_tiny_boxes_smallest_wins_and_free_cells_are_claimed():
+    """Boxes covering no cell centre claim their centre cell where no box covers it; among claimants the smallest
+    wins, whatever the order."""
+    tiny = torch.tensor([[70.0, 70.0, 80.0, 80.0], [72.0, 72.0, 76.0, 76.0], [10.0, 70.0, 14.0, 74.0]])
+    weights = torch.tensor([0.5, 0.3, 0.7])
+    for order in ([0, 1, 2], [2, 1, 0]):
+        pw = instance_pixel_weights([tiny[order]], [weights[order]], 2, 2, 64)
+        # cell (1, 1): claimed by boxes 0 and 1 -> the smaller (1) wins; cell (1, 0): box 2 alone
+        torch.testing.assert_close(pw[0], torch.tensor([[1.0, 1.0], [0.7, 0.3]]))
 
 
 def test_pixel_weights_stride_handling():
@@ -152,8 +173,27 @@ def test_aid_stats():
     assert stats["instance_w_min"] == pytest.approx(math.exp(-0.3))
     assert stats["instance_w_count"] == 2
     assert "image_w_mean" in AIDWeighting("image").stats(LOSSES)
-    assert AIDWeighting("level").stats(None, torch.tensor([0.0, 10.0]))["level_w_min"] == pytest.approx(math.exp(-1))
     assert AIDWeighting().stats([torch.zeros(0)]) == {}
+
+
+def test_aid_stats_log_teacher_losses_and_quantiles():
+    losses = [torch.tensor([1.0, 3.0, 2.0]), torch.tensor([4.0]), torch.zeros(0)]
+    stats = AIDWeighting(alpha=0.5).stats(losses)
+    assert stats["teacher_loss_mean"] == pytest.approx(2.5)
+    assert (stats["teacher_loss_min"], stats["teacher_loss_max"]) == (1.0, 4.0)
+    assert stats["teacher_loss_q50"] == pytest.approx(2.5)  # linear interpolation between 2 and 3
+    assert stats["teacher_loss_q10"] == pytest.approx(1.3) and stats["teacher_loss_q90"] == pytest.approx(3.7)
+    assert stats["teacher_loss_count"] == 4
+    assert stats["instance_w_q50"] == pytest.approx((math.exp(-0.5 * 2) + math.exp(-0.5 * 3)) / 2)
+    assert stats["instance_w_max"] == pytest.approx(math.exp(-0.5))
+
+
+def test_aid_stats_level_logs_the_weights_it_applies():
+    """With ``level`` only level weights are applied: log those (and the per-level D^T), not instance weights."""
+    stats = AIDWeighting("level").stats(LOSSES, torch.tensor([0.0, 10.0]))
+    assert stats["level_w_min"] == pytest.approx(math.exp(-1)) and stats["level_w_max"] == 1.0
+    assert stats["teacher_loss_level_max"] == 10.0 and stats["level_w_count"] == 2
+    assert not any(k.startswith("instance_w") for k in stats)
 
 
 def test_aid_remembers_last_instance_weights():

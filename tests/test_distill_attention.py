@@ -45,18 +45,23 @@ def test_masked_loss_hand_computation():
     teacher = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     spatial = torch.tensor([[[1.0, 0.5], [2.0, 0.5]]])
     channel = torch.tensor([[1.0]])
+    def published(*args):
+        return masked_feature_loss(*args, reduction="published").item()
+
     # 1*1 + 4*0.5 + 9*2 + 16*0.5 = 29
-    assert masked_feature_loss(student, teacher, spatial, channel).item() == pytest.approx(math.sqrt(29.0))
+    assert published(student, teacher, spatial, channel) == pytest.approx(math.sqrt(29.0))
     # channel mask scales every squared term
-    assert masked_feature_loss(student, teacher, spatial, 2 * channel).item() == pytest.approx(math.sqrt(58.0))
-    # pixel weight multiplies the residual: 2**2 * 1 + 2 + 18 + 8 = 32
+    assert published(student, teacher, spatial, 2 * channel) == pytest.approx(math.sqrt(58.0))
+    # pixel weight multiplies the squared error (linear rule): 2 * 1 + 2 + 18 + 8 = 30
     pw = torch.tensor([[[2.0, 1.0], [1.0, 1.0]]])
-    assert masked_feature_loss(student, teacher, spatial, channel, pw).item() == pytest.approx(math.sqrt(32.0))
-    # all-ones pixel weights = unweighted; constant w = w * unweighted
-    assert masked_feature_loss(student, teacher, spatial, channel, torch.ones(1, 2, 2)).item() == \
-        pytest.approx(math.sqrt(29.0))
-    assert masked_feature_loss(student, teacher, spatial, channel, torch.full((1, 2, 2), 0.3)).item() == \
-        pytest.approx(0.3 * math.sqrt(29.0))
+    assert published(student, teacher, spatial, channel, pw) == pytest.approx(math.sqrt(30.0))
+    # all-ones pixel weights = unweighted; constant w = sqrt(w) * unweighted
+    assert published(student, teacher, spatial, channel, torch.ones(1, 2, 2)) == pytest.approx(math.sqrt(29.0))
+    assert published(student, teacher, spatial, channel, torch.full((1, 2, 2), 0.3)) == \
+        pytest.approx(math.sqrt(0.3 * 29.0))
+    # normalized (default): mean of the 4 squared terms times 2 * 256 * reference_cells(8) before the root
+    assert masked_feature_loss(student, teacher, spatial, channel).item() == \
+        pytest.approx(math.sqrt(29.0 / 4 * 2 * 256 * 100 * 168))
 
 
 def test_masked_loss_gradient_reaches_student_only():
@@ -84,26 +89,33 @@ def test_masked_loss_gradient_finite_at_zero_residual():
 def test_attention_transfer_weights(form):
     torch.manual_seed(0)
     student, teacher = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
-    base = attention_transfer_loss(student, teacher, form=form)
+    base = attention_transfer_loss(student, teacher, form=form, reduction="published")
     assert attention_transfer_loss(teacher, teacher, form=form).item() == 0.0
-    ones = attention_transfer_loss(student, teacher, form=form, image_weights=torch.ones(3))
+    ones = attention_transfer_loss(student, teacher, form=form, image_weights=torch.ones(3), reduction="published")
     torch.testing.assert_close(ones, base)
-    half = attention_transfer_loss(student, teacher, form=form, image_weights=torch.full((3,), 0.5))
-    torch.testing.assert_close(half, 0.5 * base)
+    quarter = attention_transfer_loss(student, teacher, form=form, image_weights=torch.full((3,), 0.25),
+                                      reduction="published")
+    torch.testing.assert_close(quarter, 0.5 * base)  # weights multiply squared residuals: sqrt(0.25) = 0.5
     # a zero-weighted image does not contribute
     w = torch.tensor([1.0, 1.0, 0.0])
-    only_two = attention_transfer_loss(student[:2], teacher[:2], form=form)
-    c = attention_transfer_loss(student, teacher, form=form, image_weights=w)
+    only_two = attention_transfer_loss(student[:2], teacher[:2], form=form, reduction="published")
+    c = attention_transfer_loss(student, teacher, form=form, image_weights=w, reduction="published")
     torch.testing.assert_close(c, only_two)
 
 
 def test_attention_transfer_forms_hand():
     student = torch.zeros(1, 1, 1, 2)
     teacher = torch.tensor([[[[-1.0, 3.0]]]])
+    def published(form):
+        return attention_transfer_loss(student, teacher, form=form, reduction="published").item()
+
     # paper: channel |F| mean 2 -> 2; spatial |F| (1, 3) -> sqrt(10)
-    assert attention_transfer_loss(student, teacher, form="paper").item() == pytest.approx(2 + math.sqrt(10))
+    assert published("paper") == pytest.approx(2 + math.sqrt(10))
     # code: channel signed mean 1 -> 1; spatial signed (-1, 3) -> sqrt(10)
-    assert attention_transfer_loss(student, teacher, form="code").item() == pytest.approx(1 + math.sqrt(10))
+    assert published("code") == pytest.approx(1 + math.sqrt(10))
+    # normalized (default): channel term x sqrt(2 * 256 / 1), spatial term x sqrt(2 * reference_cells(8) / 2)
+    assert attention_transfer_loss(student, teacher, form="paper").item() == \
+        pytest.approx(2 * math.sqrt(512) + math.sqrt(10) * math.sqrt(100 * 168))
     with pytest.raises(ValueError, match="channels"):
         attention_transfer_loss(torch.zeros(1, 2, 1, 2), teacher, form="paper")
     with pytest.raises(ValueError, match="form"):
@@ -144,9 +156,9 @@ def test_attention_module_weights_scale_terms():
     out = scaled(_inputs())
     torch.testing.assert_close(out["am"], 2 * plain["am"])
     torch.testing.assert_close(out["at"], 3 * plain["at"])
-    # constant AID weights everywhere scale the terms by exactly that weight
-    inputs = _inputs(pixel_weights=[torch.full((2, 8, 8), 0.5), torch.full((2, 4, 4), 0.5)],
-                     image_weights=torch.full((2,), 0.5))
+    # constant AID weights w everywhere multiply every squared error: the root terms scale by sqrt(w)
+    inputs = _inputs(pixel_weights=[torch.full((2, 8, 8), 0.25), torch.full((2, 4, 4), 0.25)],
+                     image_weights=torch.full((2,), 0.25))
     out = module(inputs)
     torch.testing.assert_close(out["am"], 0.5 * plain["am"])
     torch.testing.assert_close(out["at"], 0.5 * plain["at"])

@@ -10,6 +10,7 @@ from aidkd.distill import (
     fgd_feature_loss,
     fgd_global_loss,
     fgd_masks,
+    reference_cells,
 )
 
 
@@ -50,10 +51,14 @@ def test_fgd_feature_loss_hand_and_weights():
     bg_mask = torch.tensor([[[0.0, 1.0]]])
     spatial = torch.tensor([[[0.5, 1.5]]])
     channel = torch.tensor([[2.0]])
-    fg, bg = fgd_feature_loss(student, teacher, fg_mask, bg_mask, spatial, channel)
+    fg, bg = fgd_feature_loss(student, teacher, fg_mask, bg_mask, spatial, channel, reduction="published")
     assert fg.item() == pytest.approx(1 * 0.5 * 2) and bg.item() == pytest.approx(4 * 1.5 * 2)
-    fg_w, bg_w = fgd_feature_loss(student, teacher, fg_mask, bg_mask, spatial, channel, torch.tensor([[[0.5, 1.0]]]))
+    fg_w, bg_w = fgd_feature_loss(student, teacher, fg_mask, bg_mask, spatial, channel, torch.tensor([[[0.5, 1.0]]]),
+                                  reduction="published")
     assert fg_w.item() == pytest.approx(0.5) and bg_w.item() == pytest.approx(12.0)
+    # normalized (default): the channel sum is rescaled to 256 channels (here C = 1)
+    fg_n, bg_n = fgd_feature_loss(student, teacher, fg_mask, bg_mask, spatial, channel)
+    assert fg_n.item() == pytest.approx(256 * 1.0) and bg_n.item() == pytest.approx(256 * 12.0)
     zero = fgd_feature_loss(teacher, teacher, fg_mask, bg_mask, spatial, channel)
     assert zero[0].item() == 0 and zero[1].item() == 0
 
@@ -63,14 +68,20 @@ def test_fgd_attention_and_global_losses():
     s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     ss, sc = attention_masks(s, 0.5)
     ts, tc = attention_masks(t, 0.5)
-    base = fgd_attention_loss(ss, sc, ts, tc)
+    base = fgd_attention_loss(ss, sc, ts, tc, reduction="published")
     expected = ((sc - tc).abs().sum() + (ss - ts).abs().sum()) / 2
     torch.testing.assert_close(base, expected)
-    torch.testing.assert_close(fgd_attention_loss(ss, sc, ts, tc, torch.ones(2)), base)
+    torch.testing.assert_close(fgd_attention_loss(ss, sc, ts, tc, torch.ones(2), reduction="published"), base)
+    # normalized: channel sum x 256 / C, spatial sum x reference_cells(stride) / (H*W)
+    cells = reference_cells(16)
+    expected_n = ((sc - tc).abs().sum() * 256 / 3 + (ss - ts).abs().sum() * cells / 16) / 2
+    torch.testing.assert_close(fgd_attention_loss(ss, sc, ts, tc, stride=16), expected_n)
     block = GlobalContextBlock(3)
     torch.testing.assert_close(block(s), s)  # identity at init (zero last conv)
-    torch.testing.assert_close(fgd_global_loss(block(s), block(t)), (s - t).pow(2).sum() / 2)
-    torch.testing.assert_close(fgd_global_loss(s, t, torch.tensor([0.0, 2.0])), (s[1] - t[1]).pow(2).sum())
+    torch.testing.assert_close(fgd_global_loss(block(s), block(t), reduction="published"), (s - t).pow(2).sum() / 2)
+    torch.testing.assert_close(fgd_global_loss(s, t, torch.tensor([0.0, 2.0]), reduction="published"),
+                               (s[1] - t[1]).pow(2).sum())
+    torch.testing.assert_close(fgd_global_loss(s, t, stride=16), (s - t).pow(2).sum() / 2 * 256 * cells / 48)
 
 
 def test_fgd_module():

@@ -80,17 +80,74 @@ def test_unit_weights_change_nothing(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_constant_weight_scales_every_term(name):
-    """A constant AID weight w scales every term by exactly w, whether it comes as pixel/image or level weights."""
+def test_level_weight_scales_every_term(name):
+    """A constant level weight w multiplies every term by exactly w."""
     module = build(name)
     plain = evaluate(module, make_inputs())
     w = 0.6
-    by_image = evaluate(module, make_inputs(pixel_weights=[torch.full((2, h, w_), w) for h, w_ in SIZES],
-                                            image_weights=torch.full((2,), w)))
     by_level = evaluate(module, make_inputs(level_weights=torch.full((3,), w)))
     for key in plain:
-        torch.testing.assert_close(by_image[key], w * plain[key], msg=key)
         torch.testing.assert_close(by_level[key], w * plain[key], msg=key)
+
+
+def _twin_images():
+    """Two identical images (same features, same boxes): every residual of image 0 equals image 1's."""
+    inputs = make_inputs()
+    for feats in (inputs.student, inputs.teacher):
+        for i, f in enumerate(feats):
+            feats[i] = f[:1].repeat(2, 1, 1, 1)
+    inputs.boxes = [inputs.boxes[0], inputs.boxes[0].clone()]
+    for s in inputs.student:
+        s.requires_grad_(True)
+    return inputs
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_aid_weight_enters_linearly_for_pixel_and_global_terms(name):
+    """At equal residuals an image of weight w (pixel maps and image weight) gets w times the gradient of an image
+    of weight 1, in every term of every method: AID's alpha means the same everywhere (was w**2 for the root terms)."""
+    w = 0.37
+    module = build(name)
+    for term in evaluate(module, make_inputs()):
+        inputs = _twin_images()
+        inputs.pixel_weights = [torch.stack([torch.full((h, w_), w), torch.ones(h, w_)]) for h, w_ in SIZES]
+        inputs.image_weights = torch.tensor([w, 1.0])
+        module(inputs)[term].backward()
+        for level, s in enumerate(inputs.student):
+            g0, g1 = s.grad[0], s.grad[1]
+            assert g1.abs().sum() > 0, (term, level)
+            torch.testing.assert_close(g0, w * g1, rtol=1e-4, atol=1e-5 * float(g1.abs().max()),
+                                       msg=f"{name}/{term} level {level}")
+
+
+PIXEL_TERMS = {"attention": ["am"], "fitnet": ["fitnet"], "fgd": ["fg", "bg"]}
+
+
+@pytest.mark.parametrize("name", sorted(PIXEL_TERMS))
+def test_aid_pixel_weight_enters_linearly(name):
+    """Two cells of one image with equal features and residuals: the one of weight w gets w times the gradient."""
+    w = 0.37
+    module = build(name)
+    for term in PIXEL_TERMS[name]:
+        inputs = make_inputs()
+        for feats in (inputs.student, inputs.teacher):
+            for i, f in enumerate(feats):
+                f = f.clone()
+                f[:, :, 0, 1] = f[:, :, 0, 0]  # cells (0, 0) and (0, 1): same features, hence same masks
+                feats[i] = f.requires_grad_(feats is inputs.student)
+        # both cells background (FGD bg: equal bg mask) or both inside one box (FGD fg: equal fg mask)
+        box = torch.tensor([[0.0, 0.0, 64.0, 24.0]]) if term == "fg" else torch.zeros(0, 4)
+        inputs.boxes = [box, box.clone()]
+        maps = [torch.ones(2, h, w_) for h, w_ in SIZES]
+        for m in maps:
+            m[:, 0, 0] = w
+        inputs.pixel_weights = maps
+        module(inputs)[term].backward()
+        for level, s in enumerate(inputs.student):
+            g = s.grad[:, :, 0]
+            assert g[:, :, 1].abs().sum() > 0, (term, level)
+            torch.testing.assert_close(g[:, :, 0], w * g[:, :, 1], rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                       msg=f"{name}/{term} level {level}")
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -113,7 +170,10 @@ def test_build_method_errors_and_params():
         build_method("attention", 4, 6, 3, temp=0.5)
     module = build_method("attention", 4, 6, 3, temperature=0.1, am_weight=1.0)
     assert module.temperature == 0.1 and module.am_weight == 1.0
-    assert set(method_params("fgd")) == {"temperature", "alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd"}
+    assert set(method_params("fgd")) == {"temperature", "alpha_fgd", "beta_fgd", "gamma_fgd", "lambda_fgd",
+                                         "reduction"}
+    with pytest.raises(ValueError, match="reduction"):
+        build_method("attention", 4, 6, 3, reduction="sum")
     assert method_params("fitnet") == {"fitnet_weight": 1.0}
     with pytest.raises(ValueError, match="num_levels"):
         build_method("fitnet", 4, 6, 0)

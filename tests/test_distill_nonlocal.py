@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from aidkd.distill import (
     NonLocalDistill,
     default_nonlocal_plan,
     nonlocal_loss,
+    reference_cells,
 )
 
 
@@ -36,10 +39,14 @@ def test_block_is_not_identity_after_update_and_pools_safely():
 def test_nonlocal_loss_and_weights():
     torch.manual_seed(0)
     s, t = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
-    base = nonlocal_loss(s, t)
+    base = nonlocal_loss(s, t, reduction="published")
     torch.testing.assert_close(base, (s - t).pow(2).sum().sqrt())
-    torch.testing.assert_close(nonlocal_loss(s, t, torch.ones(3)), base)
-    torch.testing.assert_close(nonlocal_loss(s, t, torch.full((3,), 0.25)), 0.25 * base)
+    torch.testing.assert_close(nonlocal_loss(s, t, torch.ones(3), reduction="published"), base)
+    # weights multiply the squared residual (linear rule): a constant w scales the norm by sqrt(w)
+    torch.testing.assert_close(nonlocal_loss(s, t, torch.full((3,), 0.25), reduction="published"), 0.5 * base)
+    # normalized (default): published * sqrt(2 * 256 * reference_cells(stride) / numel)
+    torch.testing.assert_close(nonlocal_loss(s, t, stride=32),
+                               base * math.sqrt(2 * 256 * reference_cells(32) / s.numel()))
     with pytest.raises(ValueError):
         nonlocal_loss(s, t[:, :2])
 

@@ -76,12 +76,39 @@ def test_cached_and_partial_batches_equal_the_full_computation(arch, head_calls)
     assert head_calls == []  # everything seen: no teacher head at all
 
 
-def test_padded_shape_is_part_of_the_key(head_calls):
+def test_key_does_not_depend_on_the_batch(head_calls):
+    """A sample's cached losses are those of the sample alone (padded to its own size): a wider neighbour, which pads
+    the batch differently, neither forces a recompute nor changes them (the key held the padded batch shape, so on
+    mixed aspect ratios, COCO, hits were rare)."""
+    d = make_distiller("retinanet")
+    alone = per_instance(d, [sample(1), sample(2)])
+    head_calls.clear()
+    mixed = per_instance(d, [sample(1), sample(5, width=W + 40)])
+    assert head_calls == [1]  # only the unseen wide sample
+    torch.testing.assert_close(mixed[0], alone[0])
+    # the wide sample's losses were computed on its own padding: the same as in a batch of its own
+    fresh = make_distiller("retinanet", cache=False)
+    torch.testing.assert_close(mixed[1], per_instance(fresh, [sample(5, width=W + 40)])[0], rtol=1e-4, atol=1e-5)
+    # and a narrow sample first seen beside a wide one is computed on its own crop, as if alone
+    d2 = make_distiller("retinanet")
+    beside_wide = per_instance(d2, [sample(5, width=W + 40), sample(3)])
+    torch.testing.assert_close(beside_wide[1], per_instance(fresh, [sample(3)])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_low_hit_rate_after_the_first_epoch_warns_once(caplog):
     d = make_distiller("retinanet")
     per_instance(d, [sample(1), sample(2)])
-    head_calls.clear()
-    per_instance(d, [sample(1), sample(5, width=W + 40)])  # a wider neighbour pads image 1 differently
-    assert head_calls == [2]
+    assert d.end_epoch(0) == 0.0 and not caplog.records  # the first epoch misses by nature
+    per_instance(d, [sample(3), sample(4)])  # new keys every epoch (e.g. random crops)
+    with caplog.at_level("WARNING", logger="aidkd.distill"):
+        assert d.end_epoch(1) == 0.0
+        per_instance(d, [sample(5), sample(6)])
+        d.end_epoch(2)
+    warnings = [r for r in caplog.records if "teacher-loss cache" in r.getMessage()]
+    assert len(warnings) == 1 and "0% hits in epoch 1" in warnings[0].getMessage()
+    assert "distill.aid.cache: false" in warnings[0].getMessage()
+    per_instance(d, [sample(5), sample(6)])
+    assert d.end_epoch(3) == 1.0
 
 
 def test_level_granularity_and_missing_ids_compute_every_time(head_calls):
@@ -110,8 +137,8 @@ def test_forward_uses_the_cache_and_reports_its_hit_rate():
 
 def test_cache_is_lru_and_checks_the_box_count():
     c = TeacherLossCache(max_items=2)
-    keys = [TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W), (H, W)) for i in range(3)]
-    assert TeacherLossCache.key({"image_id": 1}, (H, W), (H, W)) is None  # no flip flag: never cached
+    keys = [TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W)) for i in range(3)]
+    assert TeacherLossCache.key({"image_id": 1}, (H, W)) is None  # no flip flag: never cached
     for k in keys[:2]:
         c.put(k, torch.ones(2))
     assert c.get(keys[0], 2) is not None  # 0 is now the most recent
@@ -121,3 +148,17 @@ def test_cache_is_lru_and_checks_the_box_count():
     assert (c.hits, c.misses) == (1, 2)
     c.clear()
     assert len(c) == 0 and (c.hits, c.misses) == (0, 0)
+
+
+def test_level_granularity_logs_the_level_weights_it_applies():
+    """``level`` applies one weight per FPN level: last_stats reports those (the old code logged instance weights,
+    which that granularity never applies, and no level weights)."""
+    d = make_distiller("retinanet", granularity="level")
+    batch = [sample(1), sample(2)]
+    d([b[0] for b in batch], [b[1] for b in batch])
+    stats = d.last_stats
+    applied = d.last_inputs.level_weights
+    assert stats["level_w_count"] == applied.numel()
+    assert stats["level_w_min"] == pytest.approx(float(applied.min()))
+    assert stats["level_w_max"] == pytest.approx(float(applied.max()))
+    assert "teacher_loss_level_mean" in stats and not any(k.startswith("instance_w") for k in stats)

@@ -127,9 +127,15 @@ def test_ops_losses_match_the_forward_and_teacher_losses_reduce_to_them():
     teacher = ops.teacher_losses(model, image_list, feats, tt)
     assert [t.shape for t in teacher.per_instance] == [(2,), (1,)]
     assert all(torch.isfinite(t).all() and (t > 0).all() for t in teacher.per_instance)
-    # per level: the detector's loss restricted to each level, so it sums to the total loss
+    # per level: the detector's loss of each level's positive locations (level AID counts positives only, in every
+    # family); with the negatives' QFL it is the total loss
     assert teacher.per_level.shape == (5,)
-    assert teacher.per_level.sum().item() == pytest.approx(sum(v.item() for v in losses.values()), rel=1e-5)
+    negatives_qfl = GFLOps().loss_terms(model, image_list, feats, tt)[0]
+    negatives_qfl = negatives_qfl.qfl[negatives_qfl.matched_idxs < 0].sum().item() / max(
+        1, int((negatives_qfl.matched_idxs >= 0).sum()))
+    assert negatives_qfl > 0
+    assert teacher.per_level.sum().item() + negatives_qfl == pytest.approx(sum(v.item() for v in losses.values()),
+                                                                           rel=1e-5)
 
     # Both come from the same per-location terms. Reduced like the detector they give the training loss; reduced
     # per box (mean over its locations of QFL + 2 GIoU + 0.25 DFL) they give the teacher's per-instance losses.
@@ -219,3 +225,18 @@ def test_overfit_two_images():
         wrong = (overlap > 0.5) & (det["labels"] != label)
         assert right.any() and det["scores"][right].max() > 0.7
         assert not wrong.any() or det["scores"][wrong].max() < 0.5
+
+
+def test_level_teacher_loss_counts_positives_only_like_the_other_families():
+    """Level AID is alike in every family: per_level holds the positives' loss only. Images without boxes have no
+    positives, so GFL's per_level is 0 there, as RetinaNet's, FCOS's and Faster R-CNN's (it held the negatives'
+    QFL before)."""
+    model = small_gfl()
+    model.eval()
+    images, _ = two_images()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)} for _ in images]
+    image_list, tt = ops.prepare_inputs(model, images, empty)
+    feats = ops.extract_features(model, image_list)
+    teacher = ops.teacher_losses(model, image_list, feats, tt)
+    assert float(teacher.per_level.abs().sum()) == 0.0
+    assert sum(v.item() for v in ops.detection_losses(model, image_list, feats, tt).values()) > 0

@@ -133,7 +133,7 @@ def cmd_data_coco_traffic(args) -> int:
 def cmd_demo(args) -> int:
     from aidkd.engine.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, arch=args.arch)
+    run_demo(Path(args.out), quick=args.quick, arch=args.arch, fresh=args.fresh)
     return 0
 
 
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
     p.add_argument("--arch", default="gfl", choices=["gfl", "retinanet", "fcos"],
                    help="detector family of teacher and students")
+    p.add_argument("--fresh", action="store_true",
+                   help="generate the scenes and train the teacher again (default: reuse them when unchanged)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -471,6 +472,24 @@ def _sample_t(rng) -> float:
     return float(rng.uniform(0.25, 1.1))
 
 
+def _sample_object_t(rng, min_t: float) -> float:
+    """An object's depth parameter, redrawn until it is >= ``min_t`` (no extra draws for ``min_t <= 0.09``)."""
+    t = _sample_t(rng)
+    while t < min_t:
+        t = _sample_t(rng)
+    return t
+
+
+def _class_probs(classes: Sequence[str] | None) -> dict[str, float]:
+    """``SYNTH_CLASS_PROBS`` restricted to ``classes`` (their relative frequencies kept); all of them for None."""
+    if classes is None:
+        return SYNTH_CLASS_PROBS
+    unknown = [c for c in classes if c not in SYNTH_CLASS_PROBS]
+    if unknown or not classes:
+        raise ValueError(f"synth classes must be a non-empty subset of {list(SYNTH_CLASS_PROBS)}, got {list(classes)}")
+    return {c: p for c, p in SYNTH_CLASS_PROBS.items() if c in classes}
+
+
 def _place(rng, cls: str, geo: dict, W: int, t: float) -> float:
     """Lateral world position (metres from the road centre line)."""
     Wr = geo["hw_b"] / geo["K"]  # road half width in metres
@@ -524,14 +543,22 @@ def _spec(rng, cls, geo, W, H, t, X=None, view=None, hard=()):
 def render_scene(rng: np.random.Generator | int, width: int = 320, height: int = 96, hard_fraction: float = 0.2,
                  mislabel_fraction: float = 0.05, min_objects: int = 1, max_objects: int = 10,
                  min_label_height: float | None = None, dontcare: bool = True, clutter: int = 5,
-                 noise: tuple[float, float] = (2.0, 7.0)):
+                 noise: tuple[float, float] = (2.0, 7.0), classes: Sequence[str] | None = None,
+                 min_t: float = 0.0):
     """Render one scene: ``(image uint8[H, W, 3], labels: list[ObjectAnnotation], meta: dict)``.
 
     ``labels`` are what the KITTI label file says (mislabels included); ``meta["objects"][i]`` describes
     ``labels[i]`` (``true_cls``, ``true_box``, ``hard``, ``mislabel`` in {None, 'class', 'box'}, ``covered``,
     ``order``: draw order, larger is nearer); ``meta["occluders"]`` lists unlabelled foreground clutter
     (``box``, ``order``).
+
+    ``classes`` limits the generated objects to those classes (default: all of ``SYNTH_CLASS_PROBS``); ``min_t``
+    > 0.09 keeps objects near, hence large (depth parameter ``t >= min_t``; hard "small" objects stay small).
+    Both defaults leave the scenes of a seed unchanged.
     """
+    if not 0.0 <= min_t <= 1.0:
+        raise ValueError(f"min_t must be in [0, 1], got {min_t}")
+    probs = _class_probs(classes)
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     W, H = int(width), int(height)
@@ -541,12 +568,12 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
     specs: list[dict] = []
     n = int(rng.integers(min_objects, max_objects + 1))
     for _ in range(n):
-        cls = _choose(rng, SYNTH_CLASS_PROBS)
+        cls = _choose(rng, probs)
         hard: list[str] = []
         if cls in POSITIVE and rng.random() < hard_fraction:
             kinds = ["low_contrast", "blur", "small", "occlusion"]
             hard = [kinds[i] for i in rng.choice(4, size=int(rng.integers(1, 3)), replace=False)]
-        t = _sample_t(rng)
+        t = _sample_object_t(rng, min_t)
         if "small" in hard:
             h_m = float(np.mean(_DIMS[cls][0]))
             t = float(rng.uniform(1.0, 1.7) * min_h / (geo["K"] * h_m))
@@ -554,7 +581,7 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
         specs.append(s)
         if "occlusion" in hard:  # something in front covering much of it
             t2 = t * rng.uniform(1.04, 1.25)
-            if rng.random() < 0.5:
+            if rng.random() < 0.5 and "Car" in probs:  # an occluding car is labelled, so only if Car is generated
                 occ = _spec(rng, "Car", geo, W, H, t2, view="rear" if rng.random() < 0.5 else "side")
                 frac = rng.uniform(0.5, 0.8)
                 side = 1 if rng.random() < 0.5 else -1
@@ -682,8 +709,9 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
         alpha = ry - math.atan2(xw, z)
         alpha = (alpha + math.pi) % (2 * math.pi) - math.pi
         if cls in POSITIVE and rng.random() < mislabel_fraction:
-            if rng.random() < 0.5:
-                cls = [c for c in POSITIVE if c != cls][int(rng.integers(2))]
+            others = [c for c in POSITIVE if c != cls and c in probs]  # swap only to a generated class
+            if rng.random() < 0.5 and others:
+                cls = others[int(rng.integers(len(others)))]
                 meta["mislabel"] = "class"
             else:
                 bw, bh = box[2] - box[0], box[3] - box[1]
@@ -692,11 +720,11 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
                 cy = (box[1] + box[3]) / 2 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.4) * bh
                 jb = (max(0.0, cx - nw / 2), max(0.0, cy - nh / 2), min(float(W), cx + nw / 2),
                       min(float(H), cy + nh / 2))
-                if jb[2] - jb[0] >= 2 and jb[3] - jb[1] >= 2:
+                if jb[2] - jb[0] >= 2 and jb[3] - jb[1] >= 2 or not others:
                     box = tuple(round(v, 2) for v in jb)
                     meta["mislabel"] = "box"
                 else:
-                    cls = [c for c in POSITIVE if c != cls][int(rng.integers(2))]
+                    cls = others[int(rng.integers(len(others)))]
                     meta["mislabel"] = "class"
         labels.append(ObjectAnnotation(
             cls=cls, box=box, truncated=round(truncated, 2), occluded=occlusion_level(covered),
@@ -716,7 +744,7 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
 def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: int = 320, height: int = 96,
                    hard_fraction: float = 0.2, mislabel_fraction: float = 0.05, val_fraction: float = 0.2,
                    min_objects: int = 1, max_objects: int = 10, dontcare: bool = True, clutter: int = 5,
-                   write_meta: bool = True) -> Path:
+                   write_meta: bool = True, classes: Sequence[str] | None = None, min_t: float = 0.0) -> Path:
     """Write ``num_images`` synthetic scenes in KITTI layout under ``out_dir`` and return ``out_dir``.
 
     ``out_dir`` must be missing, empty or a folder this function wrote (its ``.aidkd_synth`` marker, written
@@ -726,6 +754,7 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
     and ``val.txt`` (the :func:`aidkd.data.kitti.split_stems` split, 80/20 by default) and, with
     ``write_meta``, ``synth_meta.json``. Image ``i`` depends only on ``(seed, i)`` and the options, and the same
     arguments give byte-identical files. Stale ``*.png``/``*.txt`` from an earlier run in those folders are removed.
+    ``classes`` and ``min_t`` (see :func:`render_scene`) make an easier set: fewer classes, nearer (larger) objects.
     """
     if num_images < 0:
         raise ValueError("num_images must be >= 0")
@@ -748,7 +777,8 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
         rng = np.random.default_rng([int(seed), i])
         image, labels, meta = render_scene(rng, width, height, hard_fraction=hard_fraction,
                                            mislabel_fraction=mislabel_fraction, min_objects=min_objects,
-                                           max_objects=max_objects, dontcare=dontcare, clutter=clutter)
+                                           max_objects=max_objects, dontcare=dontcare, clutter=clutter,
+                                           classes=classes, min_t=min_t)
         Image.fromarray(image).save(img_dir / f"{stem}.png", format="PNG", optimize=False)
         (lbl_dir / f"{stem}.txt").write_text("".join(format_kitti_line(o) + "\n" for o in labels),
                                              encoding="utf-8")
@@ -760,7 +790,8 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
     if write_meta:
         info = {"generator": "aidkd.data.synth", "seed": seed, "num_images": num_images, "width": width,
                 "height": height, "hard_fraction": hard_fraction, "mislabel_fraction": mislabel_fraction,
-                "frames": frames}
+                "classes": list(_class_probs(classes)), "min_t": min_t, "max_objects": max_objects,
+                "clutter": clutter, "frames": frames}
         (out / "synth_meta.json").write_text(json.dumps(info, separators=(",", ":")), encoding="utf-8")
     return out
 

@@ -2,11 +2,17 @@
 from .aid import GRANULARITIES, AIDWeighting, AIDWeights, aid_weights, instance_pixel_weights
 from .attention import AttentionDistill, attention_masks, attention_transfer_loss, masked_feature_loss
 from .base import (
+    REDUCTIONS,
+    REFERENCE_BATCH,
+    REFERENCE_CHANNELS,
+    REFERENCE_INPUT,
     DistillInputs,
     DistillMethod,
     box_cell_membership,
     box_cell_owner,
     make_adapter,
+    reference_cells,
+    root_sum_squares,
     weighted_batch_mean,
     weighted_norm,
 )
@@ -20,11 +26,16 @@ from .fgd import (
 )
 from .fitnet import FitNetDistill, fitnet_loss
 from .nonlocal_kd import NonLocalBlock2d, NonLocalDistill, default_nonlocal_plan, nonlocal_loss
+from .pkd import PKDDistill, channel_standardise, pkd_loss
 from .registry import METHODS, build_method, method_params, register_method
 
 __all__ = [
     "GRANULARITIES",
     "METHODS",
+    "REDUCTIONS",
+    "REFERENCE_BATCH",
+    "REFERENCE_CHANNELS",
+    "REFERENCE_INPUT",
     "AIDWeighting",
     "AIDWeights",
     "AttentionDistill",
@@ -35,12 +46,14 @@ __all__ = [
     "GlobalContextBlock",
     "NonLocalBlock2d",
     "NonLocalDistill",
+    "PKDDistill",
     "aid_weights",
     "attention_masks",
     "attention_transfer_loss",
     "box_cell_membership",
     "box_cell_owner",
     "build_method",
+    "channel_standardise",
     "default_nonlocal_plan",
     "fgd_attention_loss",
     "fgd_feature_loss",
@@ -52,7 +65,10 @@ __all__ = [
     "masked_feature_loss",
     "method_params",
     "nonlocal_loss",
+    "pkd_loss",
+    "reference_cells",
     "register_method",
+    "root_sum_squares",
     "weighted_batch_mean",
     "weighted_norm",
 ]

@@ -8,13 +8,18 @@ this package: ``AIDWeighting.make`` turns the teacher's losses into the ``pixel_
 Granularities (``AIDWeighting.granularity``):
 
 - ``"instance"`` (default; the paper's wording): one D^T per ground-truth box. Pixel maps per level hold the box's
-  weight on its footprint (``instance_pixel_weights``: cell-centre rule, smallest box wins) and 1 on background;
+  weight on its footprint (``instance_pixel_weights``: cell-centre rule, smallest box wins; a box covering no cell
+  centre takes its centre cell only if no other box covers it) and 1 on background;
   ``image_weights`` (for global terms) are the mean instance weight of each image (1 for an image without boxes).
 - ``"image"``: one D^T per image, the mean of its instances' losses (0, hence weight 1, without boxes). The image
   weight scales *all* terms of that image: the pixel maps are filled with it everywhere (background included) and it
   is the image's ``image_weights`` entry.
 - ``"level"``: the published code's behaviour: one weight per FPN level for the whole batch from the teacher's
-  per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``).
+  per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``). The
+  per-level loss counts the level's *positive* locations / anchors only, normalised like the detector, in every
+  family (RetinaNet, FCOS, GFL, Faster R-CNN: RPN positives plus the RoI head's positive mean), so it measures how
+  well the teacher fits the objects alike everywhere. (The published GFL code's per-level loss also holds the
+  negatives' QFL; a level with few objects would then be weighted by its background.)
 """
 from __future__ import annotations
 
@@ -53,9 +58,10 @@ def instance_pixel_weights(
     """Per-pixel instance weights of one FPN level: (B, H, W), float32.
 
     boxes: per image (N_i, 4) xyxy in input pixels; weights: per image (N_i,). A cell belongs to box k when its
-    centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); a box that
-    covers no cell centre claims the cell holding its own centre (clamped into the map); where boxes overlap the
-    smallest box (area) wins; cells of no box get 1. Vectorised over boxes and cells (loops only over images).
+    centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); where
+    boxes overlap the smallest box (area) wins. A box that covers no cell centre claims the cell holding its own
+    centre (clamped into the map) only if no box covers that cell; where several such boxes claim one cell, the
+    smallest wins. Cells of no box get 1. Vectorised over boxes and cells (loops only over images).
     """
     if len(boxes) != len(weights):
         raise ValueError(f"instance_pixel_weights: {len(boxes)} box tensors but {len(weights)} weight tensors")
@@ -86,7 +92,8 @@ class AIDWeighting:
     """Turns the teacher's own detection losses into AID weights.
 
     granularity: ``"instance"`` | ``"image"`` | ``"level"`` (module docstring). alpha: the rate in
-    ``exp(-alpha * D^T)`` (paper: 0.1).
+    ``exp(-alpha * D^T)`` (paper: 0.1). Every method applies the weights linearly (``aidkd.distill.base``): an
+    instance of weight w gets w times the gradient of an unweighted one, so alpha means the same in every method.
     """
 
     granularity: Granularity = "instance"
@@ -167,29 +174,39 @@ class AIDWeighting:
 
     @torch.no_grad()
     def stats(self, per_instance_losses: Sequence[Tensor] | None = None,
-                per_level_losses: Tensor | None = None) -> dict[str, float]:
-        """Logging statistics: mean/min/max/count of the instance weights (``instance_w_*``), plus of the
-        weights this granularity actually applies for ``image`` (``image_w_*``) and ``level`` (``level_w_*``).
-        Missing inputs are skipped; empty sets give no keys. Calls ``.item()`` (a device sync): log, not per op."""
+              per_level_losses: Tensor | None = None) -> dict[str, float]:
+        """Logging statistics of what this granularity actually applies, beside the teacher losses behind it.
+
+        ``instance`` / ``image``: the teacher's per-instance losses D^T (``teacher_loss_*``) and their weights
+        (``instance_w_*``), plus the image weights for ``image`` (``image_w_*``). ``level``: the per-level losses
+        (``teacher_loss_level_*``) and the level weights that are applied (``level_w_*``); no instance weights,
+        which that granularity never applies. Each as ``_mean``, ``_min``, ``_max``, ``_q10``, ``_q50``, ``_q90``
+        and ``_count``. Missing inputs are skipped; empty sets give no keys. Calls ``.item()`` (a device sync):
+        log, not per op."""
         stats: dict[str, float] = {}
 
         def add(prefix: str, values: Tensor) -> None:
             values = values.detach().to(torch.float32).flatten()
             if values.numel() == 0:
                 return
-            stats[f"{prefix}_mean"] = values.mean().item()
-            stats[f"{prefix}_min"] = values.min().item()
-            stats[f"{prefix}_max"] = values.max().item()
+            q = torch.quantile(values, values.new_tensor([0.1, 0.5, 0.9]))
+            for key, value in (("mean", values.mean()), ("min", values.min()), ("max", values.max()),
+                               ("q10", q[0]), ("q50", q[1]), ("q90", q[2])):
+                stats[f"{prefix}_{key}"] = value.item()
             stats[f"{prefix}_count"] = float(values.numel())
 
+        if self.granularity == "level":
+            if per_level_losses is not None:
+                add("teacher_loss_level", per_level_losses)
+                add("level_w", aid_weights(per_level_losses, self.alpha))
+            return stats
         if per_instance_losses is not None and len(per_instance_losses):
-            weights = self.instance_weights(per_instance_losses)
-            add("instance_w", torch.cat([w.flatten() for w in weights]))
+            losses = torch.cat([v.detach().flatten().to(torch.float32) for v in per_instance_losses])
+            add("teacher_loss", losses)
+            add("instance_w", aid_weights(losses, self.alpha))
             if self.granularity == "image":
                 device = per_instance_losses[0].device
                 add("image_w", aid_weights(_per_image_mean(per_instance_losses, 0.0, device), self.alpha))
-        if per_level_losses is not None and self.granularity == "level":
-            add("level_w", aid_weights(per_level_losses, self.alpha))
         return stats
 
 

@@ -11,16 +11,32 @@ the published code's form of L_AT, the small learnable adapters a_c (linear) and
 
 Default weights are the AID paper code's two-stage values (T = 0.5, L_AM 4e-5, L_AT 8e-3 per term); Zhang & Ma's
 two-stage values are 7e-5 / 4e-3, the one-stage (GFL) ones T = 0.1, 5.6e-4 / 2.4e-2 (see docs/method notes).
+
+Reduction (``reduction=``, see ``aidkd.distill.base``): the published code's L_AM and L_AT are square roots of sums
+over the whole batch, so they grow with sqrt(batch), sqrt(H*W) (L_AM, spatial L_AT) and sqrt(C) (L_AM, channel L_AT).
+The default ``"normalized"`` form is ``published * sqrt(reference_elements / elements)``: invariant to batch size,
+resolution and width, and equal to the published value at 2 images per device, 256 channels and a 1333x800 input,
+so the published weights are the defaults. ``"published"`` keeps the authors' form exactly.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DistillInputs, DistillMethod, make_adapter, weighted_norm
+from .base import (
+    REFERENCE_BATCH,
+    REFERENCE_CHANNELS,
+    DistillInputs,
+    DistillMethod,
+    Reduction,
+    check_reduction,
+    make_adapter,
+    reference_cells,
+    root_sum_squares,
+    weighted_norm,
+)
 
 ATForm = Literal["paper", "code"]
 MaskSource = Literal["mean", "teacher"]
@@ -52,16 +68,23 @@ def masked_feature_loss(
     spatial: Tensor,
     channel: Tensor,
     pixel_weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "normalized",
+    stride: float = 8,
 ) -> Tensor:
     """Attention-masked feature loss L_AM of one level.
 
-    ``sqrt( sum_{b,c,h,w} (teacher - student)**2 * spatial[b,h,w] * channel[b,c] * pixel_weight[b,h,w]**2 )``
-    over the whole batch (no normalisation by B, H, W or C, as in the reference code). ``student`` is already
-    adapted to the teacher's channels. The teacher and the masks are targets: they are detached here, so the
-    gradient reaches only the student side.
+    ``"published"``: ``sqrt( sum_{b,c,h,w} (teacher - student)**2 * spatial[b,h,w] * channel[b,c] *
+    pixel_weight[b,h,w] )`` over the whole batch, as the reference code (no normalisation by B, H, W or C).
+    ``"normalized"`` (default): the same sum divided by ``B*C*H*W`` and multiplied by ``2 * 256 *
+    reference_cells(stride)`` (its element count at the reference setting) before the square root: the published
+    value at 2 images, 256 channels, 1333x800, and unchanged by repeating the batch, upsampling the maps or repeating
+    channels. ``stride`` is the level's stride in input pixels (it only sets the reference cell count).
 
-    ``pixel_weight`` (B, H, W) (AID) multiplies the residual, i.e. enters squared inside the square root, so that a
-    constant weight ``w`` scales the loss by exactly ``w``; ``None`` or all ones give the unweighted loss.
+    ``student`` is already adapted to the teacher's channels. The teacher and the masks are targets: they are
+    detached here, so the gradient reaches only the student side. ``pixel_weight`` (B, H, W) (AID) multiplies each
+    pixel's squared error, so a pixel of weight ``w`` gets ``w`` times the gradient of an equal pixel of weight 1;
+    ``None`` or all ones give the unweighted loss.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"masked_feature_loss: student {tuple(student.shape)} != teacher {tuple(teacher.shape)}"
@@ -70,13 +93,16 @@ def masked_feature_loss(
     if tuple(spatial.shape) != (b, h, w) or tuple(channel.shape) != (b, c):
         raise ValueError(f"masked_feature_loss: masks {tuple(spatial.shape)}, {tuple(channel.shape)} do not fit "
                          f"features {tuple(teacher.shape)}")
+    check_reduction(reduction, "masked_feature_loss")
     scale = spatial.detach().sqrt()[:, None, :, :] * channel.detach().sqrt()[:, :, None, None]
     residual = (teacher.detach() - student) * scale
+    weights = None
     if pixel_weight is not None:
         if tuple(pixel_weight.shape) != (b, h, w):
             raise ValueError(f"masked_feature_loss: pixel_weight {tuple(pixel_weight.shape)} != {(b, h, w)}")
-        residual = residual * pixel_weight.detach().to(device=residual.device, dtype=residual.dtype)[:, None, :, :]
-    return torch.linalg.vector_norm(residual)
+        weights = pixel_weight[:, None, :, :]
+    return root_sum_squares(residual, weights, reduction=reduction,
+                            reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS * reference_cells(stride))
 
 
 def attention_transfer_loss(
@@ -87,6 +113,8 @@ def attention_transfer_loss(
     channel_adapter: nn.Module | None = None,
     spatial_adapter: nn.Module | None = None,
     image_weights: Tensor | None = None,
+    reduction: Reduction = "normalized",
+    stride: float = 8,
 ) -> Tensor:
     """Attention-transfer loss L_AT of one level: channel term + spatial term, each an L2 norm over the batch.
 
@@ -96,10 +124,14 @@ def attention_transfer_loss(
     ``channel_adapter`` (a ``nn.Linear(C_s, C_t)``; identity if ``None`` and C_s == C_t) and its spatial attention
     (B, 1, H, W) through ``spatial_adapter`` (a 3x3 ``nn.Conv2d(1, 1)``; identity if ``None``).
 
-    ``image_weights`` (B,) scale each image's residual (see ``base.weighted_norm``): all ones give the unweighted
-    loss exactly; a constant ``w`` gives ``w`` times it. The teacher is detached.
+    ``image_weights`` (B,) multiply each image's squared residual (``base.weighted_norm``): all ones give the
+    unweighted loss exactly; an image of weight ``w`` gets ``w`` times the gradient of one of weight 1.
+    ``reduction``: ``"published"`` (each term the L2 norm over the whole batch, as the code) or ``"normalized"``
+    (default; each term ``published * sqrt(reference / elements)`` with reference ``2 * 256`` for the channel term,
+    ``2 * reference_cells(stride)`` for the spatial term; see ``masked_feature_loss``). The teacher is detached.
     """
     teacher = teacher.detach()
+    check_reduction(reduction, "attention_transfer_loss")
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] \
             or student.shape[-2:] != teacher.shape[-2:]:
         raise ValueError(f"attention_transfer_loss: student {tuple(student.shape)} and teacher "
@@ -126,7 +158,11 @@ def attention_transfer_loss(
         t_spatial = teacher.mean(dim=1)
     else:
         raise ValueError(f"unknown attention-transfer form {form!r}; expected 'paper' or 'code'")
-    return weighted_norm(t_channel - s_channel, image_weights) + weighted_norm(t_spatial - s_spatial, image_weights)
+    channel_term = weighted_norm(t_channel - s_channel, image_weights, reduction=reduction,
+                                 reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS)
+    spatial_term = weighted_norm(t_spatial - s_spatial, image_weights, reduction=reduction,
+                                 reference_elements=REFERENCE_BATCH * reference_cells(stride))
+    return channel_term + spatial_term
 
 
 class AttentionDistill(DistillMethod):
@@ -140,6 +176,8 @@ class AttentionDistill(DistillMethod):
             linear C_s -> C_t and a_s 3x3 conv 1 -> 1 per level, as the published code).
         mask_source: ``"mean"`` (average of the teacher's and the student's masks, detached; the reference code) or
             ``"teacher"`` (the teacher's masks only).
+        reduction: ``"normalized"`` (default: invariant to batch size, resolution and width, equal to the published
+            value at the reference setting) or ``"published"`` (the authors' sqrt of the batch sum); module docstring.
 
     The student-side attention (for ``mask_source="mean"`` and ``at_form="paper"``) is computed on the raw student
     features when the channel counts match, and on the adapted student features otherwise. AID: ``pixel_weights``
@@ -159,8 +197,10 @@ class AttentionDistill(DistillMethod):
         at_weight: float = 8e-3,
         at_form: ATForm = "paper",
         mask_source: MaskSource = "mean",
+        reduction: Reduction = "normalized",
     ) -> None:
         super().__init__(student_channels, teacher_channels, num_levels)
+        check_reduction(reduction, "attention")
         if temperature <= 0:
             raise ValueError(f"attention: temperature must be > 0, got {temperature}")
         if at_form not in ("paper", "code"):
@@ -172,6 +212,7 @@ class AttentionDistill(DistillMethod):
         self.at_weight = float(at_weight)
         self.at_form = at_form
         self.mask_source = mask_source
+        self.reduction = reduction
         self.adapters = nn.ModuleList(make_adapter(student_channels, teacher_channels) for _ in range(num_levels))
         if at_form == "code":
             self.channel_adapters = nn.ModuleList(
@@ -184,7 +225,8 @@ class AttentionDistill(DistillMethod):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", temperature={self.temperature}, am_weight={self.am_weight}, "
-                f"at_weight={self.at_weight}, at_form={self.at_form!r}, mask_source={self.mask_source!r}")
+                f"at_weight={self.at_weight}, at_form={self.at_form!r}, mask_source={self.mask_source!r}, "
+                f"reduction={self.reduction!r}")
 
     def _student_for_attention(self, raw: Tensor, adapted: Tensor) -> Tensor:
         return raw if self.student_channels == self.teacher_channels else adapted
@@ -201,17 +243,20 @@ class AttentionDistill(DistillMethod):
                 s_spatial, s_channel = attention_masks(self._student_for_attention(student, adapted).detach(),
                                                        self.temperature)
                 spatial, channel = (spatial + s_spatial) / 2, (channel + s_channel) / 2
+            stride = inputs.strides[level]
             am = masked_feature_loss(adapted, teacher, spatial.detach(), channel.detach(),
-                                     self._pixel_weight(inputs, level))
+                                     self._pixel_weight(inputs, level), reduction=self.reduction, stride=stride)
             if self.at_form == "code":
                 assert self.channel_adapters is not None and self.spatial_adapters is not None
                 at = attention_transfer_loss(student, teacher, form="code",
                                              channel_adapter=self.channel_adapters[level],
                                              spatial_adapter=self.spatial_adapters[level],
-                                             image_weights=inputs.image_weights)
+                                             image_weights=inputs.image_weights, reduction=self.reduction,
+                                             stride=stride)
             else:
                 at = attention_transfer_loss(self._student_for_attention(student, adapted), teacher, form="paper",
-                                             image_weights=inputs.image_weights)
+                                             image_weights=inputs.image_weights, reduction=self.reduction,
+                                             stride=stride)
             level_weight = self._level_weight(inputs, level)
             am_total = am_total + level_weight * am
             at_total = at_total + level_weight * at

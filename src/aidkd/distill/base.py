@@ -2,25 +2,69 @@
 
 How AID weights reach a method (the same rule for every method in this package):
 
-- *pixel-wise* terms (attention-masked feature loss, FitNet, FGD fg/bg feature losses) use ``pixel_weights`` (one
-  (B, H, W) map per level: the instance weight inside a box's footprint, 1 elsewhere);
+- *pixel-wise* terms (attention-masked feature loss, FitNet, FGD fg/bg feature losses, PKD) use ``pixel_weights``
+  (one (B, H, W) map per level: the instance weight inside a box's footprint, 1 elsewhere);
 - *global* terms (attention transfer, non-local, FGD attention and global terms) use ``image_weights`` (B,);
 - *every* term of level ``l`` is multiplied by ``level_weights[l]``.
 
-A weight that is missing (``None``) counts as 1. Weights are applied so that a constant weight ``w`` scales a term by
-exactly ``w``: for squared-error terms (FitNet, FGD) the weight multiplies the squared error; for L2-norm terms
-(attention-masked feature loss, attention transfer, non-local: ``sqrt`` of a sum of squares) it multiplies the
-residual, i.e. ``w**2`` weights the squared error inside the square root. All weights equal to 1 give back the
-unweighted loss exactly, and the ``instance``, ``image`` and ``level`` granularities of AID agree when their weights
-agree.
+A weight that is missing (``None``) counts as 1. Weights enter *linearly* in every method: a weight always multiplies
+the squared error (or, for FGD's L1 attention term, the absolute error) of its pixel / image, also inside the square
+root of the L2-norm terms (attention-masked feature loss, attention transfer, non-local). So at equal residuals a
+pixel (image) of weight ``w`` gets ``w`` times the gradient of a pixel (image) of weight 1 in every method, and AID's
+``alpha`` means the same everywhere. (For the square-root terms a *constant* weight ``w`` therefore scales the loss by
+``sqrt(w)``; for the squared-error terms by ``w``.) All weights equal to 1 give back the unweighted loss exactly.
+
+Reductions of the square-root terms (``Reduction``): the published code (Zhang & Ma; AID) takes
+``sqrt(sum over the whole batch)``, so its strength grows with sqrt(per-device batch), sqrt(H*W) and sqrt(C)
+(``"published"``). The default ``"normalized"`` form is
+``sqrt(mean of the squared errors * reference_elements)``, with ``reference_elements`` the element count of the same
+term at the paper's reference setting (``REFERENCE_BATCH`` = 2 images per device, ``REFERENCE_CHANNELS`` = 256,
+``reference_cells(stride)`` cells of a level at the 1333x800 input padded to 1344x800). It is invariant to batch
+repetition, resolution and FPN width, and equals the published value at the reference setting, so the paper's weights
+apply unchanged at any batch size and resolution: ``normalized = published * sqrt(reference_elements / elements)``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+Reduction = Literal["normalized", "published"]
+REDUCTIONS: tuple[str, ...] = ("normalized", "published")
+REFERENCE_BATCH = 2  #: images per device in the published runs
+REFERENCE_CHANNELS = 256  #: FPN width of the published runs
+REFERENCE_INPUT = (800, 1344)  #: (H, W) of the published 1333x800 input, padded to a multiple of 32
+
+
+def reference_cells(stride: float) -> int:
+    """Cells of an FPN level of ``stride`` at the reference input: ``ceil(800 / s) * ceil(1344 / s)``."""
+    h, w = REFERENCE_INPUT
+    return math.ceil(h / stride) * math.ceil(w / stride)
+
+
+def check_reduction(reduction: str, where: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def root_sum_squares(residual: Tensor, weights: Tensor | None = None, *, reduction: Reduction = "normalized",
+                     reference_elements: float = 1.0) -> Tensor:
+    """``sqrt(sum(weights * residual**2))`` (``"published"``), or ``sqrt(mean(weights * residual**2) *
+    reference_elements)`` (``"normalized"``; the mean over all ``residual.numel()`` elements).
+
+    ``weights`` (broadcastable to ``residual``, detached) multiply the squared error: linear in the weight. Uses
+    ``vector_norm`` (of ``residual * sqrt(weights)``) so the gradient at a zero residual is 0, not NaN.
+    """
+    check_reduction(reduction, "root_sum_squares")
+    if weights is not None:
+        residual = residual * weights.detach().to(device=residual.device, dtype=residual.dtype).clamp(min=0).sqrt()
+    norm = torch.linalg.vector_norm(residual)
+    if reduction == "published":
+        return norm
+    return norm * math.sqrt(reference_elements / max(1, residual.numel()))
 
 
 @dataclass
@@ -134,16 +178,18 @@ def make_adapter(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
 
-def weighted_norm(residual: Tensor, image_weights: Tensor | None = None) -> Tensor:
-    """L2 norm of ``residual`` (B, ...) over the whole batch, each image's residual scaled by its weight.
+def weighted_norm(residual: Tensor, image_weights: Tensor | None = None, *, reduction: Reduction = "published",
+                  reference_elements: float = 1.0) -> Tensor:
+    """L2 norm of ``residual`` (B, ...) over the whole batch, each image's squared residual times its weight.
 
-    ``sqrt(sum_b w_b**2 * ||r_b||**2)``: equal to ``||r||_2`` when all weights are 1 and to ``w * ||r||_2`` for a
-    constant weight ``w``. Uses ``vector_norm`` so the gradient at a zero residual is 0, not NaN.
+    ``sqrt(sum_b w_b * ||r_b||**2)`` (``"published"``, the default here: the raw norm), or the ``"normalized"`` form
+    of ``root_sum_squares``. Equal to ``||r||_2`` when all weights are 1; an image of weight ``w`` gets ``w`` times
+    the gradient of an image of weight 1 with the same residual.
     """
+    weights = None
     if image_weights is not None:
-        weights = image_weights.detach().to(device=residual.device, dtype=residual.dtype)
-        residual = residual * weights.view(-1, *([1] * (residual.dim() - 1)))
-    return torch.linalg.vector_norm(residual)
+        weights = image_weights.view(-1, *([1] * (residual.dim() - 1)))
+    return root_sum_squares(residual, weights, reduction=reduction, reference_elements=reference_elements)
 
 
 def weighted_batch_mean(per_image: Tensor, image_weights: Tensor | None = None) -> Tensor:
@@ -153,18 +199,33 @@ def weighted_batch_mean(per_image: Tensor, image_weights: Tensor | None = None) 
     return per_image.sum() / per_image.shape[0]
 
 
-def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
+def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float, *, claim_centre: bool = True) -> Tensor:
     """Which feature cells each box of one image covers: bool (N, H, W).
 
     A cell (x, y) belongs to box k when its centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside the box
-    (``x1 <= cx < x2`` and ``y1 <= cy < y2``). A box that covers no cell centre (small boxes, boxes off the map)
-    claims the cell holding its own centre, clamped into the map, so every box covers at least one cell.
-    Vectorised over boxes and cells.
+    (``x1 <= cx < x2`` and ``y1 <= cy < y2``). With ``claim_centre`` (default) a box that covers no cell centre
+    (small boxes, boxes off the map) claims the cell holding its own centre, clamped into the map, so every box
+    covers at least one cell. Vectorised over boxes and cells.
     """
+    member, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
+    if claim_centre and member.shape[0]:
+        k = torch.arange(member.shape[0], device=member.device)
+        # Set the centre cell of empty boxes without a host sync: non-empty boxes write their (already True or
+        # False) value back unchanged.
+        current = member[k, centre_row, centre_col]
+        member[k, centre_row, centre_col] = current | empty
+    return member
+
+
+def _cell_cover(boxes: Tensor, height: int, width: int, stride: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cells whose centre lies in each box (N, H, W), which boxes cover none (N,), and each box's centre cell."""
     device = boxes.device
     n = boxes.shape[0]
     if n == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool, device=device)
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return (torch.zeros((0, height, width), dtype=torch.bool, device=device),
+                torch.zeros(0, dtype=torch.bool, device=device), none, none)
     boxes = boxes.to(torch.float32)
     cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride  # (W,)
     cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride  # (H,)
@@ -175,26 +236,32 @@ def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float) -
     empty = ~(inside_x.any(dim=1) & inside_y.any(dim=1))  # (N,): no cell centre inside
     centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
     centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
-    k = torch.arange(n, device=device)
-    # Set the centre cell of empty boxes without a host sync: non-empty boxes write their (already True or
-    # False) value back unchanged.
-    current = member[k, centre_row, centre_col]
-    member[k, centre_row, centre_col] = current | empty
-    return member
+    return member, empty, centre_row, centre_col
 
 
 def box_cell_owner(boxes: Tensor, height: int, width: int, stride: float) -> Tensor:
     """For one image, the index of the box that owns each feature cell, or -1 for background. Shape (H, W), int64.
 
-    Cells are assigned as in ``box_cell_membership``; where boxes overlap, the smallest box (by area in pixels)
-    wins; ties go to the lower index.
+    A cell whose centre lies in one or more boxes belongs to the smallest of them (by area in pixels). A box that
+    covers no cell centre claims the cell holding its own centre only if no box covers that cell; where several such
+    boxes claim one cell, the smallest wins. Ties go to the lower index. (So a tiny box never takes the only cell of
+    a larger box that covers it.)
     """
-    member = box_cell_membership(boxes, height, width, stride)
-    if member.shape[0] == 0:
+    covered, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
+    if covered.shape[0] == 0:
         return torch.full((height, width), -1, dtype=torch.long, device=boxes.device)
     x1, y1, x2, y2 = boxes.to(torch.float32).unbind(-1)
     area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (N,)
+    claims = torch.zeros_like(covered)
+    k = torch.arange(covered.shape[0], device=covered.device)
+    claims[k, centre_row, centre_col] = empty
     inf = torch.full_like(area, float("inf"))
-    keyed = torch.where(member, area[:, None, None], inf[:, None, None])
-    owner = keyed.argmin(dim=0)  # (H, W); argmin returns the first minimum, so ties go to the lower index
-    return torch.where(member.any(dim=0), owner, torch.full_like(owner, -1))
+
+    def smallest(member: Tensor) -> Tensor:
+        # argmin returns the first minimum, so ties go to the lower index
+        return torch.where(member, area[:, None, None], inf[:, None, None]).argmin(dim=0)
+
+    by_cover, by_claim = smallest(covered), smallest(claims)
+    is_covered, is_claimed = covered.any(dim=0), claims.any(dim=0)
+    owner = torch.where(is_covered, by_cover, by_claim)
+    return torch.where(is_covered | is_claimed, owner, torch.full_like(owner, -1))

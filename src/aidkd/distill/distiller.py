@@ -8,6 +8,7 @@ its per-instance losses -- the head only for samples not seen before (``teacher_
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from aidkd.models.ops import (
 )
 
 log = logging.getLogger("aidkd.distill")
+
+LOW_HIT_RATE = 0.5  #: teacher-loss cache hit rate after the first epoch below which ``end_epoch`` warns
 
 
 class FrozenTeacher:
@@ -93,14 +96,17 @@ class Distiller(nn.Module):
         self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
         self._last_per_instance: list[Tensor] | None = None
+        self._last_per_level: Tensor | None = None
+        self._cache_counts_at_epoch_start = (0, 0)
+        self._warned_low_hit_rate = False
         self.last_inputs: DistillInputs | None = None
 
     @property
     def last_stats(self) -> dict[str, float]:
         """AID weight statistics of the last step (computed on request: they sync the device)."""
-        if self.aid is None or self._last_per_instance is None:
+        if self.aid is None or (self._last_per_instance is None and self._last_per_level is None):
             return {}
-        stats = self.aid.stats(self._last_per_instance)
+        stats = self.aid.stats(self._last_per_instance, self._last_per_level)
         if self.loss_cache is not None:
             seen = self.loss_cache.hits + self.loss_cache.misses
             stats["teacher_loss_cache_hit_rate"] = self.loss_cache.hits / seen if seen else 0.0
@@ -145,25 +151,74 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ one step
     def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict]
                         ) -> tuple[list[Tensor], Tensor | None]:
-        """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head."""
+        """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
+
+        Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
+        teacher's loss would be rounded (Faster R-CNN's D^T moved by up to 0.4). The teacher's features come in as
+        computed (possibly half precision) and are cast up."""
+        with torch.autocast(image_list.tensors.device.type, enabled=False):
+            return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
+                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets)
+
+    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict]
+                             ) -> tuple[list[Tensor], Tensor | None]:
         if self.loss_cache is None:
             tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
             per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
             return tl.per_instance, per_level
-        padded = image_list.tensors.shape[-2:]
-        keys = [self.loss_cache.key(t, size, padded) for t, size in zip(targets, image_list.image_sizes)]
+        padded = tuple(image_list.tensors.shape[-2:])
+        keys = [self.loss_cache.key(t, size) for t, size in zip(targets, image_list.image_sizes)]
         found = [self.loss_cache.get(k, t["boxes"].shape[0]) for k, t in zip(keys, targets)]
-        miss = [i for i, v in enumerate(found) if v is None]
-        if miss:  # the head on the missing samples only: each image's losses depend on that image alone
-            sub_images = image_list if len(miss) == len(targets) else ImageList(
-                image_list.tensors[miss], [image_list.image_sizes[i] for i in miss])
-            sub_feats = t_feats if len(miss) == len(targets) else OrderedDict(
-                (k, v[miss]) for k, v in t_feats.items())
-            tl = teacher_losses(self.teacher.model, sub_images, sub_feats, [targets[i] for i in miss])
-            for i, losses in zip(miss, tl.per_instance):
+        # The head on the missing samples only. A sample's losses are those of the sample alone, padded to its own
+        # size rather than the batch's, so they (and the key) do not depend on the batch it came in: samples whose
+        # own padded shape is the batch's reuse the batch's features; the others run the teacher on their crop.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, value in enumerate(found):
+            if value is None:
+                groups.setdefault(self._own_padded_shape(image_list.image_sizes[i], padded), []).append(i)
+        for shape, idx in groups.items():
+            sizes = [image_list.image_sizes[i] for i in idx]
+            if shape == padded:
+                sub_images = image_list if len(idx) == len(targets) else ImageList(image_list.tensors[idx], sizes)
+                sub_feats = t_feats if len(idx) == len(targets) else OrderedDict(
+                    (k, v[idx]) for k, v in t_feats.items())
+            else:
+                sub_images = ImageList(image_list.tensors[idx, :, :shape[0], :shape[1]].contiguous(), sizes)
+                sub_feats = self.teacher.features(sub_images)
+            tl = teacher_losses(self.teacher.model, sub_images, sub_feats, [targets[i] for i in idx])
+            for i, losses in zip(idx, tl.per_instance):
                 found[i] = losses
                 self.loss_cache.put(keys[i], losses)
         return found, None
+
+    def _own_padded_shape(self, image_size, batch_padded: tuple[int, int]) -> tuple[int, int]:
+        """The shape the teacher's transform pads this image to when it is alone in its batch."""
+        d = int(getattr(self.teacher.model.transform, "size_divisible", 32) or 1)
+        own = tuple(int(math.ceil(int(x) / d) * d) for x in image_size)
+        return own if all(o <= p for o, p in zip(own, batch_padded)) else batch_padded
+
+    def end_epoch(self, epoch: int) -> float | None:
+        """The teacher-loss cache's hit rate over the epoch just finished (None without a cache or lookups).
+
+        From the second epoch on every sample has been seen, so a rate below ``LOW_HIT_RATE`` means the keys do not
+        repeat (random augmentations other than the flip, or more samples than ``max_items``): warns once, since the
+        cache then only costs memory."""
+        if self.loss_cache is None:
+            return None
+        hits, misses = self.loss_cache.hits, self.loss_cache.misses
+        last_hits, last_misses = self._cache_counts_at_epoch_start
+        self._cache_counts_at_epoch_start = (hits, misses)
+        seen = (hits - last_hits) + (misses - last_misses)
+        if not seen:
+            return None
+        rate = (hits - last_hits) / seen
+        if epoch >= 1 and rate < LOW_HIT_RATE and not self._warned_low_hit_rate:
+            self._warned_low_hit_rate = True
+            log.warning("AID teacher-loss cache: %.0f%% hits in epoch %d (%d entries, max_items %d); keys rarely "
+                        "repeat (random augmentations other than the flip, or more samples x flips than max_items). "
+                        "Set distill.aid.cache: false to save its memory.", 100 * rate, epoch,
+                        len(self.loss_cache), self.loss_cache.max_items)
+        return rate
 
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         student = self.student
@@ -179,12 +234,13 @@ class Distiller(nn.Module):
 
         pixel_w = image_w = level_w = None
         if self.aid is not None:
-            with torch.no_grad():
+            # the weights in float32 under autocast too (_teacher_losses: D^T as well)
+            with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
                 per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
-                self._last_per_instance = per_instance
+                self._last_per_instance, self._last_per_level = per_instance, per_level
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
                                pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
         self.last_inputs = inputs

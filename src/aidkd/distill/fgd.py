@@ -15,6 +15,13 @@ lie inside it (the rule AID's pixel maps use; a box covering no centre claims it
 cells with the level's stride, and rows/columns are indexed (y, x) (the published code indexes the mask (x, y)).
 The foreground value of a cell is ``1 / (number of cells of the box's footprint)``, the largest such value where
 boxes overlap (so the smallest box wins); background cells get ``1 / (number of background cells)``.
+
+Reduction (``reduction=``): FGD's terms are batch means already, but sums over channels (feature, attention and
+global terms) and over cells (attention and global terms), so they grow with the FPN width and the resolution. The
+default ``"normalized"`` form multiplies each such sum by ``reference / actual`` (256 channels; ``reference_cells``
+of the level at the 1333x800 input): equal to the published value at the reference setting, invariant to width and
+resolution. ``"published"`` keeps the FGD code's sums. AID weights multiply squared (attention: absolute) errors, so
+they enter linearly (``aidkd.distill.base``).
 """
 from __future__ import annotations
 
@@ -24,7 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from .attention import attention_masks
-from .base import DistillInputs, DistillMethod, box_cell_membership, make_adapter, weighted_batch_mean
+from .base import (
+    REFERENCE_CHANNELS,
+    DistillInputs,
+    DistillMethod,
+    Reduction,
+    box_cell_membership,
+    check_reduction,
+    make_adapter,
+    reference_cells,
+    weighted_batch_mean,
+)
 
 
 def fgd_masks(boxes: Sequence[Tensor], height: int, width: int, stride: float) -> tuple[Tensor, Tensor]:
@@ -54,8 +71,11 @@ def fgd_feature_loss(
     spatial: Tensor,
     channel: Tensor,
     pixel_weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "normalized",
 ) -> tuple[Tensor, Tensor]:
-    """Focal feature loss: (fg, bg), each ``sum (teacher - student)**2 * spatial * channel * mask / B``.
+    """Focal feature loss: (fg, bg), each ``sum (teacher - student)**2 * spatial * channel * mask / B``
+    (``"published"``), times ``256 / C`` for the default ``"normalized"`` form (the channel mask sums to C).
 
     ``student`` is aligned to the teacher's channels; ``spatial`` (B, H, W) and ``channel`` (B, C) are the teacher's
     attention masks (detached here, like the teacher). ``pixel_weight`` (B, H, W) (AID) multiplies the squared error
@@ -64,7 +84,8 @@ def fgd_feature_loss(
     """
     if student.shape != teacher.shape:
         raise ValueError(f"fgd_feature_loss: student {tuple(student.shape)} != teacher {tuple(teacher.shape)}")
-    b, _, h, w = teacher.shape
+    check_reduction(reduction, "fgd_feature_loss")
+    b, c, h, w = teacher.shape
     for what, mask in (("fg_mask", fg_mask), ("bg_mask", bg_mask), ("spatial", spatial)):
         if tuple(mask.shape) != (b, h, w):
             raise ValueError(f"fgd_feature_loss: {what} {tuple(mask.shape)} != {(b, h, w)}")
@@ -74,6 +95,8 @@ def fgd_feature_loss(
         if tuple(pixel_weight.shape) != (b, h, w):
             raise ValueError(f"fgd_feature_loss: pixel_weight {tuple(pixel_weight.shape)} != {(b, h, w)}")
         squared = squared * pixel_weight.detach().to(device=squared.device, dtype=squared.dtype)
+    if reduction == "normalized":
+        squared = squared * (REFERENCE_CHANNELS / c)
     fg_loss = (squared * fg_mask.to(device=squared.device, dtype=squared.dtype)).sum() / b
     bg_loss = (squared * bg_mask.to(device=squared.device, dtype=squared.dtype)).sum() / b
     return fg_loss, bg_loss
@@ -85,15 +108,24 @@ def fgd_attention_loss(
     teacher_spatial: Tensor,
     teacher_channel: Tensor,
     image_weights: Tensor | None = None,
+    *,
+    reduction: Reduction = "normalized",
+    stride: float = 8,
 ) -> Tensor:
-    """Attention loss: ``sum_b w_b * (sum |C_t - C_s| + sum |S_t - S_s|) / B``; the teacher side is detached."""
+    """Attention loss: ``sum_b w_b * (sum |C_t - C_s| + sum |S_t - S_s|) / B`` (``"published"``); the default
+    ``"normalized"`` form scales the channel sum by ``256 / C`` and the spatial sum by ``reference_cells(stride) /
+    (H*W)``. The teacher side is detached."""
     if student_spatial.shape != teacher_spatial.shape or student_channel.shape != teacher_channel.shape:
         raise ValueError("fgd_attention_loss: student and teacher attention shapes differ: "
                          f"{tuple(student_spatial.shape)}/{tuple(teacher_spatial.shape)}, "
                          f"{tuple(student_channel.shape)}/{tuple(teacher_channel.shape)}")
-    per_image = (teacher_channel.detach() - student_channel).abs().flatten(1).sum(dim=1) \
-        + (teacher_spatial.detach() - student_spatial).abs().flatten(1).sum(dim=1)
-    return weighted_batch_mean(per_image, image_weights)
+    check_reduction(reduction, "fgd_attention_loss")
+    channel_sum = (teacher_channel.detach() - student_channel).abs().flatten(1).sum(dim=1)
+    spatial_sum = (teacher_spatial.detach() - student_spatial).abs().flatten(1).sum(dim=1)
+    if reduction == "normalized":
+        channel_sum = channel_sum * (REFERENCE_CHANNELS / teacher_channel.shape[1])
+        spatial_sum = spatial_sum * (reference_cells(stride) / teacher_spatial[0].numel())
+    return weighted_batch_mean(channel_sum + spatial_sum, image_weights)
 
 
 class GlobalContextBlock(nn.Module):
@@ -122,15 +154,20 @@ class GlobalContextBlock(nn.Module):
         return x + self.transform(context)
 
 
-def fgd_global_loss(student_out: Tensor, teacher_out: Tensor, image_weights: Tensor | None = None) -> Tensor:
-    """Global relation loss: ``sum_b w_b * sum (teacher_out - student_out)**2 / B``.
+def fgd_global_loss(student_out: Tensor, teacher_out: Tensor, image_weights: Tensor | None = None, *,
+                    reduction: Reduction = "normalized", stride: float = 8) -> Tensor:
+    """Global relation loss: ``sum_b w_b * sum (teacher_out - student_out)**2 / B`` (``"published"``); the default
+    ``"normalized"`` form scales the sum by ``256 * reference_cells(stride) / (C*H*W)``.
 
     Inputs are ``GlobalContextBlock`` outputs. The teacher side is not detached: as in the published code, the
     teacher's context block is trained through this loss (the teacher features themselves arrive detached).
     """
     if student_out.shape != teacher_out.shape:
         raise ValueError(f"fgd_global_loss: student {tuple(student_out.shape)} != teacher {tuple(teacher_out.shape)}")
+    check_reduction(reduction, "fgd_global_loss")
     per_image = (teacher_out - student_out).pow(2).flatten(1).sum(dim=1)
+    if reduction == "normalized":
+        per_image = per_image * (REFERENCE_CHANNELS * reference_cells(stride) / student_out[0].numel())
     return weighted_batch_mean(per_image, image_weights)
 
 
@@ -143,6 +180,7 @@ class FGDDistill(DistillMethod):
         beta_fgd: weight of the background feature loss (5e-4).
         gamma_fgd: weight of the attention loss (1e-3).
         lambda_fgd: weight of the global relation loss (5e-6).
+        reduction: ``"normalized"`` (default) or ``"published"`` (module docstring).
 
     Owns per level an align 1x1 conv (only when the channel counts differ, as the published code), a student and a
     teacher ``GlobalContextBlock``. Needs ``inputs.boxes``. AID: ``pixel_weights`` weight the fg/bg feature losses,
@@ -163,8 +201,11 @@ class FGDDistill(DistillMethod):
         beta_fgd: float = 5e-4,
         gamma_fgd: float = 1e-3,
         lambda_fgd: float = 5e-6,
+        reduction: Reduction = "normalized",
     ) -> None:
         super().__init__(student_channels, teacher_channels, num_levels)
+        check_reduction(reduction, "fgd")
+        self.reduction = reduction
         if temperature <= 0:
             raise ValueError(f"fgd: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
@@ -181,7 +222,8 @@ class FGDDistill(DistillMethod):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", temperature={self.temperature}, alpha_fgd={self.alpha_fgd}, "
-                f"beta_fgd={self.beta_fgd}, gamma_fgd={self.gamma_fgd}, lambda_fgd={self.lambda_fgd}")
+                f"beta_fgd={self.beta_fgd}, gamma_fgd={self.gamma_fgd}, lambda_fgd={self.lambda_fgd}, "
+                f"reduction={self.reduction!r}")
 
     def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
         self.check(inputs)
@@ -194,11 +236,13 @@ class FGDDistill(DistillMethod):
                                          inputs.strides[level])
             t_spatial, t_channel = attention_masks(teacher, self.temperature)
             s_spatial, s_channel = attention_masks(student, self.temperature)
+            stride = inputs.strides[level]
             fg, bg = fgd_feature_loss(student, teacher, fg_mask, bg_mask, t_spatial, t_channel,
-                                      self._pixel_weight(inputs, level))
-            attention = fgd_attention_loss(s_spatial, s_channel, t_spatial, t_channel, inputs.image_weights)
+                                      self._pixel_weight(inputs, level), reduction=self.reduction)
+            attention = fgd_attention_loss(s_spatial, s_channel, t_spatial, t_channel, inputs.image_weights,
+                                           reduction=self.reduction, stride=stride)
             global_ = fgd_global_loss(self.student_context[level](student), self.teacher_context[level](teacher),
-                                      inputs.image_weights)
+                                      inputs.image_weights, reduction=self.reduction, stride=stride)
             level_weight = self._level_weight(inputs, level)
             for key, value in (("fg", fg), ("bg", bg), ("attention", attention), ("global", global_)):
                 totals[key] = totals[key] + level_weight * value

@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DistillInputs, DistillMethod, make_adapter, weighted_norm
+from .base import (
+    REFERENCE_BATCH,
+    REFERENCE_CHANNELS,
+    DistillInputs,
+    DistillMethod,
+    Reduction,
+    check_reduction,
+    make_adapter,
+    reference_cells,
+    weighted_norm,
+)
 
 
 class NonLocalBlock2d(nn.Module):
@@ -73,18 +83,25 @@ class NonLocalBlock2d(nn.Module):
         return y + x
 
 
-def nonlocal_loss(student_relation: Tensor, teacher_relation: Tensor, image_weights: Tensor | None = None) -> Tensor:
-    """L_NL of one level: ``|| student_relation - teacher_relation ||_2`` over the whole batch.
+def nonlocal_loss(student_relation: Tensor, teacher_relation: Tensor, image_weights: Tensor | None = None, *,
+                  reduction: Reduction = "normalized", stride: float = 8) -> Tensor:
+    """L_NL of one level: ``|| student_relation - teacher_relation ||_2`` over the whole batch (``"published"``), or
+    by default its ``"normalized"`` form ``published * sqrt(2 * 256 * reference_cells(stride) / (B*C*H*W))``
+    (invariant to batch size, resolution and width; the published value at the reference setting, see
+    ``aidkd.distill.base``).
 
     ``student_relation`` is ``a(NL_S(F^S))`` (adapted to the teacher's channels), ``teacher_relation`` is
     ``NL_T(F^T)``. The teacher side is *not* detached here: the teacher's non-local block may be trained through
-    this loss (the reference code does); detach it yourself if it should not be. ``image_weights`` (B,) scale each
-    image's residual (``base.weighted_norm``): all ones give the unweighted loss exactly.
+    this loss (the reference code does); detach it yourself if it should not be. ``image_weights`` (B,) multiply
+    each image's squared residual (``base.weighted_norm``): all ones give the unweighted loss exactly, an image of
+    weight ``w`` gets ``w`` times the gradient of one of weight 1.
     """
     if student_relation.shape != teacher_relation.shape:
         raise ValueError(f"nonlocal_loss: student {tuple(student_relation.shape)} != teacher "
                          f"{tuple(teacher_relation.shape)}")
-    return weighted_norm(teacher_relation - student_relation, image_weights)
+    check_reduction(reduction, "nonlocal_loss")
+    return weighted_norm(teacher_relation - student_relation, image_weights, reduction=reduction,
+                         reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS * reference_cells(stride))
 
 
 def default_nonlocal_plan(num_levels: int, channels: int) -> tuple[list[int], list[int]]:
@@ -105,6 +122,7 @@ class NonLocalDistill(DistillMethod):
         pool_strides: per-level max-pool stride on phi and g; ``None`` = ``default_nonlocal_plan``.
         train_teacher_block: whether the teacher-side non-local block is trained through this loss (default True,
             as the reference code). See the module docstring.
+        reduction: ``"normalized"`` (default) or ``"published"`` (``nonlocal_loss``).
 
     Owns per level a student block (C_s), a teacher block (C_t) and a 1x1 adapter C_s -> C_t applied after the
     student block. AID: ``image_weights`` and ``level_weights`` apply (L_NL is a global term).
@@ -122,8 +140,11 @@ class NonLocalDistill(DistillMethod):
         inter_channels: Sequence[int] | None = None,
         pool_strides: Sequence[int] | None = None,
         train_teacher_block: bool = True,
+        reduction: Reduction = "normalized",
     ) -> None:
         super().__init__(student_channels, teacher_channels, num_levels)
+        check_reduction(reduction, "nonlocal")
+        self.reduction = reduction
         s_inter, default_strides = default_nonlocal_plan(num_levels, student_channels)
         t_inter, _ = default_nonlocal_plan(num_levels, teacher_channels)
         if inter_channels is not None:
@@ -146,7 +167,8 @@ class NonLocalDistill(DistillMethod):
             self.teacher_blocks.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", nl_weight={self.nl_weight}, train_teacher_block={self.train_teacher_block}"
+        return (super().extra_repr() + f", nl_weight={self.nl_weight}, train_teacher_block={self.train_teacher_block}"
+                f", reduction={self.reduction!r}")
 
     def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
         self.check(inputs)
@@ -156,6 +178,7 @@ class NonLocalDistill(DistillMethod):
             teacher_relation = self.teacher_blocks[level](teacher.detach())
             if not self.train_teacher_block:
                 teacher_relation = teacher_relation.detach()
-            loss = nonlocal_loss(student_relation, teacher_relation, inputs.image_weights)
+            loss = nonlocal_loss(student_relation, teacher_relation, inputs.image_weights, reduction=self.reduction,
+                                 stride=inputs.strides[level])
             total = total + self._level_weight(inputs, level) * loss
         return {"nl": self.nl_weight * total}

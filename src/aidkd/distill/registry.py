@@ -9,12 +9,14 @@ from .base import DistillMethod
 from .fgd import FGDDistill
 from .fitnet import FitNetDistill
 from .nonlocal_kd import NonLocalDistill
+from .pkd import PKDDistill
 
 METHODS: dict[str, type[DistillMethod]] = {
     "attention": AttentionDistill,
     "nonlocal": NonLocalDistill,
     "fitnet": FitNetDistill,
     "fgd": FGDDistill,
+    "pkd": PKDDistill,
 }
 
 _POSITIONAL = ("self", "student_channels", "teacher_channels", "num_levels")

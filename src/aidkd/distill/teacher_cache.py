@@ -2,15 +2,17 @@
 
 The teacher is frozen, so its loss on an instance is a function of the input tensor alone. In aidkd's data
 pipeline that tensor is fixed by what the dataset reports in each target -- the image (``image_id``), whether it
-was flipped (``flipped``: the only random augmentation) and its resized size -- plus the padded batch shape (the
-teacher's features near the padding, and its anchor grid, depend on it). Keyed on those, a cached loss equals a
-recomputed one up to float reassociation. Without the cache AID costs the teacher's head forward and per-instance
-loss every step, most of AID's overhead over plain feature KD (benchmarks/results/overhead_cpu.md).
+was flipped (``flipped``: the only random augmentation) and its resized size. The losses of a cached sample are
+those of the sample alone, padded to its own size (``Distiller`` computes them so), not to the shape of whatever
+batch it came in: the key holds no batch shape, so mixed aspect ratios (COCO) still hit. Without the cache AID costs
+the teacher's head forward and per-instance loss every step, most of AID's overhead over plain feature KD
+(benchmarks/results/overhead_cpu.md).
 
 Only instance / image granularity can use it: ``level`` needs the batch's per-level loss, which mixes images.
-A pipeline with other random augmentations (crops, colour jitter) must turn it off: ``distill.aid.cache: false``.
-Every entry is checked against the number of boxes of the current target, so a reused key with different labels
-is recomputed rather than silently wrong.
+A pipeline with other random augmentations (crops, colour jitter) must turn it off: ``distill.aid.cache: false``
+(``Distiller.end_epoch`` warns when the hit rate stays low after the first epoch). Every entry is checked against
+the number of boxes of the current target, so a reused key with different labels is recomputed rather than
+silently wrong.
 """
 from __future__ import annotations
 
@@ -36,12 +38,12 @@ class TeacherLossCache:
         return len(self._items)
 
     @staticmethod
-    def key(target: dict, image_size: Sequence[int], padded_shape: Sequence[int]) -> Hashable | None:
-        """The cache key of one sample, or None when the target does not say which image and flip it is."""
+    def key(target: dict, image_size: Sequence[int]) -> Hashable | None:
+        """The cache key of one sample (image, flip, resized size; not the batch's padded shape), or None when the
+        target does not say which image and flip it is."""
         if "image_id" not in target or "flipped" not in target:
             return None
-        return (target["image_id"], bool(target["flipped"]), tuple(int(x) for x in image_size),
-                tuple(int(x) for x in padded_shape))
+        return (target["image_id"], bool(target["flipped"]), tuple(int(x) for x in image_size))
 
     def get(self, key: Hashable | None, num_boxes: int) -> Tensor | None:
         value = None if key is None else self._items.get(key)

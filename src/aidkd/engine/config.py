@@ -32,6 +32,11 @@ class SynthConfig:
     height: int = 96
     hard_fraction: float = 0.2
     mislabel_fraction: float = 0.05
+    # An easier set (the demo's): only these of Car/Pedestrian/Cyclist/Van/Truck, objects nearer (depth t >= min_t)
+    classes: list[str] | None = None
+    min_t: float = 0.0
+    max_objects: int = 10
+    clutter: int = 5
 
 
 @dataclass
@@ -125,7 +130,7 @@ class AIDConfig:
     enabled: bool = True
     granularity: Literal["instance", "image", "level"] = "instance"
     alpha: float = 0.1
-    # Remember each sample's teacher losses (key: image, flip, size, padded shape) instead of rerunning the teacher's
+    # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True
 

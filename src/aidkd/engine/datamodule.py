@@ -19,6 +19,8 @@ def synth_root(cfg: DataConfig) -> Path:
     if cfg.root:
         return Path(cfg.root)
     key = f"n{s.num_images}_s{s.seed}_{s.width}x{s.height}_h{s.hard_fraction}_m{s.mislabel_fraction}"
+    if (s.classes, s.min_t, s.max_objects, s.clutter) != (None, 0.0, 10, 5):  # the easier-set options, when set
+        key += f"_c{'-'.join(s.classes or ['all'])}_t{s.min_t}_o{s.max_objects}_k{s.clutter}"
     return Path("runs") / "synth_cache" / key
 
 
@@ -46,7 +48,8 @@ def ensure_synth(cfg: DataConfig) -> Path:
     if not done.exists():
         log.info("generating %d synthetic driving scenes in %s", s.num_images, root)
         generate_synth(root, num_images=s.num_images, seed=s.seed, width=s.width, height=s.height,
-                       hard_fraction=s.hard_fraction, mislabel_fraction=s.mislabel_fraction)
+                       hard_fraction=s.hard_fraction, mislabel_fraction=s.mislabel_fraction, classes=s.classes,
+                       min_t=s.min_t, max_objects=s.max_objects, clutter=s.clutter)
         done.write_text("ok\n")
     return root
 

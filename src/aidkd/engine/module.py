@@ -223,6 +223,12 @@ class DetectionTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
+    def on_train_epoch_end(self) -> None:
+        if self.distiller is not None:
+            rate = self.distiller.end_epoch(self.current_epoch)
+            if rate is not None:
+                self.log("aid/teacher_loss_cache_epoch_hit_rate", rate)
+
     def on_validation_epoch_start(self) -> None:
         self._val_preds = []
 

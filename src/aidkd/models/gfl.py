@@ -423,18 +423,23 @@ class GFL(nn.Module):
         """The training loss: QFL / #positives; GIoU and DFL weighted by the score, / max(sum of weights, 1)."""
         return {k: v.sum() for k, v in self.level_loss_terms(terms).items()}
 
-    def level_loss_terms(self, terms: GFLLossTerms, num_levels: int | None = None) -> dict[str, Tensor]:
+    def level_loss_terms(self, terms: GFLLossTerms, num_levels: int | None = None,
+                         positives_only: bool = False) -> dict[str, Tensor]:
         """The training loss restricted to each level's locations (negatives included): ``{name: Tensor[L]}``
-        whose sums over levels are :meth:`reduce_loss_terms` (MMDetection's per-level ``loss_single`` values)."""
+        whose sums over levels are :meth:`reduce_loss_terms` (MMDetection's per-level ``loss_single`` values).
+        ``positives_only``: the negatives' QFL left out (GIoU and DFL are 0 off the positives anyway), normalised
+        alike; what level AID uses in every family."""
         num_levels = num_levels or len(self.anchor_strides)
-        num_pos = max(int((terms.matched_idxs >= 0).sum()), 1)
+        pos = terms.matched_idxs >= 0
+        num_pos = max(int(pos.sum()), 1)
         weight_sum = terms.weight.sum().clamp(min=1.0)
 
         def per_level(values: Tensor) -> Tensor:
             return values.new_zeros(num_levels).index_add(0, terms.levels, values.sum(dim=0))
 
+        qfl = torch.where(pos, terms.qfl, 0.0) if positives_only else terms.qfl
         return {
-            "loss_qfl": self.qfl_weight * per_level(terms.qfl) / num_pos,
+            "loss_qfl": self.qfl_weight * per_level(qfl) / num_pos,
             "loss_bbox": self.bbox_weight * per_level(terms.weight * terms.bbox) / weight_sum,
             "loss_dfl": self.dfl_weight * per_level(terms.weight * terms.dfl) / weight_sum,
         }
@@ -504,9 +509,11 @@ class GFL(nn.Module):
         qfl = self.qfl_loss(cls_logits, labels, quality)
         return self.qfl_weight * qfl + self.bbox_weight * bbox + self.dfl_weight * dfl
 
-    def level_losses(self, terms: GFLLossTerms, num_levels: int | None = None) -> Tensor:
-        """``[L]``: the total training loss restricted to each level (sums to the total detection loss)."""
-        return torch.stack(list(self.level_loss_terms(terms, num_levels).values())).sum(dim=0)
+    def level_losses(self, terms: GFLLossTerms, num_levels: int | None = None, positives_only: bool = False
+                     ) -> Tensor:
+        """``[L]``: the total training loss restricted to each level (sums to the total detection loss), or with
+        ``positives_only`` its positive locations' part."""
+        return torch.stack(list(self.level_loss_terms(terms, num_levels, positives_only).values())).sum(dim=0)
 
     # ------------------------------------------------------------------ inference
     def postprocess_detections(
@@ -650,8 +657,8 @@ class GFLOps(DetectorOps):
     - ``detection_losses``: :meth:`GFL.reduce_loss_terms`, equal to ``model(images, targets)`` in train mode;
     - ``teacher_losses``: per box, the mean over its assigned locations of ``QFL + 2 GIoU + 0.25 DFL`` (the loss
       weights, without the score weighting that only normalises the batch loss; see :meth:`GFL.instance_losses`);
-      per level, the training loss restricted to that level (negatives included), so ``per_level.sum()`` is the
-      total detection loss, as for the other families.
+      per level, the training loss of that level's *positive* locations (the negatives' QFL left out), normalised
+      like the detector, so level AID measures how well the teacher fits the objects, as in the other families.
     """
 
     family = "gfl"
@@ -675,7 +682,7 @@ class GFLOps(DetectorOps):
     def teacher_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> TeacherLosses:
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
         per_instance = model.instance_losses(terms, targets, outputs, outputs["anchors"])
-        per_level = model.level_losses(terms, num_levels=len(outputs["num_per_level"]))
+        per_level = model.level_losses(terms, num_levels=len(outputs["num_per_level"]), positives_only=True)
         return TeacherLosses(per_instance=per_instance, per_level=per_level)
 
     def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:

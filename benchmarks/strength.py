@@ -1,0 +1,205 @@
+"""Distillation strength on a small generated set (issue 13, items 5 and 7), sized for a shared 2-core CPU.
+
+Three measurements, all on generated driving scenes (``aidkd data synth``), teacher and students from random weights:
+
+- ``magnitude``: the distillation terms over the student's detection loss at step 0 (trained teacher, fresh
+  student), per reduction (``normalized`` default vs ``published``) and per-device batch (2 vs 8), at loss_scale 1
+  with method.md's weights. No training: it shows which loss_scale a small setting needs, and that the default
+  form's strength does not move with the batch size.
+- ``nonlocal``: KD (attention + non-local, at ``--small-scale``) with the teacher-side non-local block trainable
+  (the published code) vs frozen, paired by seed.
+- ``transfer``: the paper's weights at loss_scale 1 with the new defaults vs the student alone, at batch 2 and
+  batch 8 (same epochs), paired by seed.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/strength.py --out runs/strength \\
+        --families gfl --seeds 0 1 2 --what magnitude nonlocal transfer
+
+Writes ``<out>/results.json`` and, with ``--markdown``, a table file. Runs are sequential, one torch thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# method.md's weights (AID rows), as configs/ and the accuracy profiles use them
+WEIGHTS = {
+    "gfl": [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 5.6e-4, "at_weight": 2.4e-2}},
+            {"name": "nonlocal", "params": {"nl_weight": 4.9e-4}}],
+    "fasterrcnn": [{"name": "attention", "params": {"temperature": 0.5, "am_weight": 4.0e-5, "at_weight": 8.0e-3}},
+                   {"name": "nonlocal", "params": {"nl_weight": 4.0e-5}}],
+}
+RCNN_SMALL = {"anchor_size": 16, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
+              "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 128}
+
+
+def data_section(out: Path, num_images: int, height: int, width: int, batch: int) -> dict:
+    return {"format": "synth", "root": str(out / "data"), "min_size": height, "max_size": width,
+            "batch_size": batch, "hflip": 0.5,
+            "synth": {"num_images": num_images, "seed": 0, "width": width, "height": height, "hard_fraction": 0.2,
+                      "mislabel_fraction": 0.05}}
+
+
+def model_section(arch: str, backbone: str, fpn: int) -> dict:
+    return {"arch": arch, "backbone": backbone, "fpn_channels": fpn,
+            "kwargs": RCNN_SMALL if arch == "fasterrcnn" else {}}
+
+
+def run_config(name: str, out: Path, args, arch: str, seed: int, epochs: int, batch: int, model: dict,
+               distill: dict | None) -> dict:
+    return {"name": name, "output_dir": str(out / name), "seed": seed,
+            "data": data_section(out, args.num_images, args.height, args.width, batch), "model": model,
+            "train": {"epochs": epochs, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 20,
+                      "grad_clip": 10.0, "val_every": epochs, "log_every": 10, "progress_bar": False},
+            "distill": distill}
+
+
+def distill_section(teacher_ckpt: str, methods: list[dict], scale: float, train_teacher_block: bool = True) -> dict:
+    methods = [{"name": m["name"], "params": dict(m["params"])} for m in methods]
+    for m in methods:
+        if m["name"] == "nonlocal":
+            m["params"]["train_teacher_block"] = train_teacher_block
+    return {"teacher": {"checkpoint": teacher_ckpt}, "methods": methods, "aid": {"enabled": False},
+            "loss_scale": scale, "image_log_every": 0}
+
+
+def train_once(cfg_dict: dict, results: dict, key: str, results_file: Path) -> dict:
+    """Train one run (skipped when its result is already in ``results``); returns its record."""
+    from aidkd.engine.config import config_from_dict
+    from aidkd.engine.run import train
+
+    if key in results:
+        return results[key]
+    t0 = time.time()
+    metrics = train(config_from_dict(cfg_dict))
+    results[key] = {"metrics": {k: float(v) for k, v in metrics.items()}, "seconds": time.time() - t0}
+    results_file.write_text(json.dumps(results, indent=2))
+    print(f"{key}: COCO AP {results[key]['metrics'].get('coco/AP', float('nan')):.2f} "
+          f"({results[key]['seconds']:.0f} s)", flush=True)
+    return results[key]
+
+
+@torch.no_grad()
+def magnitudes(out: Path, args, arch: str, teacher_ckpt: str, student_ckpt: str) -> dict:
+    """Distillation terms (loss_scale 1) and detection loss of a trained student alone (``student_ckpt``) against
+    the teacher, per reduction and batch size, on the same 24 training images; their ratio is what a loss_scale
+    must bring to the order of 1. (A fresh GFL student is a poor yardstick: its box loss is normalised by the sum
+    of near-zero scores, clamped at 1, so it grows with the batch.)"""
+    from aidkd.data.dataset import DetectionDataset, collate_fn
+    from aidkd.data.kitti import load_kitti_records
+    from aidkd.distill.distiller import Distiller
+    from aidkd.engine.model_io import load_detector
+
+    root = out / "data"
+    classes = ["Car", "Pedestrian", "Cyclist"]
+    ds = DetectionDataset(load_kitti_records(root, "train"), classes, min_size=args.height, max_size=args.width,
+                          train=False)
+    rows = {}
+    for reduction in ("normalized", "published"):
+        for batch in (2, 8):
+            torch.manual_seed(0)
+            teacher, _ = load_detector(teacher_ckpt, classes=classes)
+            student, _ = load_detector(student_ckpt, classes=classes)
+            methods = {x["name"]: {"name": x["name"], **x["params"], "reduction": reduction}
+                       for x in WEIGHTS[arch]}
+            d = Distiller(student, teacher, methods, None, sample_shape=(args.height, args.width)).train()
+            det, dist = [], []
+            for start in range(0, 8 * 3, batch):  # the same 24 images in batches of 2 or 8
+                images, targets = collate_fn([ds[i % len(ds)] for i in range(start, start + batch)])
+                losses = d(list(images), list(targets))
+                det.append(float(sum(v for k, v in losses.items() if not k.startswith("distill/"))))
+                dist.append(float(sum(v for k, v in losses.items() if k.startswith("distill/"))))
+            rows[f"{reduction}/batch{batch}"] = {"detection": statistics.mean(det), "distill": statistics.mean(dist),
+                                                 "ratio": statistics.mean(dist) / statistics.mean(det)}
+    return rows
+
+
+def paired(results: dict, variant: str, reference: str, seeds: list[int], metric: str = "coco/AP") -> dict:
+    diffs = [results[variant.format(seed=s)]["metrics"][metric] - results[reference.format(seed=s)]["metrics"][metric]
+             for s in seeds if variant.format(seed=s) in results and reference.format(seed=s) in results]
+    if not diffs:
+        return {"n": 0}
+    return {"mean": statistics.mean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else float("nan"),
+            "wins": sum(d > 0 for d in diffs), "n": len(diffs), "diffs": diffs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "strength")
+    ap.add_argument("--families", nargs="+", default=["gfl"], choices=sorted(WEIGHTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--what", nargs="+", default=["magnitude", "nonlocal", "transfer"],
+                    choices=["magnitude", "nonlocal", "transfer"])
+    ap.add_argument("--num-images", type=int, default=80, help="generated scenes (80 %% train)")
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--teacher-epochs", type=int, default=12)
+    ap.add_argument("--student-epochs", type=int, default=4)
+    ap.add_argument("--teacher-fpn", type=int, default=32)
+    ap.add_argument("--student-fpn", type=int, default=16)
+    ap.add_argument("--small-scale", type=float, default=0.001, help="loss_scale of the non-local ablation")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results.setdefault("_args", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+    for arch in args.families:
+        fam_out = args.out / arch
+        teacher = run_config("teacher", fam_out, args, arch, 0, args.teacher_epochs, 4,
+                             model_section(arch, "resnet18", args.teacher_fpn), None)
+        train_once(teacher, results, f"{arch}/teacher", results_file)
+        ckpt = str(fam_out / "teacher" / "model_best.pt")
+        student_model = model_section(arch, "resnet18", args.student_fpn)
+        for seed in args.seeds:
+            def run(name, batch, distill, *, _arch=arch, _seed=seed, _out=fam_out, _model=student_model):
+                key = f"{_arch}/{name}_seed{_seed}"
+                cfg = run_config(f"{name}_seed{_seed}", _out, args, _arch, _seed, args.student_epochs, batch,
+                                 _model, distill)
+                train_once(cfg, results, key, results_file)
+
+            if args.what != ["transfer"] or seed == args.seeds[0]:
+                run("student_b4", 4, None)  # also the trained student of the magnitude measurement
+            if "nonlocal" in args.what:
+                for trainable in (True, False):
+                    run(f"kd_nl_{'trainable' if trainable else 'frozen'}", 4,
+                        distill_section(ckpt, WEIGHTS[arch], args.small_scale, trainable))
+            if "transfer" in args.what:
+                for batch in (2, 8):
+                    run(f"student_b{batch}", batch, None)
+                    run(f"kd_scale1_b{batch}", batch, distill_section(ckpt, WEIGHTS[arch], 1.0))
+        if "magnitude" in args.what and f"{arch}/magnitude" not in results:
+            student_ckpt = str(fam_out / f"student_b4_seed{args.seeds[0]}" / "model_best.pt")
+            results[f"{arch}/magnitude"] = magnitudes(fam_out, args, arch, ckpt, student_ckpt)
+            results_file.write_text(json.dumps(results, indent=2))
+            print(f"{arch}/magnitude: {results[f'{arch}/magnitude']}", flush=True)
+        summary = {}
+        s = args.seeds
+        if "nonlocal" in args.what:
+            summary["nl_trainable-student"] = paired(results, f"{arch}/kd_nl_trainable_seed{{seed}}",
+                                                     f"{arch}/student_b4_seed{{seed}}", s)
+            summary["nl_frozen-student"] = paired(results, f"{arch}/kd_nl_frozen_seed{{seed}}",
+                                                  f"{arch}/student_b4_seed{{seed}}", s)
+            summary["nl_frozen-trainable"] = paired(results, f"{arch}/kd_nl_frozen_seed{{seed}}",
+                                                    f"{arch}/kd_nl_trainable_seed{{seed}}", s)
+        if "transfer" in args.what:
+            for batch in (2, 8):
+                for kd in ("scale1",):
+                    summary[f"kd_{kd}_b{batch}-student_b{batch}"] = paired(
+                        results, f"{arch}/kd_{kd}_b{batch}_seed{{seed}}", f"{arch}/student_b{batch}_seed{{seed}}", s)
+        results[f"{arch}/summary"] = summary
+        results_file.write_text(json.dumps(results, indent=2))
+        print(json.dumps({f"{arch}/summary": summary}, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
