@@ -105,8 +105,11 @@ def test_reuse_and_fresh(tmp_path, monkeypatch):
     the students always train anew (fake `train`: records the calls, writes what a run writes)."""
     calls = []
 
-    def fake_train(cfg, extra_callbacks=()):
+    overwrites = []
+
+    def fake_train(cfg, extra_callbacks=(), overwrite=False):
         calls.append(cfg.name)
+        overwrites.append(overwrite)
         out = tmp_path / "demo" / cfg.name
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
@@ -119,13 +122,13 @@ def test_reuse_and_fresh(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     first = run_demo(out, quick=True)
     assert calls == ["teacher", "student", "kd", "kd_aid"] and not first["teacher"]["reused"]
-    (out / "student" / "stale.txt").write_text("x")
     calls.clear()
+    overwrites.clear()
     second = run_demo(out, quick=True)
     assert calls == ["student", "kd", "kd_aid"] and second["teacher"]["reused"]
     assert second["teacher"]["metrics"] == first["teacher"]["metrics"]
     assert second["teacher"]["seconds"] == pytest.approx(first["teacher"]["seconds"])
-    assert not (out / "student" / "stale.txt").exists(), "a student run starts from an empty folder"
+    assert overwrites == [True] * 3, "a student run replaces the earlier demo's run (only aidkd's own outputs)"
     assert "| reused |" in (out / "results.md").read_text()
     calls.clear()
     (out / "data" / "keep.txt").parent.mkdir(parents=True, exist_ok=True)
