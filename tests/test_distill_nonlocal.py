@@ -99,3 +99,10 @@ def test_module_custom_plan_and_validation():
         NonLocalDistill(8, 16, 2, inter_channels=[2])
     with pytest.raises(ValueError, match="pool_strides"):
         NonLocalDistill(8, 16, 2, pool_strides=[2, 2, 2])
+
+
+def test_teacher_block_is_frozen_by_default():
+    """The ablation (benchmarks/results/strength_cpu) favoured a frozen teacher-side block: it is the default."""
+    module = NonLocalDistill(8, 16, 3)
+    assert module.train_teacher_block is False
+    assert not any(p.requires_grad for p in module.teacher_blocks.parameters())

@@ -141,7 +141,8 @@ class DistillConfig:
     methods: list[MethodConfig] = field(default_factory=list)
     aid: AIDConfig = field(default_factory=AIDConfig)
     # Multiplies every distillation term. method.md's weights were tuned for 256-channel FPNs on full-resolution,
-    # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results: 1/100).
+    # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results/strength_cpu:
+    # about 1/1000 with the default loss forms, i.e. 1/100 of the published forms).
     loss_scale: float = 1.0
     image_log_every: int = 200  # steps between instance-weight / attention images in TensorBoard (0: never)
 
