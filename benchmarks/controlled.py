@@ -166,7 +166,8 @@ def alpha_tag(alpha: float) -> str:
 
 def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]) -> list[dict]:
     """accuracy.py's plan with the teacher trained on the corrupted copy and, for an alpha other than 0.1, the AID
-    runs in folders of their own (the teacher, student and KD runs do not depend on alpha)."""
+    runs in folders of their own (the teacher, student and KD runs do not depend on alpha). Order: the teacher,
+    then per seed student, KD, KD + AID (instance), then KD + AID (level) for every seed."""
     plan = acc.plan_runs(prof, runs_dir, ["one-stage"], seeds)
     tag = alpha_tag(float(prof["aid_alpha"]))
     for r in plan:
@@ -177,6 +178,8 @@ def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]
             r["cfg"]["output_dir"] = str(Path(r["cfg"]["output_dir"]).with_name(name))
             r["cfg"]["name"] = r["cfg"]["name"].rsplit("/", 1)[0] + "/" + name
             r["key"] = f"{r['family']}/{name}"
+    # the comparison the claim rests on (student, KD, KD + AID instance) for every seed first, level AID after
+    plan.sort(key=lambda r: (r["variant"] != "teacher", r["variant"] == "kd_aid_level", r["seed"]))
     return plan
 
 

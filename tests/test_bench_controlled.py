@@ -106,6 +106,9 @@ def test_plan_teacher_on_the_corrupted_copy_students_on_clean(ctl, tmp_path):
     assert "_a1" not in kd["key"] and kd["cfg"]["distill"]["loss_scale"] == pytest.approx(0.01)
     assert kd["cfg"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "runs" / "one-stage" / "teacher" /
                                                                 "model_best.pt")
+    order = [(r["variant"], r["seed"]) for r in plan]
+    assert order[1:4] == [("student", 0), ("kd", 0), ("kd_aid_instance", 0)]
+    assert order[-3:] == [("kd_aid_level", 0), ("kd_aid_level", 1), ("kd_aid_level", 2)]
     default = ctl.plan_experiment(ctl.make_profile(ctl.parse_args([]), data), tmp_path / "runs", data, [0])
     assert not any("_a0.1" in r["key"] for r in default)
 
