@@ -192,6 +192,8 @@ def subset_metrics(metrics: dict, subset_class: str, classes=CLASSES) -> dict:
         out["affected"][name] = float(metrics.get(pattern.format(c=subset_class), math.nan))
         vals = [float(metrics.get(pattern.format(c=c), math.nan)) for c in rest]
         out["rest"][name] = sum(vals) / len(vals) if vals else math.nan
+    for c in classes:  # each class on its own: the teacher can be wrong on another class without our doing
+        out[c] = {name: float(metrics.get(pattern.format(c=c), math.nan)) for pattern, name in SUBSET_METRICS}
     out["all"] = {"COCO AP": float(metrics.get("coco/AP", math.nan))}
     return out
 
@@ -200,9 +202,10 @@ def paired(by_seed: dict[str, dict[int, dict]], variant: str, ref: str) -> dict:
     """Per part and metric: the per-seed differences variant - ref, their mean, std and seeds where variant wins."""
     out: dict = {}
     common = sorted(set(by_seed.get(variant, {})) & set(by_seed.get(ref, {})))
-    for part in ("affected", "rest"):
+    for part in ("affected", "rest", *CLASSES):
         for _, name in SUBSET_METRICS:
-            diffs = [by_seed[variant][s][part][name] - by_seed[ref][s][part][name] for s in common]
+            diffs = [by_seed[variant][s][part][name] - by_seed[ref][s][part][name] for s in common
+                     if part in by_seed[variant][s]]
             m, sd, n = acc.mean_std(diffs)
             out[f"{part}/{name}"] = {"seeds": common, "diffs": diffs, "mean": m, "std": sd, "n": n,
                                      "wins": sum(d > 0 for d in diffs)}
@@ -307,6 +310,20 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     for name, d in summ["paired"].items():
         lines.append(f"| {name} | {_fmt_d(d['affected/COCO AP'])} | {_fmt_d(d['affected/VOC AP50'])} | "
                      f"{_fmt_d(d['rest/COCO AP'])} | {_fmt_d(d['rest/VOC AP50'])} |")
+    lines += ["", "Per class, COCO AP (mean ± std over seeds; the teacher: one run):", "",
+              "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+    if t:
+        lines.append("| teacher | " + " | ".join(f"{t[k]['COCO AP']:.1f}" for k in CLASSES) + " |")
+    for v in VARIANTS:
+        seeds = summ["per_seed"].get(v)
+        if seeds:
+            cells = [_fmt(dict(zip(("mean", "std", "n"), acc.mean_std([seeds[s][k]["COCO AP"] for s in seeds]))))
+                     for k in CLASSES]
+            lines.append(f"| {acc.LABELS[v]} | " + " | ".join(cells) + " |")
+    lines += ["", "Per class, paired COCO AP differences:", "", "| difference | " + " | ".join(CLASSES) + " |",
+              "|---|" + "---|" * len(CLASSES)]
+    for name, d in summ["paired"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt_d(d[f"{k}/COCO AP"]) for k in CLASSES) + " |")
     lines += [""] + analysis_lines(analysis, c, rows)
     missing = [r["key"] for r in plan if r["key"] not in finished]
     if missing:
@@ -316,7 +333,10 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     run_s = sum(f["seconds"] for f in finished.values() if f.get("seconds"))
     lines += [(f"Wall time of this invocation {elapsed / 60:.1f} min; sum of the runs' training times "
               f"{run_s / 60:.1f} min (finished runs are skipped on a re-run)."), "",
-              "Command: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "`"]
+              "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "`. Reproduce or "
+              "continue: `.venv/bin/python benchmarks/controlled.py --jobs 1 --threads 1"
+              + (f" --alpha {args.alpha:g}" if alpha_tag(args.alpha) else "")
+              + "` (finished runs are skipped, a killed one resumes from its last checkpoint)."]
     return "\n".join(lines)
 
 

@@ -120,10 +120,36 @@ def test_subset_metrics_and_paired_differences(ctl):
     s = ctl.subset_metrics(m, "Cyclist")
     assert s["affected"] == {"COCO AP": 2.0, "VOC AP50": 4.0, "KITTI mod.": 1.0}
     assert s["rest"] == {"COCO AP": 8.0, "VOC AP50": 15.0, "KITTI mod.": 6.0}
+    assert s["Pedestrian"] == {"COCO AP": 6.0, "VOC AP50": 10.0, "KITTI mod.": 4.0}
     by_seed = {"kd": {0: s, 1: ctl.subset_metrics({**m, "coco/AP/Cyclist": 1.0}, "Cyclist")},
                "student": {0: ctl.subset_metrics({**m, "coco/AP/Cyclist": 3.0}, "Cyclist"),
                            1: ctl.subset_metrics({**m, "coco/AP/Cyclist": 3.5}, "Cyclist")}}
     d = ctl.paired(by_seed, "kd", "student")["affected/COCO AP"]
     assert d["diffs"] == [-1.0, -2.5] and d["mean"] == pytest.approx(-1.75) and d["wins"] == 0
     assert ctl.paired(by_seed, "kd", "student")["rest/COCO AP"]["mean"] == 0.0
+    assert ctl.paired(by_seed, "kd", "student")["Cyclist/COCO AP"]["diffs"] == [-1.0, -2.5]
     assert math.isnan(ctl.subset_metrics({}, "Cyclist")["affected"]["COCO AP"])
+
+
+def test_markdown_of_partial_results(ctl, tmp_path):
+    """What an interrupted experiment writes: the finished runs' tables, the prediction, what remains."""
+    args = ctl.parse_args([])
+    data = tmp_path / "data"
+    prof = ctl.make_profile(args, data)
+    plan = ctl.plan_experiment(prof, tmp_path / "runs", data, [0, 1, 2])
+    metrics = {f"coco/AP/{c}": v for c, v in zip(ctl.CLASSES, (30.0, 2.0, 1.0))}
+    finished = {r["key"]: {"metrics": dict(metrics), "seconds": 60.0} for r in plan[:3]}  # teacher, student, KD
+    finished[plan[2]["key"]]["metrics"]["coco/AP/Cyclist"] = 0.5
+    summ = ctl.summarize(plan, finished, "Cyclist")
+    assert summ["paired"]["kd - student"]["affected/COCO AP"]["diffs"] == [-0.5]
+    info = {"params": {"num_images": 240, "seed": 0, "hard_fraction": 0.2, "val_fraction": 1 / 3},
+            "train_affected": 83, "val_affected": 32, "train_frames_touched": 65}
+    rows = [{"class": "Car", "teacher_loss": 0.5, "found": True, "difficulty": "easy"},
+            {"class": "Cyclist", "teacher_loss": 3.0, "found": False, "difficulty": "none"}]
+    from aidkd.eval.instances import summarize
+
+    md = ctl.markdown(args, prof, info, plan, finished, {}, summ, summarize(rows, 0.1), rows, "## Prediction\n", 61.0)
+    assert "## Prediction" in md and "| kd - student | -0.50 (0/1; -0.5)" in md
+    assert "| teacher | 30.0 | 2.0 | 1.0 |" in md
+    assert f"Not run yet (budget or failure): {len(plan) - 3} of {len(plan)}" in md
+    assert "| 0.1 | 0.74-0.95 |" in md and "| 1.000 |" in md  # w of Car vs Cyclist: AUC 1
