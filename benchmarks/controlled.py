@@ -80,12 +80,17 @@ imitates the teacher less there.
 
 # ------------------------------------------------------------------------------------------------ data
 def build_data(out: Path, *, num_images: int, seed: int, width: int, height: int, hard_fraction: float,
-               val_fraction: float, subset_class: str, corruption: str, relabel_as: str | None) -> dict:
+               val_fraction: float, subset_class: str, corruption: str, relabel_as: str | None,
+               subset_view: str | None = None) -> dict:
     """Write ``out/clean`` (generated) and ``out/teacher`` (its copy with the subset's train labels corrupted);
-    returns what was changed. Idempotent: a copy whose recorded parameters match is reused."""
+    with ``subset_view`` also the evaluation copies ``out/eval_affected`` / ``out/eval_rest`` (val labels where the
+    other / the affected positives are DontCare). Returns what was changed. Idempotent: a copy whose recorded
+    parameters match is reused."""
     params = {"num_images": num_images, "seed": seed, "width": width, "height": height,
               "hard_fraction": hard_fraction, "val_fraction": val_fraction, "subset_class": subset_class,
               "corruption": corruption, "relabel_as": relabel_as}
+    if subset_view:  # only then: the record of a class-only subset stays what it was
+        params["subset_view"] = subset_view
     marker = out / "controlled_data.json"
     if marker.exists() and json.loads(marker.read_text()).get("params") == params:
         return json.loads(marker.read_text())
@@ -95,16 +100,46 @@ def build_data(out: Path, *, num_images: int, seed: int, width: int, height: int
         shutil.rmtree(out)
     clean = generate_synth(out / "clean", num_images=num_images, seed=seed, width=width, height=height,
                            hard_fraction=hard_fraction, mislabel_fraction=0.0, val_fraction=val_fraction)
-    stats = corrupt_copy(clean, out / "teacher", subset_class, corruption, relabel_as)
+    stats = corrupt_copy(clean, out / "teacher", subset_class, corruption, relabel_as, subset_view)
+    if subset_view:
+        for part in ("affected", "rest"):
+            eval_copy(clean, out / f"eval_{part}", subset_class, subset_view, keep_affected=part == "affected")
     info = {"params": params, **stats}
     marker.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def corrupt_copy(clean: Path, dest: Path, subset_class: str, corruption: str, relabel_as: str | None) -> dict:
+def affected_lines(lines: list[str], objects: list[dict], subset_class: str, subset_view: str | None) -> list[bool]:
+    """Which label lines are in the subset: class ``subset_class`` and, if given, seen from ``subset_view``
+    (``synth_meta.json``'s ``view``: ``side`` / ``rear`` / ``front``)."""
+    return [ln.split()[0] == subset_class and (subset_view is None or o.get("view") == subset_view)
+            for ln, o in zip(lines, objects)]
+
+
+def eval_copy(clean: Path, dest: Path, subset_class: str, subset_view: str, keep_affected: bool) -> None:
+    """A val-label copy for AP on part of a class: the positives outside the part become ``DontCare`` (ignore
+    regions: a detection on them is neither a true nor a false positive), the rest is unchanged."""
+    from aidkd.eval.kitti_ap import KITTI_CLASSES
+
+    (dest / "training").mkdir(parents=True)
+    os.symlink((clean / "training" / "image_2").resolve(), dest / "training" / "image_2")
+    shutil.copytree(clean / "ImageSets", dest / "ImageSets")
+    meta = json.loads((clean / "synth_meta.json").read_text())
+    (dest / "training" / "label_2").mkdir()
+    for f in sorted((clean / "training" / "label_2").glob("*.txt")):
+        lines = f.read_text().splitlines()
+        hit = affected_lines(lines, meta["frames"][f.stem]["objects"], subset_class, subset_view)
+        out = [f"DontCare {ln.split(' ', 1)[1]}" if ln.split()[0] in KITTI_CLASSES and h != keep_affected else ln
+               for ln, h in zip(lines, hit)]
+        (dest / "training" / "label_2" / f.name).write_text("".join(ln + "\n" for ln in out))
+
+
+def corrupt_copy(clean: Path, dest: Path, subset_class: str, corruption: str, relabel_as: str | None,
+                 subset_view: str | None = None) -> dict:
     """``dest``: ``clean``'s images (symlinked) and split files, its val labels unchanged, its train labels with
-    every ``subset_class`` line dropped (``drop``) or renamed to ``relabel_as`` (``relabel``); ``synth_meta.json``
-    follows the label lines. Returns the counts of affected train and val instances."""
+    every ``subset_class`` line (seen from ``subset_view``, if given) dropped (``drop``) or renamed to
+    ``relabel_as`` (``relabel``); ``synth_meta.json`` follows the label lines. Returns the counts of affected train
+    and val instances."""
     if corruption not in ("drop", "relabel"):
         raise ValueError(f"corruption must be 'drop' or 'relabel', got {corruption!r}")
     if corruption == "relabel" and not relabel_as:
@@ -121,7 +156,7 @@ def corrupt_copy(clean: Path, dest: Path, subset_class: str, corruption: str, re
     for f in sorted((clean / "training" / "label_2").glob("*.txt")):
         lines = f.read_text().splitlines()
         objects = meta["frames"][f.stem]["objects"]
-        hit = [ln.split()[0] == subset_class for ln in lines]
+        hit = affected_lines(lines, objects, subset_class, subset_view)
         if f.stem not in train:
             counts["val_affected"] += sum(hit)
             (labels / f.name).write_text(f.read_text())
@@ -135,7 +170,8 @@ def corrupt_copy(clean: Path, dest: Path, subset_class: str, corruption: str, re
             new_lines = [f"{relabel_as} {ln.split(' ', 1)[1]}" if h else ln for ln, h in zip(lines, hit)]
         meta["frames"][f.stem]["objects"] = objects
         (labels / f.name).write_text("".join(ln + "\n" for ln in new_lines))
-    meta["controlled"] = {"subset_class": subset_class, "corruption": corruption, "relabel_as": relabel_as,
+    meta["controlled"] = {"subset_class": subset_class, "subset_view": subset_view, "corruption": corruption,
+                          "relabel_as": relabel_as,
                           "train_labels_only": True}
     (dest / "synth_meta.json").write_text(json.dumps(meta, separators=(",", ":")))
     return counts
@@ -184,13 +220,19 @@ def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def subset_metrics(metrics: dict, subset_class: str, classes=CLASSES) -> dict:
-    """``{"affected": {name: AP}, "rest": {name: mean AP over the other classes}}`` from a run's metrics."""
-    rest = [c for c in classes if c != subset_class]
+def subset_metrics(metrics: dict, subset_class: str, classes=CLASSES, views: dict | None = None) -> dict:
+    """``{"affected": {name: AP}, "rest": {name: mean AP over the other classes}, <class>: {name: AP}}`` from a
+    run's metrics. With ``views`` (a view subset: the run's metrics on the ``eval_affected`` / ``eval_rest`` label
+    copies), affected is the class's AP on the affected copy and rest its AP on the rest copy (the same class seen
+    from the other views; the other classes are in the per-class entries)."""
     out: dict = {"affected": {}, "rest": {}}
     for pattern, name in SUBSET_METRICS:
-        out["affected"][name] = float(metrics.get(pattern.format(c=subset_class), math.nan))
-        vals = [float(metrics.get(pattern.format(c=c), math.nan)) for c in rest]
+        if views is None:
+            out["affected"][name] = float(metrics.get(pattern.format(c=subset_class), math.nan))
+            vals = [float(metrics.get(pattern.format(c=c), math.nan)) for c in classes if c != subset_class]
+        else:
+            out["affected"][name] = float(views["affected"].get(pattern.format(c=subset_class), math.nan))
+            vals = [float(views["rest"].get(pattern.format(c=subset_class), math.nan))]
         out["rest"][name] = sum(vals) / len(vals) if vals else math.nan
     for c in classes:  # each class on its own: the teacher can be wrong on another class without our doing
         out[c] = {name: float(metrics.get(pattern.format(c=c), math.nan)) for pattern, name in SUBSET_METRICS}
@@ -212,13 +254,14 @@ def paired(by_seed: dict[str, dict[int, dict]], variant: str, ref: str) -> dict:
     return out
 
 
-def summarize(plan: list[dict], finished: dict, subset_class: str) -> dict:
+def summarize(plan: list[dict], finished: dict, subset_class: str, views: dict | None = None) -> dict:
     by_seed: dict[str, dict[int, dict]] = {}
     teacher = None
     for r in plan:
         if r["key"] not in finished:
             continue
-        sm = subset_metrics(finished[r["key"]]["metrics"], subset_class)
+        sm = subset_metrics(finished[r["key"]]["metrics"], subset_class,
+                            views=None if views is None else views.get(r["key"]))
         if r["variant"] == "teacher":
             teacher = sm
         else:
@@ -250,7 +293,8 @@ def _fmt_d(d: dict) -> str:
     return f"{d['mean']:+.2f}{sd} ({d['wins']}/{d['n']}; {per})"
 
 
-def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | None) -> list[str]:
+def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | None,
+                   affected: list[bool] | None = None) -> list[str]:
     """The instance analysis of the teacher: found / missed and, the question here, does w single out the subset?"""
     if summary is None:
         return ["Instance analysis: not available (the teacher did not finish).", ""]
@@ -262,7 +306,8 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
              f"{summary['auc_found_vs_missed']:.3f}."), "",
              (f"| alpha | w range | mean w: found | missed | rest | {subset_class} | rest / {subset_class} "
              f"| AUC of w, rest vs {subset_class} |"), "|---|---|---|---|---|---|---|---|"]
-    affected = [r["class"] == subset_class for r in rows or []]
+    if affected is None:
+        affected = [r["class"] == subset_class for r in rows or []]
     for a, s in summary["by_alpha"].items():
         w = [weight_at(float(r["teacher_loss"]), float(a)) for r in rows or []]
         mr = acc.mean_std([x for x, f in zip(w, affected) if not f])[0]
@@ -276,8 +321,11 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
     return lines
 
 
-def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction: str, elapsed) -> str:
-    c = args.subset_class
+def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction: str, elapsed,
+             affected: list[bool] | None = None) -> str:
+    c = args.subset_class + (f" ({args.subset_view} view)" if args.subset_view else "")
+    rest_is = (f"the other {args.subset_class} instances (val labels with the {args.subset_view}-view ones as "
+               "DontCare)" if args.subset_view else "the mean over the other classes")
     lines = [f"# Controlled experiment: a teacher wrong on {c} ({args.name}{' smoke' if args.smoke else ''})", "",
              (f"Generated set: {info['params']['num_images']} scenes {args.width}x{args.height}, seed "
               f"{info['params']['seed']}, hard fraction {info['params']['hard_fraction']}, no mislabels, "
@@ -290,8 +338,7 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               f"R18-FPN32 ({prof['schedule']['student']}), AdamW, random initialisation; KD = attention + non-local "
               f"(method.md's one-stage weights) x loss scale {Fraction(args.distill_scale).limit_denominator(1000)}"
               f"; AID alpha {args.alpha:g}. Seeds {list(args.seeds)}."), "", prediction.strip(), "",
-             "## Outcome", "", "Affected = the " + c + " class; rest = mean over the other classes. Mean ± std over "
-             "seeds.", "",
+             "## Outcome", "", f"Affected = {c}; rest = {rest_is}. Mean ± std over seeds.", "",
              "| run | seeds | " + " | ".join(f"{c}: {n}" for _, n in SUBSET_METRICS) + " | "
              + " | ".join(f"rest: {n}" for _, n in SUBSET_METRICS) + " |",
              "|---|---|" + "---|" * (2 * len(SUBSET_METRICS))]
@@ -324,7 +371,7 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               "|---|" + "---|" * len(CLASSES)]
     for name, d in summ["paired"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt_d(d[f"{k}/COCO AP"]) for k in CLASSES) + " |")
-    lines += [""] + analysis_lines(analysis, c, rows)
+    lines += [""] + analysis_lines(analysis, c, rows, affected)
     missing = [r["key"] for r in plan if r["key"] not in finished]
     if missing:
         lines += [f"Not run yet (budget or failure): {len(missing)} of {len(plan)}: {', '.join(missing)}", ""]
@@ -343,12 +390,15 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--name", default="controlled_synth")
+    ap.add_argument("--name", help="default controlled_synth, or controlled_synth_<class>_<view> with --subset-view")
     ap.add_argument("--alpha", type=float, default=0.1, help="AID alpha of the AID runs (0.1: the paper's)")
     ap.add_argument("--distill-scale", type=acc.parse_scale, default=acc.parse_scale("1/100"),
                     help="distill.loss_scale of every distillation run (default 1/100, the CPU profiles')")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--subset-class", default="Cyclist", choices=CLASSES)
+    ap.add_argument("--subset-view", choices=["side", "rear", "front"],
+                    help="only the subset class's instances seen from this view (synth_meta.json), e.g. Car side: "
+                         "AP on them and on the rest from val-label copies where the others are DontCare")
     ap.add_argument("--corruption", default="drop", choices=["drop", "relabel"])
     ap.add_argument("--relabel-as", default="Pedestrian", choices=CLASSES)
     ap.add_argument("--num-images", type=int, default=240)
@@ -369,6 +419,9 @@ def parse_args(argv):
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(argv)
+    if args.name is None:
+        args.name = "controlled_synth" + (f"_{args.subset_class.lower()}_{args.subset_view}" if args.subset_view
+                                          else "")
     if args.smoke:
         args.num_images, args.width, args.height, args.seeds = 12, 160, 64, [0]
         args.teacher_epochs = args.student_epochs = 1
@@ -387,7 +440,8 @@ def main(argv=None) -> int:
     data_dir = runs_dir / "data"
     info = build_data(data_dir, num_images=args.num_images, seed=0, width=args.width, height=args.height,
                       hard_fraction=0.2, val_fraction=args.val_fraction, subset_class=args.subset_class,
-                      corruption=args.corruption, relabel_as=args.relabel_as if args.corruption == "relabel" else None)
+                      corruption=args.corruption, relabel_as=args.relabel_as if args.corruption == "relabel" else None,
+                      subset_view=args.subset_view)
     prof = make_profile(args, data_dir)
     if args.smoke:
         prof = acc.apply_smoke(prof)
@@ -396,7 +450,8 @@ def main(argv=None) -> int:
     pred_path = results_dir / "prediction.md"
     if not pred_path.exists():  # the prediction is fixed before anything trains; later invocations keep it
         how = "removed" if args.corruption == "drop" else f"relabelled {args.relabel_as}"
-        pred_path.write_text(PREDICTION.format(cls=args.subset_class, how=how, alpha=f"{args.alpha:g}",
+        label = args.subset_class + (f" ({args.subset_view} view)" if args.subset_view else "")
+        pred_path.write_text(PREDICTION.format(cls=label, how=how, alpha=f"{args.alpha:g}",
                                                scale=Fraction(args.distill_scale).limit_denominator(1000),
                                                n_val=info["val_affected"]))
     prediction = pred_path.read_text()
@@ -413,8 +468,11 @@ def main(argv=None) -> int:
         if r["key"] not in finished and (earlier := acc.load_done(r)) is not None:
             finished[r["key"]] = earlier
     analysis, rows = teacher_analysis(plan, results_dir, args)
-    summ = summarize(plan, finished, args.subset_class)
-    md = markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction, time.time() - start)
+    views = view_metrics(plan, finished, data_dir) if args.subset_view else None
+    summ = summarize(plan, finished, args.subset_class, views)
+    affected = rows_affected(rows, data_dir / "clean", args.subset_class, args.subset_view)
+    md = markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction, time.time() - start,
+                  affected)
     payload = {"args": {k: v for k, v in vars(args).items()}, "data": info, "profile": prof, "summary": summ,
                "runs": {r["key"]: {**finished[r["key"]], "variant": r["variant"], "seed": r["seed"]}
                         for r in plan if r["key"] in finished}, "failed": failed, "analysis": analysis}
@@ -423,6 +481,40 @@ def main(argv=None) -> int:
     print(md)
     print(f"\nresults in {results_dir}")
     return 1 if failed else 0
+
+
+def view_metrics(plan: list[dict], finished: dict, data_dir: Path) -> dict:
+    """Per finished run: its metrics on the ``eval_affected`` and ``eval_rest`` label copies (cached in the run
+    folder, keyed by the checkpoint's sha256)."""
+    from aidkd.engine.config import config_from_dict
+    from aidkd.engine.run import evaluate
+
+    out = {}
+    for r in (r for r in plan if r["key"] in finished):
+        folder = Path(r["cfg"]["output_dir"])
+        ckpt = folder / "model_best.pt"
+        cache, digest = folder / "subset_eval.json", acc.file_digest(str(ckpt))
+        if cache.exists() and json.loads(cache.read_text()).get("sha256") == digest:
+            out[r["key"]] = json.loads(cache.read_text())["metrics"]
+            continue
+        metrics = {}
+        for part in ("affected", "rest"):
+            cfg = copy.deepcopy(r["cfg"])
+            cfg["data"] = dict(cfg["data"], root=str((data_dir / f"eval_{part}").resolve()))
+            cfg["distill"] = None
+            metrics[part] = evaluate(config_from_dict(cfg), ckpt)
+        cache.write_text(json.dumps({"sha256": digest, "metrics": metrics}, indent=1) + "\n")
+        out[r["key"]] = metrics
+    return out
+
+
+def rows_affected(rows: list[dict] | None, clean: Path, subset_class: str, subset_view: str | None) -> list[bool]:
+    """Which analysis rows (``instances.csv``) are in the subset (the view from the clean copy's meta)."""
+    if subset_view is None:
+        return [r["class"] == subset_class for r in rows or []]
+    frames = json.loads((clean / "synth_meta.json").read_text())["frames"]
+    return [r["class"] == subset_class and frames[r["stem"]]["objects"][int(r["label_line"]) - 1].get("view")
+            == subset_view for r in rows or []]
 
 
 def teacher_analysis(plan: list[dict], results_dir: Path, args) -> tuple[dict | None, list[dict] | None]:

@@ -153,3 +153,46 @@ def test_markdown_of_partial_results(ctl, tmp_path):
     assert "| teacher | 30.0 | 2.0 | 1.0 |" in md
     assert f"Not run yet (budget or failure): {len(plan) - 3} of {len(plan)}" in md
     assert "| 0.1 | 0.74-0.95 |" in md and "| 1.000 |" in md  # w of Car vs Cyclist: AUC 1
+
+
+def test_view_subset_drops_only_that_view_and_writes_eval_copies(ctl, tmp_path):
+    """Car seen from the side: the teacher loses those cars only; AP on them and on the rest comes from val-label
+    copies where the other positives (resp. the side cars) are DontCare."""
+    data = tmp_path / "d"
+    info = ctl.build_data(data, corruption="drop", relabel_as=None, subset_view="side", **{**DATA,
+                                                                                          "subset_class": "Car"})
+    assert info["params"]["subset_view"] == "side" and info["train_affected"] > 0 and info["val_affected"] > 0
+    clean = data / "clean"
+    meta = json.loads((clean / "synth_meta.json").read_text())["frames"]
+    val = set((clean / "ImageSets" / "val.txt").read_text().split())
+    side_val = 0
+    for f in sorted((clean / "training" / "label_2").glob("*.txt")):
+        lines, objects = _lines(f), meta[f.stem]["objects"]
+        side = [ln.split()[0] == "Car" and o["view"] == "side" for ln, o in zip(lines, objects)]
+        teacher = _lines(data / "teacher" / "training" / "label_2" / f.name)
+        if f.stem in val:
+            side_val += sum(side)
+            assert teacher == lines
+            aff, rest = (_lines(data / f"eval_{p}" / "training" / "label_2" / f.name) for p in ("affected", "rest"))
+            for ln, s_, a, r in zip(lines, side, aff, rest):
+                positive = ln.split()[0] in ctl.CLASSES
+                assert a.split()[0] == (ln.split()[0] if s_ or not positive else "DontCare")
+                assert r.split()[0] == ("DontCare" if s_ else ln.split()[0])
+                assert a.split()[1:] == r.split()[1:] == ln.split()[1:]
+        else:
+            assert teacher == [ln for ln, s_ in zip(lines, side) if not s_]
+    assert side_val == info["val_affected"]
+    rows = [{"class": "Car", "stem": s, "label_line": i + 1} for s in sorted(val)
+            for i, ln in enumerate(_lines(clean / "training" / "label_2" / f"{s}.txt")) if ln.startswith("Car ")]
+    assert sum(ctl.rows_affected(rows, clean, "Car", "side")) == side_val
+    assert ctl.parse_args(["--subset-class", "Car", "--subset-view", "side"]).name == "controlled_synth_car_side"
+    assert ctl.parse_args([]).name == "controlled_synth"
+
+
+def test_view_subset_metrics_come_from_the_eval_copies(ctl):
+    clean = {"coco/AP/Car": 20.0, "coco/AP/Pedestrian": 1.0, "coco/AP/Cyclist": 0.0}
+    views = {"affected": {"coco/AP/Car": 5.0}, "rest": {"coco/AP/Car": 30.0, "coco/AP/Pedestrian": 1.0,
+                                                        "coco/AP/Cyclist": 2.0}}
+    s = ctl.subset_metrics(clean, "Car", views=views)
+    assert s["affected"]["COCO AP"] == 5.0 and s["rest"]["COCO AP"] == 30.0  # the other cars
+    assert s["Car"]["COCO AP"] == 20.0  # per class: the clean labels
