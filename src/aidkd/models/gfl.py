@@ -509,10 +509,10 @@ class GFL(nn.Module):
                      for k, v in per_location.items()}
             missing = (counts == 0).nonzero().squeeze(1)
             if missing.numel():
-                fb = self._fallback_loss_parts(head_outputs, anchors[b], terms.levels, b, boxes[missing].float(),
+                fb = self._fallback_loss_terms(head_outputs, anchors[b], terms.levels, b, boxes[missing].float(),
                                                target["labels"][missing])
-                for k, values in parts.items():
-                    values[missing] = fb[k]
+                parts["cls"][missing] = fb["qfl"]
+                parts["box"][missing] = fb["giou"] + fb["dfl"]
             for k, values in parts.items():
                 out[k].append(values)
         return out
@@ -526,10 +526,10 @@ class GFL(nn.Module):
         boxes: Tensor,
         labels: Tensor,
     ) -> Tensor:
-        parts = self._fallback_loss_parts(head_outputs, anchors, levels, image, boxes, labels)
-        return parts["cls"] + parts["box"]
+        t = self._fallback_loss_terms(head_outputs, anchors, levels, image, boxes, labels)
+        return t["qfl"] + t["giou"] + t["dfl"]  # in this order: the same bits as before the split existed
 
-    def _fallback_loss_parts(
+    def _fallback_loss_terms(
         self,
         head_outputs: dict[str, Tensor],
         anchors: Tensor,
@@ -545,7 +545,7 @@ class GFL(nn.Module):
         centres = (anchors[best, :2] + anchors[best, 2:]) / 2
         bbox, dfl, _, quality = self._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
         qfl = self.qfl_loss(cls_logits, labels, quality)
-        return {"cls": self.qfl_weight * qfl, "box": self.bbox_weight * bbox + self.dfl_weight * dfl}
+        return {"qfl": self.qfl_weight * qfl, "giou": self.bbox_weight * bbox, "dfl": self.dfl_weight * dfl}
 
     def level_losses(self, terms: GFLLossTerms, num_levels: int | None = None) -> Tensor:
         """``[L]``: the total training loss restricted to each level (sums to the total detection loss)."""
