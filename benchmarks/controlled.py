@@ -294,8 +294,10 @@ def _fmt_d(d: dict) -> str:
 
 
 def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | None,
-                   affected: list[bool] | None = None) -> list[str]:
-    """The instance analysis of the teacher: found / missed and, the question here, does w single out the subset?"""
+                   affected: list[bool] | None = None, rest: list[bool] | None = None,
+                   rest_name: str = "rest") -> list[str]:
+    """The instance analysis of the teacher: found / missed and, the question here, does w single out the subset
+    (``affected`` rows) against the ``rest`` rows (default: every other row)?"""
     if summary is None:
         return ["Instance analysis: not available (the teacher did not finish).", ""]
     from aidkd.eval.instances import roc_auc, weight_at
@@ -304,15 +306,18 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
              (f"{summary['instances']} instances; the teacher finds {summary['found']} (IoU above the KITTI threshold "
              f"of the class, score >= {summary.get('score_thresh', 0.3)}); ROC AUC of w, found vs missed: "
              f"{summary['auc_found_vs_missed']:.3f}."), "",
-             (f"| alpha | w range | mean w: found | missed | rest | {subset_class} | rest / {subset_class} "
-             f"| AUC of w, rest vs {subset_class} |"), "|---|---|---|---|---|---|---|---|"]
+             (f"| alpha | w range | mean w: found | missed | {rest_name} | {subset_class} | {rest_name} / "
+              f"{subset_class} | AUC of w, {rest_name} vs {subset_class} |"), "|---|---|---|---|---|---|---|---|"]
     if affected is None:
         affected = [r["class"] == subset_class for r in rows or []]
+    if rest is None:
+        rest = [not f for f in affected]
     for a, s in summary["by_alpha"].items():
         w = [weight_at(float(r["teacher_loss"]), float(a)) for r in rows or []]
-        mr = acc.mean_std([x for x, f in zip(w, affected) if not f])[0]
+        mr = acc.mean_std([x for x, f in zip(w, rest) if f])[0]
         ms = acc.mean_std([x for x, f in zip(w, affected) if f])[0]
-        auc = roc_auc(w, [not f for f in affected]) if rows else math.nan
+        pick = [i for i, (f, g) in enumerate(zip(affected, rest)) if f or g]
+        auc = roc_auc([w[i] for i in pick], [rest[i] for i in pick]) if rows else math.nan
         lines.append(f"| {a} | {s['min']:.2f}-{s['max']:.2f} | {s['mean_found']:.3f} | {s['mean_missed']:.3f} | "
                      f"{mr:.3f} | {ms:.3f} | {mr / ms if ms else math.nan:.2f} | {auc:.3f} |")
     lines += ["", "Per class (configured alpha): " + "; ".join(
@@ -322,7 +327,7 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
 
 
 def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction: str, elapsed,
-             affected: list[bool] | None = None) -> str:
+             affected: list[bool] | None = None, rest: list[bool] | None = None) -> str:
     c = args.subset_class + (f" ({args.subset_view} view)" if args.subset_view else "")
     rest_is = (f"the other {args.subset_class} instances (val labels with the {args.subset_view}-view ones as "
                "DontCare)" if args.subset_view else "the mean over the other classes")
@@ -371,7 +376,8 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               "|---|" + "---|" * len(CLASSES)]
     for name, d in summ["paired"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt_d(d[f"{k}/COCO AP"]) for k in CLASSES) + " |")
-    lines += [""] + analysis_lines(analysis, c, rows, affected)
+    lines += [""] + analysis_lines(analysis, c, rows, affected, rest,
+                                   f"other {args.subset_class}" if args.subset_view else "rest")
     missing = [r["key"] for r in plan if r["key"] not in finished]
     if missing:
         lines += [f"Not run yet (budget or failure): {len(missing)} of {len(plan)}: {', '.join(missing)}", ""]
@@ -471,8 +477,11 @@ def main(argv=None) -> int:
     views = view_metrics(plan, finished, data_dir) if args.subset_view else None
     summ = summarize(plan, finished, args.subset_class, views)
     affected = rows_affected(rows, data_dir / "clean", args.subset_class, args.subset_view)
+    # a view subset is compared with the other instances of its class, a class subset with everything else
+    rest = [(r["class"] == args.subset_class if args.subset_view else True) and not a
+            for r, a in zip(rows or [], affected)]
     md = markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, prediction, time.time() - start,
-                  affected)
+                  affected, rest)
     payload = {"args": {k: v for k, v in vars(args).items()}, "data": info, "profile": prof, "summary": summ,
                "runs": {r["key"]: {**finished[r["key"]], "variant": r["variant"], "seed": r["seed"]}
                         for r in plan if r["key"] in finished}, "failed": failed, "analysis": analysis}

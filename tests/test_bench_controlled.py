@@ -196,3 +196,17 @@ def test_view_subset_metrics_come_from_the_eval_copies(ctl):
     s = ctl.subset_metrics(clean, "Car", views=views)
     assert s["affected"]["COCO AP"] == 5.0 and s["rest"]["COCO AP"] == 30.0  # the other cars
     assert s["Car"]["COCO AP"] == 20.0  # per class: the clean labels
+
+
+def test_analysis_compares_a_view_subset_with_its_own_class(ctl):
+    from aidkd.eval.instances import summarize
+
+    rows = [{"class": "Car", "teacher_loss": 3.0, "found": False, "difficulty": "easy"},   # side view: affected
+            {"class": "Car", "teacher_loss": 1.0, "found": True, "difficulty": "easy"},    # rear view
+            {"class": "Pedestrian", "teacher_loss": 9.0, "found": False, "difficulty": "none"}]
+    lines = ctl.analysis_lines(summarize(rows, 0.1), "Car (side view)", rows, [True, False, False],
+                               [False, True, False], "other Car")
+    row = next(ln for ln in lines if ln.startswith("| 0.1 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4:] == [f"{math.exp(-0.1):.3f}", f"{math.exp(-0.3):.3f}", f"{math.exp(0.2):.2f}", "1.000"]
+    assert "AUC of w, other Car vs Car (side view)" in "\n".join(lines)
