@@ -383,3 +383,31 @@ def test_register_family_subclass_dispatch():
         assert ops.get_ops(m).family == "mine"
     finally:
         ops._REGISTRY.pop(MyRetina)
+
+
+@pytest.mark.parametrize("arch", ["gfl", "retinanet"])
+def test_teacher_loss_parts_sum_to_per_instance(arch):
+    """`aidkd analyze`'s cls / box split: both parts >= 0 and summing to the per-instance loss, also for a box no
+    anchor / location is assigned to (the 2x2 px one, scored by the fallback)."""
+    m = make_model(arch).eval()
+    images, targets = make_batch()
+    targets[0] = {"boxes": torch.cat([targets[0]["boxes"], torch.tensor([[100.0, 5.0, 102.0, 7.0]])]),
+                  "labels": torch.tensor([1, 2, 1, 2])}
+    il, tt = ops.prepare_inputs(m, images, targets)
+    feats = ops.extract_features(m, il)
+    total = ops.teacher_losses(m, il, feats, tt).per_instance
+    parts = ops.teacher_loss_parts(m, il, feats, tt)
+    assert [p.shape for p in parts["cls"]] == [p.shape for p in parts["box"]] == [(4,), (0,)]
+    for c, b, t in zip(parts["cls"], parts["box"], total):
+        assert (c >= 0).all() and (b >= 0).all()
+        assert torch.allclose(c + b, t, rtol=1e-5, atol=1e-6)
+    assert float(parts["box"][0][3]) > 0  # the fallback box got a box part too
+
+
+@pytest.mark.parametrize("arch", ["fcos", "fasterrcnn"])
+def test_teacher_loss_parts_not_provided_says_so(arch):
+    m = make_model(arch).eval()
+    images, targets = make_batch()
+    il, tt = ops.prepare_inputs(m, images, targets)
+    with pytest.raises(NotImplementedError, match="cls / box parts"):
+        ops.teacher_loss_parts(m, il, ops.extract_features(m, il), tt)

@@ -962,6 +962,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_eval
     parts = [f'<section id="overview"><h1>{_e(title)}</h1>{overview}</section>']
     if len(runs) > 1:
         parts.append(_section("comparison", "Comparison", _guard("comparison", lambda: _comparison_html(runs)), 2))
+    if (root / "analysis" / "summary.json").exists():  # written by `aidkd analyze ... --out RUN_DIR/analysis`
+        from aidkd.eval.instances import analysis_html
+
+        parts.append(_section("analysis", "Instance analysis (aidkd analyze): where AID's weights act",
+                              _guard("instance analysis", lambda: analysis_html(root / "analysis")), 2))
     parts += [_run_html(r) for r in runs]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) +

@@ -153,6 +153,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from aidkd.eval.instances import analyze, format_summary
+
+    cfg = _load(args)
+    summary = analyze(cfg, args.teacher, Path(args.out), split=args.split, student=args.student,
+                      score_thresh=args.score_thresh)
+    console.print(format_summary(summary), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"instances.csv, summary.json and weights.png written to {args.out}", markup=False)
+    return 0
+
+
 def _print_metrics(metrics: dict, title: str) -> None:
     from aidkd.eval import format_metrics_table
 
@@ -188,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split of the config's data")
     p.add_argument("--json", help="where to write the metrics (default: beside the checkpoint)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="per-instance teacher losses, AID weights and whether the teacher detects "
+                                       "each instance (CSV, summary, plot): will AID act on this data?")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="teacher model file or Lightning checkpoint")
+    p.add_argument("--student", help="optional student checkpoint: adds its loss and detections per instance")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="dataset split to analyse")
+    p.add_argument("--out", required=True, help="output folder (RUN_DIR/analysis shows up in 'aidkd report')")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="a matching teacher detection counts as found from this score")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("predict", help="write KITTI prediction files or a COCO results json (and drawn images/video)")
     _add_config_args(p)

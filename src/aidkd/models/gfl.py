@@ -491,6 +491,37 @@ class GFL(nn.Module):
             out.append(losses)
         return out
 
+    def instance_loss_parts(
+        self,
+        terms: GFLLossTerms,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+    ) -> dict[str, list[Tensor]]:
+        """:meth:`instance_losses` split in two, per box: ``"cls"`` (``qfl_weight * QFL``) and ``"box"``
+        (``bbox_weight * GIoU + dfl_weight * DFL``), same locations and fallback; ``cls + box`` is
+        :meth:`instance_losses` up to rounding. For analysis (``aidkd analyze``), not used in training."""
+        per_location = {"cls": self.qfl_weight * terms.qfl,
+                        "box": self.bbox_weight * terms.bbox + self.dfl_weight * terms.dfl}
+        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
+        for b, target in enumerate(targets):
+            boxes = target["boxes"]
+            num_boxes = boxes.shape[0]
+            matched = terms.matched_idxs[b]
+            pos = matched >= 0
+            counts = torch.bincount(matched[pos], minlength=num_boxes).to(terms.qfl.dtype)
+            parts = {k: v.new_zeros(num_boxes).index_add_(0, matched[pos], v[b][pos]) / counts.clamp(min=1)
+                     for k, v in per_location.items()}
+            missing = (counts == 0).nonzero().squeeze(1)
+            if missing.numel():
+                fb = self._fallback_loss_terms(head_outputs, anchors[b], terms.levels, b, boxes[missing].float(),
+                                               target["labels"][missing])
+                parts["cls"][missing] = fb["qfl"]
+                parts["box"][missing] = fb["giou"] + fb["dfl"]
+            for k, values in parts.items():
+                out[k].append(values)
+        return out
+
     def _fallback_instance_losses(
         self,
         head_outputs: dict[str, Tensor],
@@ -500,6 +531,18 @@ class GFL(nn.Module):
         boxes: Tensor,
         labels: Tensor,
     ) -> Tensor:
+        t = self._fallback_loss_terms(head_outputs, anchors, levels, image, boxes, labels)
+        return t["qfl"] + t["giou"] + t["dfl"]  # in this order: the same bits as before the split existed
+
+    def _fallback_loss_terms(
+        self,
+        head_outputs: dict[str, Tensor],
+        anchors: Tensor,
+        levels: Tensor,
+        image: int,
+        boxes: Tensor,
+        labels: Tensor,
+    ) -> dict[str, Tensor]:
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)  # [k]
         cls_logits = head_outputs["cls_logits"][image, best].float()
         bbox_regression = head_outputs["bbox_regression"][image, best].float()
@@ -507,7 +550,7 @@ class GFL(nn.Module):
         centres = (anchors[best, :2] + anchors[best, 2:]) / 2
         bbox, dfl, _, quality = self._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
         qfl = self.qfl_loss(cls_logits, labels, quality)
-        return self.qfl_weight * qfl + self.bbox_weight * bbox + self.dfl_weight * dfl
+        return {"qfl": self.qfl_weight * qfl, "giou": self.bbox_weight * bbox, "dfl": self.dfl_weight * dfl}
 
     def level_losses(self, terms: GFLLossTerms, num_levels: int | None = None, positives_only: bool = False
                      ) -> Tensor:
@@ -684,6 +727,12 @@ class GFLOps(DetectorOps):
         per_instance = model.instance_losses(terms, targets, outputs, outputs["anchors"])
         per_level = model.level_losses(terms, num_levels=len(outputs["num_per_level"]), positives_only=True)
         return TeacherLosses(per_instance=per_instance, per_level=per_level)
+
+    @torch.no_grad()
+    def teacher_loss_parts(self, model: GFL, images: ImageList, features, targets, outputs=None
+                           ) -> dict[str, list[Tensor]]:
+        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
+        return model.instance_loss_parts(terms, targets, outputs, outputs["anchors"])
 
     def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)

@@ -91,6 +91,11 @@ class DetectorOps:
                        outputs: dict | None = None) -> TeacherLosses:
         raise NotImplementedError
 
+    def teacher_loss_parts(self, model: nn.Module, images: ImageList, features, targets: list[dict],
+                           outputs: dict | None = None) -> dict[str, list[Tensor]]:
+        """Optional: ``per_instance`` of :meth:`teacher_losses` split into ``{"cls": [...], "box": [...]}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its teacher losses into cls / box parts")
+
     def predict(self, model: nn.Module, images: ImageList, features,
                 outputs: dict | None = None) -> list[dict[str, Tensor]]:
         raise NotImplementedError
@@ -211,6 +216,16 @@ def teacher_losses(model: nn.Module, images: ImageList, features, targets: list[
     with torch.no_grad():
         out = _call(get_ops(model).teacher_losses, _unwrap(model), images, features, targets, outputs=outputs)
     return out if isinstance(out, TeacherLosses) else TeacherLosses(list(out.per_instance), out.per_level)
+
+
+def teacher_loss_parts(model: nn.Module, images: ImageList, features, targets: list[dict],
+                       outputs: dict | None = None) -> dict[str, list[Tensor]]:
+    """The per-instance teacher losses split into their classification and box parts: ``{"cls": [Tensor[N_i]],
+    "box": [Tensor[N_i]]}`` with ``cls + box == teacher_losses(...).per_instance`` (for analysis; GFL and
+    RetinaNet). Raises ``NotImplementedError`` for a family that does not provide the split."""
+    check_targets(targets)
+    with torch.no_grad():
+        return _call(get_ops(model).teacher_loss_parts, _unwrap(model), images, features, targets, outputs=outputs)
 
 
 def predict(model: nn.Module, images: ImageList, features, outputs: dict | None = None) -> list[dict[str, Tensor]]:

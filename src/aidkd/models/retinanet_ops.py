@@ -145,7 +145,26 @@ class RetinaNetOps(DetectorOps):
             per_level = pl if per_level is None else per_level + pl
         return TeacherLosses(per_instance, per_level / max(1, len(targets)))
 
+    def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
+        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
+        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
+        for i, (t, m, c, b) in enumerate(zip(targets, terms.matched_idxs, terms.cls, terms.box)):
+            n = t["boxes"].shape[0]
+            cls, counts = per_instance_mean(c, m, n)
+            box, _ = per_instance_mean(b, m, n)
+            missing = torch.where(counts == 0)[0]
+            if missing.numel():
+                cls, box = cls.clone(), box.clone()
+                cls[missing], box[missing] = self._best_anchor_parts(model, outputs, i, t, missing)
+            out["cls"].append(cls)
+            out["box"].append(box)
+        return out
+
     def _best_anchor_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+        focal, box = self._best_anchor_parts(model, outputs, i, target, which)
+        return focal + box
+
+    def _best_anchor_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
@@ -156,7 +175,7 @@ class RetinaNetOps(DetectorOps):
         reg_head = model.head.regression_head
         box = box_loss_per_element(getattr(reg_head, "_loss_type", "l1"), reg_head.box_coder, anchors[best], boxes,
                                    outputs["bbox_regression"][i][best].float())
-        return focal + box
+        return focal, box
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
