@@ -103,7 +103,7 @@ def test_plan_teacher_on_the_corrupted_copy_students_on_clean(ctl, tmp_path):
     assert all(r["cfg"]["distill"]["aid"]["alpha"] == 1.0 and "_a1_seed" in r["cfg"]["output_dir"] for r in aid)
     assert all(r["key"].endswith(Path(r["cfg"]["output_dir"]).name) for r in plan)
     kd = next(r for r in students if r["variant"] == "kd")
-    assert "_a1" not in kd["key"] and kd["cfg"]["distill"]["loss_scale"] == pytest.approx(0.01)
+    assert "_a1" not in kd["key"] and kd["cfg"]["distill"]["loss_scale"] == pytest.approx(0.001)
     assert kd["cfg"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "runs" / "one-stage" / "teacher" /
                                                                 "model_best.pt")
     order = [(r["variant"], r["seed"]) for r in plan]
