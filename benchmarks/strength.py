@@ -9,7 +9,7 @@ Three measurements, all on generated driving scenes (``aidkd data synth``), teac
 - ``nonlocal``: KD (attention + non-local, at ``--small-scale``) with the teacher-side non-local block trainable
   (the published code) vs frozen, paired by seed.
 - ``transfer``: the paper's weights at loss_scale 1 with the new defaults vs the student alone, at batch 2 and
-  batch 8 (same epochs), paired by seed.
+  batch 8 (same epochs), paired by seed; with ``--transfer-small`` also at ``--small-scale``.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/strength.py --out runs/strength \\
         --families gfl --seeds 0 1 2 --what magnitude nonlocal transfer
@@ -166,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--student-fpn", type=int, default=16)
     ap.add_argument("--student-backbone", default="resnet18", help="e.g. mobilenet_v3_small (the demo's student)")
     ap.add_argument("--small-scale", type=float, default=0.001, help="loss_scale of the non-local ablation")
+    ap.add_argument("--transfer-small", action="store_true",
+                    help="transfer: also KD at --small-scale (the small configs' loss_scale) at each batch size")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     for key in ("num_images", "height", "width"):
@@ -205,6 +207,8 @@ def main(argv=None) -> int:
                 for batch in (2, 8):
                     run(f"student_b{batch}", batch, None)
                     run(f"kd_scale1_b{batch}", batch, distill_section(ckpt, WEIGHTS[arch], 1.0))
+                    if args.transfer_small:
+                        run(f"kd_small_b{batch}", batch, distill_section(ckpt, WEIGHTS[arch], args.small_scale))
         if "magnitude" in args.what and f"{arch}/magnitude" not in results:
             student_ckpt = str(fam_out / f"student_b4_seed{args.seeds[0]}" / "model_best.pt")
             results[f"{arch}/magnitude"] = magnitudes(fam_out, args, arch, ckpt, student_ckpt)
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
                                                     f"{arch}/kd_nl_trainable_seed{{seed}}", s)
         if "transfer" in args.what:
             for batch in (2, 8):
-                for kd in ("scale1",):
+                for kd in ("scale1", "small") if args.transfer_small else ("scale1",):
                     summary[f"kd_{kd}_b{batch}-student_b{batch}"] = paired(
                         results, f"{arch}/kd_{kd}_b{batch}_seed{{seed}}", f"{arch}/student_b{batch}_seed{{seed}}", s)
         results[f"{arch}/summary"] = summary

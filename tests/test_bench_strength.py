@@ -59,3 +59,9 @@ def test_unknown_profile_is_refused(strength, capsys):
     with pytest.raises(SystemExit):
         strength.parse_args(["--profile", "hard"])
     assert "invalid choice: 'hard'" in capsys.readouterr().err
+
+
+def test_transfer_small_is_off_by_default(strength):
+    assert strength.parse_args([]).transfer_small is False
+    args = strength.parse_args(["--transfer-small", "--small-scale", "0.002"])
+    assert args.transfer_small is True and args.small_scale == 0.002
