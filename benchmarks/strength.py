@@ -9,12 +9,16 @@ Three measurements, all on generated driving scenes (``aidkd data synth``), teac
 - ``nonlocal``: KD (attention + non-local, at ``--small-scale``) with the teacher-side non-local block trainable
   (the published code) vs frozen, paired by seed.
 - ``transfer``: the paper's weights at loss_scale 1 with the new defaults vs the student alone, at batch 2 and
-  batch 8 (same epochs), paired by seed.
+  batch 8 (same epochs), paired by seed; with ``--transfer-small`` also at ``--small-scale``.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/strength.py --out runs/strength \\
         --families gfl --seeds 0 1 2 --what magnitude nonlocal transfer
 
-Writes ``<out>/results.json`` and, with ``--markdown``, a table file. Runs are sequential, one torch thread.
+``--profile easy`` uses the demo's easier generated set instead (``aidkd.engine.demo``: cars only, near, few
+objects and distractors, 200 scenes at 96x320) and the demo's schedule (AdamW 2e-3, cosine), where a GFL-R18
+teacher learns to ~20 COCO AP in 5 epochs; ``--profile tiny`` (the default) keeps the first measurement's setting.
+
+Writes ``<out>/results.json``. Runs are sequential, one torch thread.
 """
 from __future__ import annotations
 
@@ -36,15 +40,28 @@ WEIGHTS = {
     "fasterrcnn": [{"name": "attention", "params": {"temperature": 0.5, "am_weight": 4.0e-5, "at_weight": 8.0e-3}},
                    {"name": "nonlocal", "params": {"nl_weight": 4.0e-5}}],
 }
+# Per profile: the generated set, the classes and the training schedule; --num-images/--height/--width override.
+PROFILES = {
+    "tiny": {"num_images": 80, "height": 64, "width": 192, "classes": ["Car", "Pedestrian", "Cyclist"],
+             "synth": {}, "train": {"lr": 1e-3, "warmup_steps": 20}},
+    # the demo's easy profile (src/aidkd/engine/demo.py DEMO_SYNTH) and its schedule
+    "easy": {"num_images": 200, "height": 96, "width": 320, "classes": ["Car"],
+             "synth": {"classes": ["Car"], "min_t": 0.3, "max_objects": 6, "clutter": 3},
+             "train": {"lr": 2e-3, "scheduler": "cosine", "warmup_steps": 30}},
+}
 RCNN_SMALL = {"anchor_size": 16, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
               "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 128}
 
 
-def data_section(out: Path, num_images: int, height: int, width: int, batch: int) -> dict:
-    return {"format": "synth", "root": str(out / "data"), "min_size": height, "max_size": width,
-            "batch_size": batch, "hflip": 0.5,
-            "synth": {"num_images": num_images, "seed": 0, "width": width, "height": height, "hard_fraction": 0.2,
-                      "mislabel_fraction": 0.05}}
+def data_section(out: Path, num_images: int, height: int, width: int, batch: int, profile: str = "tiny") -> dict:
+    prof = PROFILES[profile]
+    section = {"format": "synth", "root": str(out / "data"), "min_size": height, "max_size": width,
+               "batch_size": batch, "hflip": 0.5,
+               "synth": {"num_images": num_images, "seed": 0, "width": width, "height": height, "hard_fraction": 0.2,
+                         "mislabel_fraction": 0.05, **prof["synth"]}}
+    if profile != "tiny":  # the tiny profile's configs stay byte-identical to the first measurement's
+        section["classes"] = list(prof["classes"])
+    return section
 
 
 def model_section(arch: str, backbone: str, fpn: int) -> dict:
@@ -55,8 +72,8 @@ def model_section(arch: str, backbone: str, fpn: int) -> dict:
 def run_config(name: str, out: Path, args, arch: str, seed: int, epochs: int, batch: int, model: dict,
                distill: dict | None) -> dict:
     return {"name": name, "output_dir": str(out / name), "seed": seed,
-            "data": data_section(out, args.num_images, args.height, args.width, batch), "model": model,
-            "train": {"epochs": epochs, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 20,
+            "data": data_section(out, args.num_images, args.height, args.width, batch, args.profile), "model": model,
+            "train": {"epochs": epochs, "optimizer": "adamw", "weight_decay": 1e-4, **PROFILES[args.profile]["train"],
                       "grad_clip": 10.0, "val_every": epochs, "log_every": 10, "progress_bar": False},
             "distill": distill}
 
@@ -98,7 +115,7 @@ def magnitudes(out: Path, args, arch: str, teacher_ckpt: str, student_ckpt: str)
     from aidkd.engine.model_io import load_detector
 
     root = out / "data"
-    classes = ["Car", "Pedestrian", "Cyclist"]
+    classes = PROFILES[args.profile]["classes"]
     ds = DetectionDataset(load_kitti_records(root, "train"), classes, min_size=args.height, max_size=args.width,
                           train=False)
     rows = {}
@@ -130,23 +147,37 @@ def paired(results: dict, variant: str, reference: str, seeds: list[int], metric
             "wins": sum(d > 0 for d in diffs), "n": len(diffs), "diffs": diffs}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --num-images/--height/--width filled from the profile where not given."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "strength")
     ap.add_argument("--families", nargs="+", default=["gfl"], choices=sorted(WEIGHTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--what", nargs="+", default=["magnitude", "nonlocal", "transfer"],
                     choices=["magnitude", "nonlocal", "transfer"])
-    ap.add_argument("--num-images", type=int, default=80, help="generated scenes (80 %% train)")
-    ap.add_argument("--height", type=int, default=64)
-    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
+                    help="generated set and schedule: tiny (first measurement) or easy (the demo's)")
+    ap.add_argument("--num-images", type=int, default=None, help="generated scenes (80 %% train); default per profile")
+    ap.add_argument("--height", type=int, default=None, help="default per profile (tiny 64, easy 96)")
+    ap.add_argument("--width", type=int, default=None, help="default per profile (tiny 192, easy 320)")
     ap.add_argument("--teacher-epochs", type=int, default=12)
     ap.add_argument("--student-epochs", type=int, default=4)
     ap.add_argument("--teacher-fpn", type=int, default=32)
     ap.add_argument("--student-fpn", type=int, default=16)
+    ap.add_argument("--student-backbone", default="resnet18", help="e.g. mobilenet_v3_small (the demo's student)")
     ap.add_argument("--small-scale", type=float, default=0.001, help="loss_scale of the non-local ablation")
+    ap.add_argument("--transfer-small", action="store_true",
+                    help="transfer: also KD at --small-scale (the small configs' loss_scale) at each batch size")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    for key in ("num_images", "height", "width"):
+        if getattr(args, key) is None:
+            setattr(args, key, PROFILES[args.profile][key])
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
@@ -158,7 +189,7 @@ def main(argv=None) -> int:
                              model_section(arch, "resnet18", args.teacher_fpn), None)
         train_once(teacher, results, f"{arch}/teacher", results_file)
         ckpt = str(fam_out / "teacher" / "model_best.pt")
-        student_model = model_section(arch, "resnet18", args.student_fpn)
+        student_model = model_section(arch, args.student_backbone, args.student_fpn)
         for seed in args.seeds:
             def run(name, batch, distill, *, _arch=arch, _seed=seed, _out=fam_out, _model=student_model):
                 key = f"{_arch}/{name}_seed{_seed}"
@@ -176,6 +207,8 @@ def main(argv=None) -> int:
                 for batch in (2, 8):
                     run(f"student_b{batch}", batch, None)
                     run(f"kd_scale1_b{batch}", batch, distill_section(ckpt, WEIGHTS[arch], 1.0))
+                    if args.transfer_small:
+                        run(f"kd_small_b{batch}", batch, distill_section(ckpt, WEIGHTS[arch], args.small_scale))
         if "magnitude" in args.what and f"{arch}/magnitude" not in results:
             student_ckpt = str(fam_out / f"student_b4_seed{args.seeds[0]}" / "model_best.pt")
             results[f"{arch}/magnitude"] = magnitudes(fam_out, args, arch, ckpt, student_ckpt)
@@ -192,7 +225,7 @@ def main(argv=None) -> int:
                                                     f"{arch}/kd_nl_trainable_seed{{seed}}", s)
         if "transfer" in args.what:
             for batch in (2, 8):
-                for kd in ("scale1",):
+                for kd in ("scale1", "small") if args.transfer_small else ("scale1",):
                     summary[f"kd_{kd}_b{batch}-student_b{batch}"] = paired(
                         results, f"{arch}/kd_{kd}_b{batch}_seed{{seed}}", f"{arch}/student_b{batch}_seed{{seed}}", s)
         results[f"{arch}/summary"] = summary

@@ -102,7 +102,7 @@ def test_module_custom_plan_and_validation():
 
 
 def test_teacher_block_is_frozen_by_default():
-    """The ablation (benchmarks/results/strength_cpu) favoured a frozen teacher-side block: it is the default."""
+    """The ablations (benchmarks/results/strength_cpu, strength_cpu_easy) favoured a frozen teacher-side block."""
     module = NonLocalDistill(8, 16, 3)
     assert module.train_teacher_block is False
     assert not any(p.requires_grad for p in module.teacher_blocks.parameters())
