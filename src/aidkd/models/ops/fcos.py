@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from aidkd.models.ops import (
+from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     anchor_focal_terms,
-    ignore_background,
-    ignore_boxes_of,
     level_index,
     per_instance_mean,
+)
+from aidkd.models.targets import (
+    ignore_background,
+    ignore_boxes_of,
 )
 
 

@@ -29,14 +29,16 @@ from torchvision.ops import (
     sigmoid_focal_loss,
 )
 
-from aidkd.models.ops import (
+from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     anchor_focal_terms,
-    ignore_background,
-    ignore_boxes_of,
     level_index,
     per_instance_mean,
+)
+from aidkd.models.targets import (
+    ignore_background,
+    ignore_boxes_of,
 )
 
 
@@ -136,7 +138,7 @@ class RetinaNetOps(DetectorOps):
             missing = torch.where(counts == 0)[0]
             if missing.numel():
                 means = means.clone()
-                means[missing] = self._best_anchor_loss(model, outputs, i, t, missing)
+                means[missing] = self._fallback_loss(model, outputs, i, t, missing)
             per_instance.append(means)
             lvl = level_index(terms.num_per_level, total.device)
             nfg = (m >= 0).sum().clamp(min=1).to(total.dtype)
@@ -155,16 +157,16 @@ class RetinaNetOps(DetectorOps):
             missing = torch.where(counts == 0)[0]
             if missing.numel():
                 cls, box = cls.clone(), box.clone()
-                cls[missing], box[missing] = self._best_anchor_parts(model, outputs, i, t, missing)
+                cls[missing], box[missing] = self._fallback_parts(model, outputs, i, t, missing)
             out["cls"].append(cls)
             out["box"].append(box)
         return out
 
-    def _best_anchor_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
-        focal, box = self._best_anchor_parts(model, outputs, i, target, which)
+    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+        focal, box = self._fallback_parts(model, outputs, i, target, which)
         return focal + box
 
-    def _best_anchor_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
+    def _fallback_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
