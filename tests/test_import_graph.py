@@ -56,7 +56,7 @@ def _cycles(modules: list[str]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["aidkd.models"])
+@pytest.mark.parametrize("package", ["aidkd.models", "aidkd.data", "aidkd"])
 def test_no_import_circles(package):
     assert _cycles([m for m in MODULES if m == package or m.startswith(package + ".")]) == []
 
