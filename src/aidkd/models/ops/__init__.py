@@ -119,7 +119,7 @@ def detection_losses(model: nn.Module, images: ImageList, features, targets: lis
 
 def teacher_losses(model: nn.Module, images: ImageList, features, targets: list[dict],
                    outputs: dict | None = None) -> TeacherLosses:
-    """Per-instance and per-level teacher losses (method.md §3), computed under ``torch.no_grad()``."""
+    """Per-instance and per-level teacher losses (docs/method.md §3), computed under ``torch.no_grad()``."""
     check_targets(targets)
     with torch.no_grad():
         out = _call(get_ops(model).teacher_losses, unwrap_model(model), images, features, targets, outputs=outputs)

@@ -7,7 +7,7 @@ and the batch loss is the mean over images. ``loss_terms`` keeps the per-anchor 
 classes; box loss), so that
 
 * ``detection_losses`` reduces them exactly like torchvision;
-* the teacher's loss of box k is the mean over the anchors matched to k of (focal + box loss) (method.md §3); a box
+* the teacher's loss of box k is the mean over the anchors matched to k of (focal + box loss) (docs/method.md §3); a box
   with no matched anchor (possible only when its best anchor is taken by another box that overlaps it more) gets
   the loss of its best-IoU anchor treated as matched to it;
 * the per-level loss is the loss of each level's *positive* anchors (focal + box), normalised like the detector (by
