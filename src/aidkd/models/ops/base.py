@@ -81,6 +81,16 @@ class DetectorOps:
                 outputs: dict | None = None) -> list[dict[str, Tensor]]:
         raise NotImplementedError
 
+    def _postprocess_by_level(self, model: nn.Module, images: ImageList, features, outputs: dict | None,
+                              keys: tuple[str, ...]) -> list[dict[str, Tensor]]:
+        """``model.postprocess_detections`` on head outputs ``keys`` and anchors split per level (torchvision's
+        RetinaNet / FCOS layout, which GFL follows)."""
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        split = outputs["num_per_level"]
+        head = {k: list(outputs[k].split(split, dim=1)) for k in keys}
+        anchors = [list(a.split(split)) for a in outputs["anchors"]]
+        return model.postprocess_detections(head, anchors, images.image_sizes)
+
     # A box that no anchor / location was assigned to still needs a finite teacher loss: each family's
     # ``_fallback_loss(model, outputs, i, target, which, ...)`` scores boxes ``which`` of image ``i`` at the anchor /
     # location that would have been assigned (see the family module's docstring for which one).

@@ -183,8 +183,4 @@ class FCOSOps(DetectorOps):
         return focal + giou + ctr
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
-        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        split = outputs["num_per_level"]
-        head = {k: list(outputs[k].split(split, dim=1)) for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
-        anchors = [list(a.split(split)) for a in outputs["anchors"]]
-        return model.postprocess_detections(head, anchors, images.image_sizes)
+        return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression", "bbox_ctrness"))
