@@ -4,7 +4,8 @@ import torch
 from torchvision.ops import box_iou
 
 from aidkd.models import ops
-from aidkd.models.gfl import GFL, GFLOps, build_gfl
+from aidkd.models.gfl import GFL, build_gfl
+from aidkd.models.ops.gfl import GFLOps
 
 H, W = 96, 128
 NUM_CLASSES = 4  # background + 3 classes
@@ -103,7 +104,7 @@ def test_a_few_sgd_steps_reduce_the_loss():
         image_list, tt = ops.prepare_inputs(model, [img], [target])
         terms, outputs = GFLOps().loss_terms(model, image_list, ops.extract_features(model, image_list), tt)
         pos = terms.matched_idxs >= 0
-        per_box = model.instance_losses(terms, tt, outputs, outputs["anchors"])[0]
+        per_box = GFLOps().instance_losses(model, terms, tt, outputs, outputs["anchors"])[0]
         history.append((terms.bbox[pos].mean().item(), terms.dfl[pos].mean().item(), per_box.mean().item()))
         loss = sum(model.reduce_loss_terms(terms).values())
         opt.zero_grad()

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from aidkd.models import build_detector, ops
-from aidkd.models.fcos_ops import FCOSOps
-from aidkd.models.rcnn_ops import FasterRCNNOps
-from aidkd.models.retinanet_ops import RetinaNetOps
+from aidkd.models.ops.fcos import FCOSOps
+from aidkd.models.ops.rcnn import FasterRCNNOps
+from aidkd.models.ops.retinanet import RetinaNetOps
 
 H, W = 96, 128
 ARCHS = ["retinanet", "fcos", "fasterrcnn"]

@@ -1,5 +1,5 @@
 """Data: KITTI / COCO readers, the detection dataset, dataset checks and the synthetic driving-scene generator."""
-from .check import ScanResult, check_dataset, combine_errors, sort_errors
+from .check import check_dataset
 from .coco import (
     TRAFFIC_CLASSES_11,
     TRAFFIC_CLASSES_13,
@@ -28,6 +28,7 @@ from .kitti import (
     split_stems,
     write_kitti_label_file,
 )
+from .scan import ScanResult, combine_errors, sort_errors
 from .structures import DatasetError, ImageRecord, ObjectAnnotation
 from .synth import generate_synth, render_scene
 from .transforms import resize_image, resize_scale, resize_tensor, resized_size

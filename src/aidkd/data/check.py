@@ -4,60 +4,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 
-from .structures import DatasetError, ImageRecord
+from .coco import scan_coco
+from .dataset import validate_records
+from .kitti import scan_kitti
+from .structures import DatasetError
 
-__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "check_dataset", "combine_errors", "dataset_summary", "format_summary",
-           "sort_errors"]
-
-MAX_LISTED_ERRORS = 20
-
-
-@dataclass
-class ScanResult:
-    """What a reader found: records (bad objects already dropped), every error, and the indices (into
-    ``records``) of records that had any label error (loaders leave those images out)."""
-
-    records: list[ImageRecord] = field(default_factory=list)
-    errors: list[DatasetError] = field(default_factory=list)
-    bad: set[int] = field(default_factory=set)
-    class_names: list[str] = field(default_factory=list)  # COCO: the selected categories, in label order
-
-    def good_records(self) -> list[ImageRecord]:
-        return [r for i, r in enumerate(self.records) if i not in self.bad]
-
-
-def sort_errors(errors: list[DatasetError]) -> list[DatasetError]:
-    """Stable order for reports: by file, then line, then json location (order of discovery kept otherwise)."""
-    return sorted(errors, key=lambda e: (e.file or "", e.line if e.line is not None else -1))
-
-
-def combine_errors(errors: list[DatasetError], what: str = "dataset",
-                   limit: int | None = MAX_LISTED_ERRORS, file: str | Path | None = None) -> DatasetError:
-    """One :class:`DatasetError` summarising ``errors`` (the first ``limit`` listed as ``file:line: message``;
-    ``None``: all). Its headline names ``file`` when given (e.g. the dataset root), else the first problem's place.
-
-    A single error is returned unchanged. The full list is kept on the result as ``.problems``.
-    """
-    if not errors:
-        raise ValueError("combine_errors needs at least one error")
-    if len(errors) == 1:
-        err = errors[0]
-        if not hasattr(err, "problems"):
-            err.problems = [err]
-        return err
-    limit = len(errors) if limit is None else limit
-    lines = [f"  {e.format()}" for e in errors[:limit]]
-    if len(errors) > limit:
-        lines.append(f"  ... and {len(errors) - limit} more (run `aidkd data check` to list all)")
-    first = errors[0]
-    msg = f"{len(errors)} problems in {what}:\n" + "\n".join(lines)
-    err = (DatasetError(msg, file=file) if file is not None
-           else DatasetError(msg, file=first.file, line=first.line, location=first.location))
-    err.problems = list(errors)
-    return err
+__all__ = ["check_dataset", "dataset_summary", "format_summary"]
 
 
 def _dedup(errors: list[DatasetError]) -> list[DatasetError]:
@@ -82,10 +37,6 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     including its size against the declared ``width``/``height``.
     ``fmt="auto"`` picks coco for a ``.json`` path, kitti otherwise.
     """
-    from .coco import scan_coco
-    from .dataset import validate_records
-    from .kitti import scan_kitti
-
     path = Path(root_or_json)
     if fmt == "auto":
         fmt = "coco" if path.suffix.lower() == ".json" else "kitti"
@@ -103,11 +54,6 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
 def dataset_summary(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None) -> dict:
     """What a dataset holds, for ``aidkd data check``'s last lines: ``images``, ``images_without_boxes`` and
     ``boxes`` per class name (crowd regions counted under ``<name> (crowd)``), from the labels alone."""
-    from collections import Counter
-
-    from .coco import scan_coco
-    from .kitti import scan_kitti
-
     path = Path(root_or_json)
     if fmt == "auto":
         fmt = "coco" if path.suffix.lower() == ".json" else "kitti"

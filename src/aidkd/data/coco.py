@@ -12,8 +12,8 @@ import logging
 import math
 from pathlib import Path
 
-from .check import ScanResult, combine_errors
-from .structures import DatasetError, ImageRecord, ObjectAnnotation
+from .scan import ScanResult, combine_errors
+from .structures import BOX_TOLERANCE, DatasetError, ImageRecord, ObjectAnnotation
 
 __all__ = [
     "TRAFFIC_CLASSES_11",
@@ -29,7 +29,6 @@ __all__ = [
 
 log = logging.getLogger("aidkd.data")
 
-BOX_TOLERANCE = 1.0
 #: An image is kept in COCO-traffic when it contains any of these.
 TRAFFIC_KEEP_IMAGE_CLASSES = ("bicycle", "car", "motorcycle", "bus", "train", "truck", "traffic light",
                               "fire hydrant", "stop sign")

@@ -8,16 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .check import combine_errors, sort_errors
 from .images import check_image, image_to_tensor, read_image
 from .kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
-from .structures import DatasetError, ImageRecord
+from .scan import combine_errors, sort_errors
+from .structures import BOX_TOLERANCE, DatasetError, ImageRecord
 from .transforms import clip_boxes, hflip_boxes, hflip_image, resize_tensor, scale_boxes
 
 __all__ = ["DetectionDataset", "collate_fn", "validate_record", "validate_records"]
 
 log = logging.getLogger("aidkd.data")
-BOX_TOLERANCE = 1.0
 
 
 def validate_record(record: ImageRecord, check_images: bool = True, decode: bool = False,

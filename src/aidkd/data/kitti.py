@@ -18,9 +18,9 @@ import math
 import random
 from pathlib import Path
 
-from .check import ScanResult, combine_errors, sort_errors
 from .images import read_image_size
-from .structures import DatasetError, ImageRecord, ObjectAnnotation
+from .scan import ScanResult, combine_errors, sort_errors
+from .structures import BOX_TOLERANCE, DatasetError, ImageRecord, ObjectAnnotation
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,8 +48,6 @@ KITTI_DEFAULT_IGNORE = ("Van", "Truck", "Person_sitting", "Tram", "Misc", "DontC
 KITTI_FIELDS = ("type", "truncated", "occluded", "alpha", "x1", "y1", "x2", "y2", "h", "w", "l", "x", "y", "z",
                 "rotation_y", "score")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-#: Boxes may exceed the image by this many pixels (KITTI boxes are clipped to the image).
-BOX_TOLERANCE = 1.0
 _DONTCARE_EXTRA = (-1.0, -1.0, -1.0, -1000.0, -1000.0, -1000.0, -10.0)
 
 

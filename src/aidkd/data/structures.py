@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Boxes may exceed the image by this many pixels before they are an error (KITTI boxes are clipped to the image).
+BOX_TOLERANCE = 1.0
+
 
 class DatasetError(ValueError):
     """A problem in a dataset, located precisely: ``file`` and, where it applies, ``line`` (1-based) or a json path.

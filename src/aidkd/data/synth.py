@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .kitti import format_kitti_line, split_stems
+from .kitti import KITTI_DEFAULT_CLASSES, format_kitti_line, split_stems
 from .structures import DatasetError, ObjectAnnotation
 
 __all__ = ["SYNTH_CLASS_PROBS", "generate_synth", "occlusion_level", "render_scene"]
 
 #: Class frequencies of generated (non-DontCare-group) objects.
 SYNTH_CLASS_PROBS = {"Car": 0.50, "Pedestrian": 0.22, "Cyclist": 0.14, "Van": 0.08, "Truck": 0.06}
-POSITIVE = ("Car", "Pedestrian", "Cyclist")
+POSITIVE = KITTI_DEFAULT_CLASSES
 # object dims in metres: (height, width (rear view), length (side view))
 _DIMS = {
     "Car": ((1.40, 1.62), (1.60, 1.85), (3.8, 4.7)),

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from aidkd.engine.model_io import save_model_file
+from aidkd.eval.evaluator import PRIMARY_METRIC
 
 log = logging.getLogger("aidkd.engine")
 
@@ -23,7 +24,7 @@ class ExportModel(L.Callback):
     These hold the student detector alone (no teacher, no distillation modules) and load with ``aidkd eval``.
     """
 
-    def __init__(self, out_dir: str | Path, monitor: str = "coco/AP"):
+    def __init__(self, out_dir: str | Path, monitor: str = PRIMARY_METRIC):
         self.out_dir = Path(out_dir)
         self.monitor = monitor
         self.best = -float("inf")

@@ -16,9 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-KITTI_CLASSES = ["Car", "Pedestrian", "Cyclist"]
-KITTI_IGNORE = ["Van", "Truck", "Person_sitting", "Tram", "Misc", "DontCare"]
-
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -116,7 +113,6 @@ class TeacherConfig:
     checkpoint: str | None = None  # aidkd model file or Lightning checkpoint of a trained teacher
     arch: str | None = None  # defaults from the checkpoint's metadata
     backbone: str | None = None
-    fpn_channels: int | None = None
 
 
 @dataclass
@@ -140,7 +136,7 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     methods: list[MethodConfig] = field(default_factory=list)
     aid: AIDConfig = field(default_factory=AIDConfig)
-    # Multiplies every distillation term. method.md's weights were tuned for 256-channel FPNs on full-resolution,
+    # Multiplies every distillation term. docs/method.md's weights were tuned for 256-channel FPNs on full-resolution,
     # ImageNet-initialised models; small from-scratch students need them lower (benchmarks/results/strength_cpu:
     # about 1/1000 with the default loss forms, i.e. 1/100 of the published forms).
     loss_scale: float = 1.0

@@ -8,7 +8,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from aidkd.data import DetectionDataset, collate_fn, generate_synth, load_coco_records, load_kitti_records
-from aidkd.engine.config import KITTI_CLASSES, KITTI_IGNORE, DataConfig
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
+from aidkd.engine.config import DataConfig
 
 log = logging.getLogger("aidkd.data")
 
@@ -79,8 +80,8 @@ def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
             _, names = load_coco_records(cfg.train_ann or cfg.val_ann, cfg.train_images or cfg.val_images, None)
             return names, []
         return list(cfg.classes), []
-    return list(cfg.classes or KITTI_CLASSES), list(cfg.ignore_classes if cfg.ignore_classes is not None
-                                                   else KITTI_IGNORE)
+    return list(cfg.classes or KITTI_DEFAULT_CLASSES), list(cfg.ignore_classes if cfg.ignore_classes is not None
+                                                   else KITTI_DEFAULT_IGNORE)
 
 
 def load_records(cfg: DataConfig, split: str, classes: list[str]):

@@ -22,6 +22,9 @@ log = logging.getLogger("aidkd.engine")
 LARGE_LOSS_SCALE = 100.0  # above this, distill.loss_scale is almost surely a typo (warned)
 
 
+#: Validation metrics are logged as ``val/<evaluator key>`` (e.g. ``val/coco/AP``).
+VAL_PREFIX = "val/"
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -81,7 +84,7 @@ class DetectionTask(L.LightningModule):
         aid = AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha) if d.aid.enabled else None
         if d.loss_scale > LARGE_LOSS_SCALE:
             log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
-                        "the detection loss (method.md's weights are tuned at 1; small students need ~0.01)",
+                        "the detection loss (docs/method.md's weights are tuned at 1; small students need ~0.01)",
                         d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
@@ -258,7 +261,7 @@ class DetectionTask(L.LightningModule):
         self.last_metrics = metrics
         self.validated_step = self.global_step
         for k, v in metrics.items():
-            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=True)
+            self.log(f"{VAL_PREFIX}{k}", float(v), sync_dist=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -16,7 +16,7 @@ from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
 from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
 from aidkd.engine.model_io import load_detector
-from aidkd.engine.module import DetectionTask
+from aidkd.engine.module import VAL_PREFIX, DetectionTask
 from aidkd.engine.run_folder import (
     RunFolderLock,
     check_run_folder,
@@ -25,6 +25,7 @@ from aidkd.engine.run_folder import (
     remove_partial_files,
     resolve_resume,
 )
+from aidkd.eval.evaluator import PRIMARY_METRIC
 from aidkd.models.checkpoint import CheckpointError
 
 log = logging.getLogger("aidkd.engine")
@@ -52,7 +53,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
     ckpt_dir = out_dir / "checkpoints"
     callbacks = [
         # only after a validation (saving at a train epoch end without one warns that val/coco/AP is missing)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/coco/AP", mode="max", save_top_k=1,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=VAL_PREFIX + PRIMARY_METRIC, mode="max", save_top_k=1,
                         every_n_epochs=1, save_on_train_epoch_end=False),
         LastCheckpoint(ckpt_dir),
         ExportModel(out_dir),
@@ -132,14 +133,14 @@ def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:
     """Write checkpoints/best.ckpt after a run whose only validation came after training (a short train.max_steps
     run), or whose final validation beats the best one: the run folder always holds a best.ckpt."""
     mc = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-    if mc is None or "coco/AP" not in metrics or trainer.interrupted:
+    if mc is None or PRIMARY_METRIC not in metrics or trainer.interrupted:
         return
     best = Path(mc.dirpath) / f"{mc.filename}.ckpt"
     score = mc.best_model_score  # the same on every rank, unlike a look at the file system
-    if score is not None and float(score) >= metrics["coco/AP"]:
+    if score is not None and float(score) >= metrics[PRIMARY_METRIC]:
         return
     trainer.save_checkpoint(best, weights_only=False)
-    mc.best_model_path, mc.best_model_score = str(best), torch.tensor(float(metrics["coco/AP"]))
+    mc.best_model_path, mc.best_model_score = str(best), torch.tensor(float(metrics[PRIMARY_METRIC]))
 
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict:
@@ -155,11 +156,3 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict
     dm.val_set = ds
     trainer.validate(task, dataloaders=dm.val_dataloader(), verbose=False)
     return dict(task.last_metrics)
-
-
-@torch.no_grad()
-def predict_images(model: torch.nn.Module, images: list[torch.Tensor], score_thresh: float = 0.05) -> list[dict]:
-    """Detections for a list of CHW [0,1] tensors, boxes in those tensors' pixels."""
-    model.eval()
-    out = model(images)
-    return [{k: v[p["scores"] >= score_thresh] for k, v in p.items()} for p in out]

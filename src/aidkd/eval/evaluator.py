@@ -21,6 +21,10 @@ def _to_np(x: Any, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+#: The headline metric (the key in ``DetectionEvaluator.compute()``); training logs it as ``val/coco/AP``
+#: (``aidkd.engine.module.VAL_PREFIX``) and keeps the best checkpoint by it.
+PRIMARY_METRIC = "coco/AP"
+
 class DetectionEvaluator:
     """Collects per-image predictions and computes flat metrics (percent).
 

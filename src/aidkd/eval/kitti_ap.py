@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES
 from aidkd.data.structures import ObjectAnnotation
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 DIFFICULTIES = ("easy", "moderate", "hard")
-KITTI_CLASSES = ("Car", "Pedestrian", "Cyclist")
+KITTI_CLASSES = KITTI_DEFAULT_CLASSES  # the classes the KITTI benchmark evaluates
 MIN_HEIGHT = (40, 25, 25)  # minimum box height (px) of evaluated gts and detections
 MAX_OCCLUSION = (0, 1, 2)  # maximum occlusion level of evaluated gts
 MAX_TRUNCATION = (0.15, 0.3, 0.5)  # maximum truncation of evaluated gts

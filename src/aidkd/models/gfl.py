@@ -14,7 +14,7 @@ loss weights QFL 1, GIoU 2, DFL 0.25; at test time score threshold 0.05, 1000 ca
 
 Losses go through explicit ``matched_idxs`` (:meth:`GFL.compute_loss_terms`) so that the training loss, the
 per-instance teacher losses used by Adaptive Instance Distillation and the per-level losses are reductions of the
-same per-location numbers (:class:`GFLOps`).
+same per-location numbers (:class:`aidkd.models.ops.gfl.GFLOps`).
 """
 from __future__ import annotations
 
@@ -41,18 +41,15 @@ from aidkd.models.gfl_losses import (
     distance2bbox,
     integral,
 )
-from aidkd.models.ops import (
+from aidkd.models.targets import (
     BETWEEN_THRESHOLDS,
-    DetectorOps,
-    TeacherLosses,
     check_targets,
     ignore_background,
     ignore_boxes_of,
     prepare_inputs,
-    register_family,
 )
 
-__all__ = ["GFL", "GFLHead", "GFLLossTerms", "GFLOps", "Scale", "build_gfl"]
+__all__ = ["GFL", "GFLHead", "GFLLossTerms", "Scale", "build_gfl"]
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 
@@ -144,7 +141,7 @@ class GFLLossTerms:
     """Unreduced GFL losses, one value per (image, location); ``A`` = locations of all levels, finest first.
 
     The training loss (:meth:`GFL.reduce_loss_terms`), the per-instance teacher losses and the per-level losses
-    (:meth:`GFL.instance_losses`, :meth:`GFL.level_losses`) are all reductions of these tensors.
+    (:meth:`GFLOps.instance_losses`, :meth:`GFLOps.level_losses`) are all reductions of these tensors.
     """
 
     matched_idxs: Tensor  # Int64[B, A]: assigned box index, -1 background, -2 ignored background
@@ -453,112 +450,6 @@ class GFL(nn.Module):
     ) -> dict[str, Tensor]:
         return self.reduce_loss_terms(self.compute_loss_terms(targets, head_outputs, anchors, num_anchors_per_level))
 
-    def location_losses(self, terms: GFLLossTerms) -> Tensor:
-        """``[B, A]`` weighted QFL + GIoU + DFL of each location (no score weighting; GIoU/DFL are 0 off positives)."""
-        return self.qfl_weight * terms.qfl + self.bbox_weight * terms.bbox + self.dfl_weight * terms.dfl
-
-    def instance_losses(
-        self,
-        terms: GFLLossTerms,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-    ) -> list[Tensor]:
-        """Per box: the mean of :meth:`location_losses` over the locations assigned to it.
-
-        The batch loss weights GIoU and DFL by the predicted score and divides by the sum of scores; that is a
-        normaliser, not a measure of how well the box is predicted (a low score would *lower* the loss), so it is left
-        out here: each location counts ``qfl_weight * QFL + bbox_weight * GIoU + dfl_weight * DFL``.
-
-        A box no location is assigned to (tiny, or lost every conflict) is scored at the anchor overlapping it most,
-        taken as a positive for it, so that every box gets a finite loss.
-        """
-        totals = self.location_losses(terms)
-        out = []
-        for b, target in enumerate(targets):
-            boxes = target["boxes"]
-            num_boxes = boxes.shape[0]
-            matched = terms.matched_idxs[b]
-            pos = matched >= 0
-            sums = totals.new_zeros(num_boxes).index_add_(0, matched[pos], totals[b][pos])
-            counts = torch.bincount(matched[pos], minlength=num_boxes).to(sums.dtype)
-            losses = sums / counts.clamp(min=1)
-            missing = (counts == 0).nonzero().squeeze(1)
-            if missing.numel():
-                losses[missing] = self._fallback_instance_losses(
-                    head_outputs, anchors[b], terms.levels, b, boxes[missing].float(), target["labels"][missing]
-                )
-            out.append(losses)
-        return out
-
-    def instance_loss_parts(
-        self,
-        terms: GFLLossTerms,
-        targets: list[dict[str, Tensor]],
-        head_outputs: dict[str, Tensor],
-        anchors: list[Tensor],
-    ) -> dict[str, list[Tensor]]:
-        """:meth:`instance_losses` split in two, per box: ``"cls"`` (``qfl_weight * QFL``) and ``"box"``
-        (``bbox_weight * GIoU + dfl_weight * DFL``), same locations and fallback; ``cls + box`` is
-        :meth:`instance_losses` up to rounding. For analysis (``aidkd analyze``), not used in training."""
-        per_location = {"cls": self.qfl_weight * terms.qfl,
-                        "box": self.bbox_weight * terms.bbox + self.dfl_weight * terms.dfl}
-        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
-        for b, target in enumerate(targets):
-            boxes = target["boxes"]
-            num_boxes = boxes.shape[0]
-            matched = terms.matched_idxs[b]
-            pos = matched >= 0
-            counts = torch.bincount(matched[pos], minlength=num_boxes).to(terms.qfl.dtype)
-            parts = {k: v.new_zeros(num_boxes).index_add_(0, matched[pos], v[b][pos]) / counts.clamp(min=1)
-                     for k, v in per_location.items()}
-            missing = (counts == 0).nonzero().squeeze(1)
-            if missing.numel():
-                fb = self._fallback_loss_terms(head_outputs, anchors[b], terms.levels, b, boxes[missing].float(),
-                                               target["labels"][missing])
-                parts["cls"][missing] = fb["qfl"]
-                parts["box"][missing] = fb["giou"] + fb["dfl"]
-            for k, values in parts.items():
-                out[k].append(values)
-        return out
-
-    def _fallback_instance_losses(
-        self,
-        head_outputs: dict[str, Tensor],
-        anchors: Tensor,
-        levels: Tensor,
-        image: int,
-        boxes: Tensor,
-        labels: Tensor,
-    ) -> Tensor:
-        t = self._fallback_loss_terms(head_outputs, anchors, levels, image, boxes, labels)
-        return t["qfl"] + t["giou"] + t["dfl"]  # in this order: the same bits as before the split existed
-
-    def _fallback_loss_terms(
-        self,
-        head_outputs: dict[str, Tensor],
-        anchors: Tensor,
-        levels: Tensor,
-        image: int,
-        boxes: Tensor,
-        labels: Tensor,
-    ) -> dict[str, Tensor]:
-        best = box_ops.box_iou(boxes, anchors).argmax(dim=1)  # [k]
-        cls_logits = head_outputs["cls_logits"][image, best].float()
-        bbox_regression = head_outputs["bbox_regression"][image, best].float()
-        strides = torch.tensor(self.anchor_strides, dtype=torch.float32, device=anchors.device)[levels[best]]
-        centres = (anchors[best, :2] + anchors[best, 2:]) / 2
-        bbox, dfl, _, quality = self._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
-        qfl = self.qfl_loss(cls_logits, labels, quality)
-        return {"qfl": self.qfl_weight * qfl, "giou": self.bbox_weight * bbox, "dfl": self.dfl_weight * dfl}
-
-    def level_losses(self, terms: GFLLossTerms, num_levels: int | None = None, positives_only: bool = False
-                     ) -> Tensor:
-        """``[L]``: the total training loss restricted to each level (sums to the total detection loss), or with
-        ``positives_only`` its positive locations' part."""
-        return torch.stack(list(self.level_loss_terms(terms, num_levels, positives_only).values())).sum(dim=0)
-
-    # ------------------------------------------------------------------ inference
     def postprocess_detections(
         self,
         head_outputs: dict[str, list[Tensor]],
@@ -688,58 +579,3 @@ def build_gfl(
         frozen_bn=frozen_bn,
     )
     return GFL(body, num_classes, min_size=min_size, max_size=max_size, **kwargs)
-
-
-# ---------------------------------------------------------------------- uniform ops for distillation
-class GFLOps(DetectorOps):
-    """GFL's implementation of :mod:`aidkd.models.ops` (registered for :class:`GFL` on import).
-
-    ``images`` is the model's transformed :class:`ImageList`; ``targets`` are in its pixels. Everything derives from
-    :meth:`GFL.compute_loss_terms`:
-
-    - ``detection_losses``: :meth:`GFL.reduce_loss_terms`, equal to ``model(images, targets)`` in train mode;
-    - ``teacher_losses``: per box, the mean over its assigned locations of ``QFL + 2 GIoU + 0.25 DFL`` (the loss
-      weights, without the score weighting that only normalises the batch loss; see :meth:`GFL.instance_losses`);
-      per level, the training loss of that level's *positive* locations (the negatives' QFL left out), normalised
-      like the detector, so level AID measures how well the teacher fits the objects, as in the other families.
-    """
-
-    family = "gfl"
-
-    def head_outputs(self, model: GFL, images: ImageList, features) -> dict:
-        feats = list(features.values())
-        out = model.head(feats)
-        anchors, num_per_level = model.anchors(images, feats)
-        return {**out, "anchors": anchors, "num_per_level": num_per_level}
-
-    def loss_terms(self, model: GFL, images: ImageList, features, targets, outputs=None) -> tuple[GFLLossTerms, dict]:
-        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        terms = model.compute_loss_terms(targets, outputs, outputs["anchors"], outputs["num_per_level"])
-        return terms, outputs
-
-    def detection_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> dict[str, Tensor]:
-        terms, _ = self.loss_terms(model, images, features, targets, outputs)
-        return model.reduce_loss_terms(terms)
-
-    @torch.no_grad()
-    def teacher_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> TeacherLosses:
-        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        per_instance = model.instance_losses(terms, targets, outputs, outputs["anchors"])
-        per_level = model.level_losses(terms, num_levels=len(outputs["num_per_level"]), positives_only=True)
-        return TeacherLosses(per_instance=per_instance, per_level=per_level)
-
-    @torch.no_grad()
-    def teacher_loss_parts(self, model: GFL, images: ImageList, features, targets, outputs=None
-                           ) -> dict[str, list[Tensor]]:
-        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        return model.instance_loss_parts(terms, targets, outputs, outputs["anchors"])
-
-    def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:
-        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        split = outputs["num_per_level"]
-        head = {k: list(outputs[k].split(split, dim=1)) for k in ("cls_logits", "bbox_regression")}
-        anchors = [list(a.split(split)) for a in outputs["anchors"]]
-        return model.postprocess_detections(head, anchors, images.image_sizes)
-
-
-register_family(GFL, GFLOps())

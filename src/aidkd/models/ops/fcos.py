@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from aidkd.models.ops import (
+from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     anchor_focal_terms,
-    ignore_background,
-    ignore_boxes_of,
     level_index,
     per_instance_mean,
+)
+from aidkd.models.targets import (
+    ignore_background,
+    ignore_boxes_of,
 )
 
 
@@ -181,8 +183,4 @@ class FCOSOps(DetectorOps):
         return focal + giou + ctr
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
-        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        split = outputs["num_per_level"]
-        head = {k: list(outputs[k].split(split, dim=1)) for k in ("cls_logits", "bbox_regression", "bbox_ctrness")}
-        anchors = [list(a.split(split)) for a in outputs["anchors"]]
-        return model.postprocess_detections(head, anchors, images.image_sizes)
+        return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression", "bbox_ctrness"))

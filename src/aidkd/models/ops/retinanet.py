@@ -7,7 +7,7 @@ and the batch loss is the mean over images. ``loss_terms`` keeps the per-anchor 
 classes; box loss), so that
 
 * ``detection_losses`` reduces them exactly like torchvision;
-* the teacher's loss of box k is the mean over the anchors matched to k of (focal + box loss) (method.md §3); a box
+* the teacher's loss of box k is the mean over the anchors matched to k of (focal + box loss) (docs/method.md §3); a box
   with no matched anchor (possible only when its best anchor is taken by another box that overlaps it more) gets
   the loss of its best-IoU anchor treated as matched to it;
 * the per-level loss is the loss of each level's *positive* anchors (focal + box), normalised like the detector (by
@@ -29,14 +29,16 @@ from torchvision.ops import (
     sigmoid_focal_loss,
 )
 
-from aidkd.models.ops import (
+from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     anchor_focal_terms,
-    ignore_background,
-    ignore_boxes_of,
     level_index,
     per_instance_mean,
+)
+from aidkd.models.targets import (
+    ignore_background,
+    ignore_boxes_of,
 )
 
 
@@ -136,7 +138,7 @@ class RetinaNetOps(DetectorOps):
             missing = torch.where(counts == 0)[0]
             if missing.numel():
                 means = means.clone()
-                means[missing] = self._best_anchor_loss(model, outputs, i, t, missing)
+                means[missing] = self._fallback_loss(model, outputs, i, t, missing)
             per_instance.append(means)
             lvl = level_index(terms.num_per_level, total.device)
             nfg = (m >= 0).sum().clamp(min=1).to(total.dtype)
@@ -155,16 +157,16 @@ class RetinaNetOps(DetectorOps):
             missing = torch.where(counts == 0)[0]
             if missing.numel():
                 cls, box = cls.clone(), box.clone()
-                cls[missing], box[missing] = self._best_anchor_parts(model, outputs, i, t, missing)
+                cls[missing], box[missing] = self._fallback_parts(model, outputs, i, t, missing)
             out["cls"].append(cls)
             out["box"].append(box)
         return out
 
-    def _best_anchor_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
-        focal, box = self._best_anchor_parts(model, outputs, i, target, which)
+    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+        focal, box = self._fallback_parts(model, outputs, i, target, which)
         return focal + box
 
-    def _best_anchor_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
+    def _fallback_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
@@ -178,8 +180,4 @@ class RetinaNetOps(DetectorOps):
         return focal, box
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
-        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        split = outputs["num_per_level"]
-        head = {k: list(outputs[k].split(split, dim=1)) for k in ("cls_logits", "bbox_regression")}
-        anchors = [list(a.split(split)) for a in outputs["anchors"]]
-        return model.postprocess_detections(head, anchors, images.image_sizes)
+        return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))

@@ -28,16 +28,18 @@ from torch import Tensor
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
-from aidkd.models.ops import (
-    BELOW_LOW_THRESHOLD,
-    BETWEEN_THRESHOLDS,
+from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
+    level_index,
+    per_instance_mean,
+)
+from aidkd.models.targets import (
+    BELOW_LOW_THRESHOLD,
+    BETWEEN_THRESHOLDS,
     box_centres,
     centres_in_boxes,
     ignore_boxes_of,
-    level_index,
-    per_instance_mean,
 )
 
 SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
@@ -209,7 +211,7 @@ class FasterRCNNOps(DetectorOps):
             missing = torch.where(counts == 0)[0]
             if missing.numel():
                 rpn_mean = rpn_mean.clone()
-                rpn_mean[missing] = self._best_anchor_loss(model, outputs, i, t, missing)
+                rpn_mean[missing] = self._fallback_loss(model, outputs, i, t, missing)
             roi_total = roi.cls[i] + roi.box[i]
             roi_idx = torch.where(roi.labels[i] > 0, roi.matched_idxs[i], torch.full_like(roi.matched_idxs[i], -1))
             roi_mean, _ = per_instance_mean(roi_total, roi_idx, n)
@@ -227,7 +229,7 @@ class FasterRCNNOps(DetectorOps):
         roi_n = sum(int((lab > 0).sum()) for lab in roi.labels)
         return TeacherLosses(per_instance, per_level / max(1, n_pos) + roi_sum / max(1, roi_n))
 
-    def _best_anchor_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
         rpn = model.rpn
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which].to(anchors.dtype)

@@ -1,0 +1,60 @@
+"""What the readers return and how their errors are reported: ``ScanResult``, ``combine_errors``, ``sort_errors``.
+
+Low-level: the readers (``kitti``, ``coco``) and ``dataset`` import this; ``check`` (which runs the readers) is
+built on top, so nothing here imports a reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .structures import DatasetError, ImageRecord
+
+__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors"]
+
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass
+class ScanResult:
+    """What a reader found: records (bad objects already dropped), every error, and the indices (into
+    ``records``) of records that had any label error (loaders leave those images out)."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    errors: list[DatasetError] = field(default_factory=list)
+    bad: set[int] = field(default_factory=set)
+    class_names: list[str] = field(default_factory=list)  # COCO: the selected categories, in label order
+
+    def good_records(self) -> list[ImageRecord]:
+        return [r for i, r in enumerate(self.records) if i not in self.bad]
+
+
+def sort_errors(errors: list[DatasetError]) -> list[DatasetError]:
+    """Stable order for reports: by file, then line, then json location (order of discovery kept otherwise)."""
+    return sorted(errors, key=lambda e: (e.file or "", e.line if e.line is not None else -1))
+
+
+def combine_errors(errors: list[DatasetError], what: str = "dataset",
+                   limit: int | None = MAX_LISTED_ERRORS, file: str | Path | None = None) -> DatasetError:
+    """One :class:`DatasetError` summarising ``errors`` (the first ``limit`` listed as ``file:line: message``;
+    ``None``: all). Its headline names ``file`` when given (e.g. the dataset root), else the first problem's place.
+
+    A single error is returned unchanged. The full list is kept on the result as ``.problems``.
+    """
+    if not errors:
+        raise ValueError("combine_errors needs at least one error")
+    if len(errors) == 1:
+        err = errors[0]
+        if not hasattr(err, "problems"):
+            err.problems = [err]
+        return err
+    limit = len(errors) if limit is None else limit
+    lines = [f"  {e.format()}" for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more (run `aidkd data check` to list all)")
+    first = errors[0]
+    msg = f"{len(errors)} problems in {what}:\n" + "\n".join(lines)
+    err = (DatasetError(msg, file=file) if file is not None
+           else DatasetError(msg, file=first.file, line=first.line, location=first.location))
+    err.problems = list(errors)
+    return err

@@ -1,0 +1,129 @@
+"""The contract every detector family implements (``DetectorOps``), and the family-independent pieces they share.
+
+Imports no family (like torchvision's ``detection/_utils.py``): ``aidkd.models.ops`` registers the families, the
+family modules import this. Target checks, input preparation and the ignore rule live in ``aidkd.models.targets``
+(the model files need them too).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from aidkd.models.targets import BETWEEN_THRESHOLDS
+
+
+def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tensor:
+    """Sigmoid focal loss per anchor / location (summed over classes), 0 where the matcher said "ignore".
+
+    ``matched`` holds a ground-truth index for positives, -1 for background and ``BETWEEN_THRESHOLDS`` for ignored.
+    Shared by the RetinaNet and FCOS ops, whose classification losses differ only in normalisation.
+    """
+    from torchvision.ops import sigmoid_focal_loss
+
+    fg = matched >= 0
+    gt = torch.zeros_like(logits)
+    gt[fg, labels[matched[fg]]] = 1.0
+    focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
+    return torch.where(matched != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal))
+
+
+class TeacherLosses(NamedTuple):
+    """The teacher's own detection loss, not reduced over instances.
+
+    per_instance: one Tensor[N_i] per image, aligned with ``targets[i]["boxes"]`` (finite, >= 0).
+    per_level: Tensor[L], the loss attributed to each FPN level for the whole batch (see each family's docs).
+    """
+
+    per_instance: list[Tensor]
+    per_level: Tensor
+
+
+class DetectorOps:
+    """What every detector family provides. Subclasses implement the head-dependent methods.
+
+    ``outputs`` (from ``head_outputs``) may be passed to ``detection_losses`` / ``teacher_losses`` / ``predict`` so
+    that the head runs once; when omitted it is computed.
+    """
+
+    family = "base"
+
+    def extract_features(self, model: nn.Module, images: ImageList) -> OrderedDict[str, Tensor]:
+        feats = model.backbone(images.tensors)
+        if isinstance(feats, Tensor):
+            feats = OrderedDict([("0", feats)])
+        return feats
+
+    def feature_strides(self, images: ImageList, features: OrderedDict[str, Tensor]) -> list[int]:
+        return feature_strides(images, features)
+
+    def head_outputs(self, model: nn.Module, images: ImageList, features) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def detection_losses(self, model: nn.Module, images: ImageList, features, targets: list[dict],
+                         outputs: dict | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def teacher_losses(self, model: nn.Module, images: ImageList, features, targets: list[dict],
+                       outputs: dict | None = None) -> TeacherLosses:
+        raise NotImplementedError
+
+    def teacher_loss_parts(self, model: nn.Module, images: ImageList, features, targets: list[dict],
+                           outputs: dict | None = None) -> dict[str, list[Tensor]]:
+        """Optional: ``per_instance`` of :meth:`teacher_losses` split into ``{"cls": [...], "box": [...]}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its teacher losses into cls / box parts")
+
+    def predict(self, model: nn.Module, images: ImageList, features,
+                outputs: dict | None = None) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def _postprocess_by_level(self, model: nn.Module, images: ImageList, features, outputs: dict | None,
+                              keys: tuple[str, ...]) -> list[dict[str, Tensor]]:
+        """``model.postprocess_detections`` on head outputs ``keys`` and anchors split per level (torchvision's
+        RetinaNet / FCOS layout, which GFL follows)."""
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        split = outputs["num_per_level"]
+        head = {k: list(outputs[k].split(split, dim=1)) for k in keys}
+        anchors = [list(a.split(split)) for a in outputs["anchors"]]
+        return model.postprocess_detections(head, anchors, images.image_sizes)
+
+    # A box that no anchor / location was assigned to still needs a finite teacher loss: each family's
+    # ``_fallback_loss(model, outputs, i, target, which, ...)`` scores boxes ``which`` of image ``i`` at the anchor /
+    # location that would have been assigned (see the family module's docstring for which one).
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def feature_strides(images: ImageList, features) -> list[int]:
+    """Nominal stride (a power of two) of each feature level w.r.t. the input tensor.
+
+    Equals the anchor generator's stride whenever the padded input size is divisible by the level's stride (always
+    true up to P5 with torchvision's ``size_divisible=32``); for P6/P7 of inputs not divisible by 64/128, torchvision's
+    anchors use ``size // feature_size`` instead, while the conv geometry is still the power of two returned here.
+    """
+    tensor = images.tensors if isinstance(images, ImageList) else images
+    H, W = tensor.shape[-2:]
+    out = []
+    for f in (features.values() if isinstance(features, dict) else features):
+        h, w = f.shape[-2:]
+        ratio = max(H / max(h, 1), W / max(w, 1))
+        out.append(int(2 ** round(math.log2(max(ratio, 1.0)))))
+    return out
+
+
+def level_index(num_per_level: list[int], device) -> Tensor:
+    """Int64[sum(num_per_level)]: the FPN level of each flattened anchor/location."""
+    return torch.repeat_interleave(torch.arange(len(num_per_level), device=device),
+                                   torch.as_tensor(num_per_level, device=device))
+
+
+def per_instance_mean(values: Tensor, matched_idxs: Tensor, num_instances: int) -> tuple[Tensor, Tensor]:
+    """Mean of ``values`` over the elements matched to each instance; returns (means Float[N], counts Int64[N])."""
+    pos = matched_idxs >= 0
+    idx = matched_idxs[pos]
+    sums = values.new_zeros(num_instances).index_add(0, idx, values[pos])
+    counts = torch.bincount(idx, minlength=num_instances)[:num_instances]
+    return sums / counts.clamp(min=1).to(values.dtype), counts

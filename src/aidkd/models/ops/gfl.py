@@ -1,0 +1,144 @@
+"""GFL's implementation of the detector ops, and the teacher-loss reductions that only distillation uses.
+
+Everything derives from :meth:`aidkd.models.gfl.GFL.compute_loss_terms` (per-location QFL, GIoU, DFL):
+
+- ``detection_losses``: :meth:`GFL.reduce_loss_terms`, equal to ``model(images, targets)`` in train mode;
+- ``teacher_losses``: per box, the mean over its assigned locations of ``QFL + 2 GIoU + 0.25 DFL`` (the loss
+  weights, without the score weighting that only normalises the batch loss; see :meth:`GFLOps.instance_losses`);
+  per level, the training loss of that level's *positive* locations (the negatives' QFL left out), normalised
+  like the detector, so level AID measures how well the teacher fits the objects, as in the other families.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import boxes as box_ops
+
+from aidkd.models.gfl import GFL, GFLLossTerms
+from aidkd.models.ops.base import DetectorOps, TeacherLosses, per_instance_mean
+
+
+class GFLOps(DetectorOps):
+    """The :class:`DetectorOps` of :class:`GFL` (``images`` is the model's transformed :class:`ImageList`;
+    ``targets`` are in its pixels)."""
+
+    family = "gfl"
+
+    def head_outputs(self, model: GFL, images: ImageList, features) -> dict:
+        feats = list(features.values())
+        out = model.head(feats)
+        anchors, num_per_level = model.anchors(images, feats)
+        return {**out, "anchors": anchors, "num_per_level": num_per_level}
+
+    def loss_terms(self, model: GFL, images: ImageList, features, targets, outputs=None) -> tuple[GFLLossTerms, dict]:
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        terms = model.compute_loss_terms(targets, outputs, outputs["anchors"], outputs["num_per_level"])
+        return terms, outputs
+
+    def detection_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> dict[str, Tensor]:
+        terms, _ = self.loss_terms(model, images, features, targets, outputs)
+        return model.reduce_loss_terms(terms)
+
+    @torch.no_grad()
+    def teacher_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> TeacherLosses:
+        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
+        per_instance = self.instance_losses(model, terms, targets, outputs, outputs["anchors"])
+        per_level = self.level_losses(model, terms, num_levels=len(outputs["num_per_level"]), positives_only=True)
+        return TeacherLosses(per_instance=per_instance, per_level=per_level)
+
+    @torch.no_grad()
+    def teacher_loss_parts(self, model: GFL, images: ImageList, features, targets, outputs=None
+                           ) -> dict[str, list[Tensor]]:
+        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
+        return self.instance_loss_parts(model, terms, targets, outputs, outputs["anchors"])
+
+    def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:
+        return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))
+
+    # ------------------------------------------------------------------ teacher-loss reductions
+    @staticmethod
+    def location_losses(model: GFL, terms: GFLLossTerms) -> Tensor:
+        """``[B, A]`` weighted QFL + GIoU + DFL of each location (no score weighting; GIoU/DFL are 0 off positives)."""
+        return model.qfl_weight * terms.qfl + model.bbox_weight * terms.bbox + model.dfl_weight * terms.dfl
+
+    def instance_losses(
+        self,
+        model: GFL,
+        terms: GFLLossTerms,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+    ) -> list[Tensor]:
+        """Per box: the mean of :meth:`location_losses` over the locations assigned to it.
+
+        The batch loss weights GIoU and DFL by the predicted score and divides by the sum of scores; that is a
+        normaliser, not a measure of how well the box is predicted (a low score would *lower* the loss), so it is left
+        out here: each location counts ``qfl_weight * QFL + bbox_weight * GIoU + dfl_weight * DFL``.
+
+        A box no location is assigned to (tiny, or lost every conflict) is scored at the anchor overlapping it most,
+        taken as a positive for it (:meth:`_fallback_loss`), so that every box gets a finite loss.
+        """
+        totals = self.location_losses(model, terms)
+        out = []
+        for b, target in enumerate(targets):
+            losses, counts = per_instance_mean(totals[b], terms.matched_idxs[b], target["boxes"].shape[0])
+            missing = (counts == 0).nonzero().squeeze(1)
+            if missing.numel():
+                losses[missing] = self._fallback_loss(model, head_outputs, b, target, missing, anchors[b], terms.levels)
+            out.append(losses)
+        return out
+
+    def instance_loss_parts(
+        self,
+        model: GFL,
+        terms: GFLLossTerms,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+    ) -> dict[str, list[Tensor]]:
+        """:meth:`instance_losses` split in two, per box: ``"cls"`` (``qfl_weight * QFL``) and ``"box"``
+        (``bbox_weight * GIoU + dfl_weight * DFL``), same locations and fallback; ``cls + box`` is
+        :meth:`instance_losses` up to rounding. For analysis (``aidkd analyze``), not used in training."""
+        per_location = {"cls": model.qfl_weight * terms.qfl,
+                        "box": model.bbox_weight * terms.bbox + model.dfl_weight * terms.dfl}
+        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
+        for b, target in enumerate(targets):
+            num_boxes = target["boxes"].shape[0]
+            parts, counts = {}, None
+            for k, v in per_location.items():
+                parts[k], counts = per_instance_mean(v[b], terms.matched_idxs[b], num_boxes)
+            missing = (counts == 0).nonzero().squeeze(1)
+            if missing.numel():
+                fb = self._fallback_parts(model, head_outputs, b, target, missing, anchors[b], terms.levels)
+                parts["cls"][missing] = fb["qfl"]
+                parts["box"][missing] = fb["giou"] + fb["dfl"]
+            for k, values in parts.items():
+                out[k].append(values)
+        return out
+
+    def _fallback_loss(self, model: GFL, outputs: dict, i: int, target: dict, which: Tensor,
+                       anchors: Tensor, levels: Tensor) -> Tensor:
+        t = self._fallback_parts(model, outputs, i, target, which, anchors, levels)
+        return t["qfl"] + t["giou"] + t["dfl"]  # in this order: the same bits as before the split existed
+
+    @staticmethod
+    def _fallback_parts(model: GFL, outputs: dict, i: int, target: dict, which: Tensor,
+                        anchors: Tensor, levels: Tensor) -> dict[str, Tensor]:
+        """The weighted QFL / GIoU / DFL of boxes ``which`` of image ``i`` at the anchor overlapping each most."""
+        boxes, labels = target["boxes"][which].float(), target["labels"][which]
+        best = box_ops.box_iou(boxes, anchors).argmax(dim=1)  # [k]
+        cls_logits = outputs["cls_logits"][i, best].float()
+        bbox_regression = outputs["bbox_regression"][i, best].float()
+        strides = torch.tensor(model.anchor_strides, dtype=torch.float32, device=anchors.device)[levels[best]]
+        centres = (anchors[best, :2] + anchors[best, 2:]) / 2
+        bbox, dfl, _, quality = model._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
+        qfl = model.qfl_loss(cls_logits, labels, quality)
+        return {"qfl": model.qfl_weight * qfl, "giou": model.bbox_weight * bbox, "dfl": model.dfl_weight * dfl}
+
+    @staticmethod
+    def level_losses(model: GFL, terms: GFLLossTerms, num_levels: int | None = None, positives_only: bool = False
+                     ) -> Tensor:
+        """``[L]``: the total training loss restricted to each level (sums to the total detection loss), or with
+        ``positives_only`` its positive locations' part."""
+        return torch.stack(list(model.level_loss_terms(terms, num_levels, positives_only).values())).sum(dim=0)

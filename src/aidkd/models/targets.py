@@ -1,0 +1,104 @@
+"""Targets and ignore regions as every detector (and its ops) sees them: checks, input preparation, the ignore rule.
+
+Shared by the model files (``aidkd.models.gfl``) and the detector ops (``aidkd.models.ops``); imports neither, so
+the models can use it without an import circle. Public through ``aidkd.models.ops`` as well.
+
+Ignore regions (``target["ignore_boxes"]``, Float[M, 4] in input-tensor pixels): an anchor / location / RPN anchor /
+RoI proposal that the detector's own matcher leaves as *background* and whose **centre lies inside an ignore box**
+(borders included) becomes "ignored" (torchvision's ``BETWEEN_THRESHOLDS``, or label -1 for the samplers): it is
+neither positive nor negative, so it adds no classification loss and is never sampled. Positives are never changed.
+The centre rule was chosen over IoU because ignore regions (KITTI DontCare, crowds) are often much larger than the
+anchors inside them, whose IoU with the region is then tiny.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import resize_boxes
+
+BELOW_LOW_THRESHOLD = -1  # background (torchvision Matcher)
+BETWEEN_THRESHOLDS = -2  # ignored (torchvision Matcher)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DDP / DataParallel wrappers (the model itself when unwrapped)."""
+    # torch.compile wraps in OptimizedModule (._orig_mod); DDP/DataParallel in .module
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else None)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def prepare_inputs(model: nn.Module, images: list[Tensor], targets: list[dict] | None = None
+                   ) -> tuple[ImageList, list[dict] | None]:
+    """``model.transform(images, targets)``, plus ``ignore_boxes`` rescaled like ``boxes``.
+
+    torchvision's transform resizes ``boxes`` only; when the dataset already resized the image (the aidkd
+    convention) the scale is 1 and this changes nothing, otherwise the ignore boxes would be in the wrong pixels.
+    """
+    model = unwrap_model(model)
+    sizes = [tuple(img.shape[-2:]) for img in images]
+    image_list, out = model.transform(images, targets)
+    if out is not None:
+        for t, old, new in zip(out, sizes, image_list.image_sizes):
+            ign = t.get("ignore_boxes")
+            if isinstance(ign, Tensor) and ign.numel() and tuple(old) != tuple(new):
+                t["ignore_boxes"] = resize_boxes(ign.reshape(-1, 4).float(), old, new)
+    return image_list, out
+
+
+def check_targets(targets: list[dict]) -> None:
+    """Shape/consistency checks (torchvision's forward makes the same ones); raises ValueError."""
+    if targets is None:
+        raise ValueError("targets are required to compute losses")
+    for i, t in enumerate(targets):
+        boxes = t.get("boxes")
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: 'boxes' must be a Float[N, 4] tensor, got "
+                             f"{getattr(boxes, 'shape', type(boxes))}")
+        labels = t.get("labels")
+        if not isinstance(labels, Tensor) or labels.shape[0] != boxes.shape[0]:
+            raise ValueError(f"target {i}: 'labels' must be an Int64[N] tensor with N = {boxes.shape[0]}")
+        if boxes.numel():
+            bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+            if bool(bad.any()):
+                j = int(torch.where(bad)[0][0])
+                raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} has no positive width and height")
+
+
+def ignore_boxes_of(target: dict) -> Tensor | None:
+    ign = target.get("ignore_boxes")
+    if not isinstance(ign, Tensor) or ign.numel() == 0:
+        return None
+    return ign.reshape(-1, 4)
+
+
+def centres_in_boxes(points: Tensor, boxes: Tensor, chunk: int = 65536) -> Tensor:
+    """Bool[A]: whether each point (Float[A, 2], x y) lies inside any of ``boxes`` (Float[M, 4], borders count)."""
+    out = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+    if boxes.numel() == 0 or points.numel() == 0:
+        return out
+    boxes = boxes.to(points)
+    for s in range(0, points.shape[0], chunk):
+        p = points[s:s + chunk]
+        x, y = p[:, 0:1], p[:, 1:2]
+        inside = (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])
+        out[s:s + chunk] = inside.any(dim=1)
+    return out
+
+
+def box_centres(boxes: Tensor) -> Tensor:
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+
+def ignore_background(matched_idxs: Tensor, anchors: Tensor, ignore_boxes: Tensor | None) -> Tensor:
+    """Matched indices with background (``-1``) entries centred inside an ignore box set to ``-2`` (ignored)."""
+    if ignore_boxes is None:
+        return matched_idxs
+    inside = centres_in_boxes(box_centres(anchors), ignore_boxes)
+    return torch.where((matched_idxs == BELOW_LOW_THRESHOLD) & inside,
+                       torch.full_like(matched_idxs, BETWEEN_THRESHOLDS), matched_idxs)
