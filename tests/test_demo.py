@@ -119,6 +119,9 @@ def test_reuse_and_fresh(tmp_path, monkeypatch):
         return metrics
 
     monkeypatch.setattr("aidkd.engine.run.train", fake_train)
+    monkeypatch.setattr("aidkd.engine.demo.analyze_teacher", lambda raw, out_dir: {
+        "instances": 2, "found": 1, "score_thresh": 0.3, "alpha": 0.1, "mean_w_found": 0.9, "mean_w_missed": 0.8,
+        "auc": 1.0, "folder": str(out_dir)})  # the fake teacher file cannot be analysed
     out = tmp_path / "demo"
     first = run_demo(out, quick=True)
     assert calls == ["teacher", "student", "kd", "kd_aid"] and not first["teacher"]["reused"]
@@ -168,8 +171,14 @@ def test_quick_demo_writes_the_table(tmp_path, capsys):
     assert s["instances"] == sum(o.cls == "Car" for r in records for o in r.objects) > 0
     assert 0.0 < s["min"] <= s["mean"] <= s["max"] <= 1.0
     assert sum(v["instances"] for v in s["by_kind"].values()) == s["instances"]
+    # the teacher's findings on the validation split (aidkd analyze): every val instance counted once
+    a = results["kd_aid"]["teacher_analysis"]
+    val = load_kitti_records(data_folder(tmp_path, quick=True), "val")
+    assert a["instances"] == sum(o.cls == "Car" for r in val for o in r.objects) > 0
+    assert 0 <= a["found"] <= a["instances"] and (tmp_path / "kd_aid" / "analysis" / "instances.csv").exists()
     printed = capsys.readouterr().out
     assert f"aidkd report {tmp_path}" in printed.replace("\n", "") and "results.md" in printed
+    assert f"the teacher finds {a['found']} of the {a['instances']} validation instances" in printed
     # a second run reuses the teacher and, deterministic for the seed, gives the students the same numbers
     again = run_demo(tmp_path, quick=True)
     assert again["teacher"]["reused"] and same(again["teacher"]["metrics"], results["teacher"]["metrics"])

@@ -187,6 +187,26 @@ def aid_summary_text(s: dict) -> str:
     return text
 
 
+def analyze_teacher(raw: dict, out_dir: Path) -> dict:
+    """``aidkd analyze`` of the KD + AID run's teacher on the validation split: how many instances it finds, and the
+    AID weights (at the run's alpha) of the found vs the missed ones."""
+    from aidkd.eval.instances import analyze
+
+    cfg = config_from_dict(raw)
+    s = analyze(cfg, cfg.distill.teacher.checkpoint, out_dir, split="val")
+    at = next(v for a, v in s["by_alpha"].items() if float(a) == s["alpha"])
+    return {"instances": s["instances"], "found": s["found"], "score_thresh": s["score_thresh"], "alpha": s["alpha"],
+            "mean_w_found": at["mean_found"], "mean_w_missed": at["mean_missed"], "auc": s["auc_found_vs_missed"],
+            "folder": str(out_dir)}
+
+
+def teacher_analysis_text(a: dict) -> str:
+    return (f"the teacher finds {a['found']} of the {a['instances']} validation instances (a same-class detection "
+            f"above the KITTI IoU, score >= {a['score_thresh']:g}); AID weight (alpha {a['alpha']:g}) of found "
+            f"{a['mean_w_found']:.3f} vs missed {a['mean_w_missed']:.3f}, ROC AUC {a['auc']:.3f} "
+            f"(aidkd analyze, in {a['folder']})")
+
+
 def _config_text(raw: dict) -> str:
     """What ``train`` writes to the run's config.yaml for ``raw`` (as ``dump_config`` does)."""
     return yaml.safe_dump(config_from_dict(raw).to_dict(), sort_keys=False)
@@ -234,14 +254,17 @@ def run_demo(out: Path, quick: bool = False, arch: str = "gfl", fresh: bool = Fa
         results[name] = {"metrics": metrics, "seconds": time.time() - t0, "reused": False}
     data_root = Path(cfgs["teacher"]["data"]["root"])
     results["kd_aid"]["aid_weights"] = summarize_aid(aid_log, data_root, DEMO_CLASSES)
+    results["kd_aid"]["teacher_analysis"] = analyze_teacher(cfgs["kd_aid"], out / "kd_aid" / "analysis")
     table = results_table(results, row_names(cfgs), DEMO_CLASSES)
+    aid_text = (aid_summary_text(results["kd_aid"]["aid_weights"]) + "\n"
+                + teacher_analysis_text(results["kd_aid"]["teacher_analysis"]))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(table + "\n\n" + aid_summary_text(results["kd_aid"]["aid_weights"]) + "\n")
+    (out / "results.md").write_text(table + "\n\n" + aid_text + "\n")
     console.rule("[bold]aidkd demo results (validation split of the generated set)")
     console.print(f"classes: {', '.join(DEMO_CLASSES)} (the demo generates only cars: the class a teacher learns "
                   "from random weights in a few CPU minutes)", highlight=False)
     console.print(table, markup=False, highlight=False, soft_wrap=True)  # soft_wrap: table rows stay whole
-    console.print(aid_summary_text(results["kd_aid"]["aid_weights"]), markup=False, highlight=False)
+    console.print(aid_text, markup=False, highlight=False)
     console.print(f"total {time.time() - start:.0f} s", highlight=False)
     console.print(f"wrote {out / 'results.md'}, {out / 'results.json'}; per run (teacher, student, kd, kd_aid) "
                   f"under {out}/<run>/: model_best.pt, config.yaml, final_metrics.json, TensorBoard logs (tb/); "
