@@ -538,8 +538,11 @@ def teacher_analysis(plan: list[dict], results_dir: Path, args) -> tuple[dict | 
         return None, None
     student_cfg = copy.deepcopy(next(r for r in plan if r["variant"] == "kd_aid_instance")["cfg"])
     out = results_dir / "analysis"
-    summary = analyze(config_from_dict(student_cfg), ckpt, out, split="val")
-    return json.loads(portable(json.dumps(summary, default=float))), read_csv(out / "instances.csv")
+    analyze(config_from_dict(student_cfg), ckpt, out, split="val")
+    # committed results name no machine path: the summary file is rewritten with repository-relative paths
+    text = portable((out / "summary.json").read_text(encoding="utf-8"))
+    (out / "summary.json").write_text(text, encoding="utf-8")
+    return json.loads(text), read_csv(out / "instances.csv")
 
 
 if __name__ == "__main__":
