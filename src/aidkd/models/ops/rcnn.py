@@ -45,6 +45,13 @@ from aidkd.models.targets import (
 SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
 
 
+
+def _sampled_means(sampled: list[Tensor], *per_image_terms: list[Tensor]) -> list[Tensor]:
+    """Each term summed over the sampled anchors / RoIs of every image, divided by their total count (torchvision's
+    RPN and RoI-head reduction)."""
+    n = max(1, int(sum(int(s.sum()) for s in sampled)))
+    return [torch.stack([(t * s).sum() for t, s in zip(terms, sampled)]).sum() / n for terms in per_image_terms]
+
 @dataclass
 class RPNTerms:
     matched_idxs: list[Tensor]  # Int64[A]: >= 0 matched box, -1 background, -2 ignored (between thresholds or ignore box)
@@ -114,10 +121,8 @@ class FasterRCNNOps(DetectorOps):
 
     @staticmethod
     def reduce_rpn(terms: RPNTerms) -> dict[str, Tensor]:
-        n = max(1, int(sum(int(s.sum()) for s in terms.sampled)))
-        obj = torch.stack([(o * s).sum() for o, s in zip(terms.objectness, terms.sampled)]).sum()
-        box = torch.stack([(b * s).sum() for b, s in zip(terms.box, terms.sampled)]).sum()
-        return {"loss_objectness": obj / n, "loss_rpn_box_reg": box / n}
+        obj, box = _sampled_means(terms.sampled, terms.objectness, terms.box)
+        return {"loss_objectness": obj, "loss_rpn_box_reg": box}
 
     # ------------------------------------------------------------------ RoI head
     def roi_terms(self, model, images, features, proposals: list[Tensor], targets, *, sample: bool) -> RoITerms:
@@ -185,10 +190,8 @@ class FasterRCNNOps(DetectorOps):
 
     @staticmethod
     def reduce_roi(terms: RoITerms) -> dict[str, Tensor]:
-        n = max(1, int(sum(int(s.sum()) for s in terms.sampled)))
-        cls = torch.stack([(c * s).sum() for c, s in zip(terms.cls, terms.sampled)]).sum()
-        box = torch.stack([(b * s).sum() for b, s in zip(terms.box, terms.sampled)]).sum()
-        return {"loss_classifier": cls / n, "loss_box_reg": box / n}
+        cls, box = _sampled_means(terms.sampled, terms.cls, terms.box)
+        return {"loss_classifier": cls, "loss_box_reg": box}
 
     # ------------------------------------------------------------------ public ops
     def detection_losses(self, model, images, features, targets, outputs=None) -> dict[str, Tensor]:
