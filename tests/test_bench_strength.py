@@ -65,3 +65,17 @@ def test_transfer_small_is_off_by_default(strength):
     assert strength.parse_args([]).transfer_small is False
     args = strength.parse_args(["--transfer-small", "--small-scale", "0.002"])
     assert args.transfer_small is True and args.small_scale == 0.002
+
+
+def test_distill_section_freezes_the_teacher_block_and_sets_aid_only_when_asked(strength):
+    """Transfer and alpha runs use the frozen teacher-side non-local block (the module default); AID is instance
+    granularity at the given alpha and off otherwise, and the weights of method.md are not mutated."""
+    kd = strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 0.001)
+    nl = next(m for m in kd["methods"] if m["name"] == "nonlocal")
+    assert nl["params"]["train_teacher_block"] is False and kd["aid"] == {"enabled": False}
+    assert "train_teacher_block" not in strength.WEIGHTS["gfl"][1]["params"]
+    aid = strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 0.001, aid_alpha=3.0)["aid"]
+    assert aid == {"enabled": True, "granularity": "instance", "alpha": 3.0}
+    assert config_from_dict({"distill": strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 1e-3,
+                                                                 aid_alpha=0.3)}).distill.aid.alpha == 0.3
+    assert strength.parse_args(["--what", "alpha"]).alphas == [0.1, 0.3, 1.0, 3.0]
