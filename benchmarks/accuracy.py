@@ -13,8 +13,8 @@ Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd trai
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
 ``final_metrics.json`` exists is skipped, and a run that was killed continues from its ``checkpoints/last.ckpt``
 (written every epoch; runs validate about four times, always at their last epoch), so re-running the command
-resumes. Reuse is checked: each run folder records its config and the sha256 of the checkpoints it starts or
-distils from (``bench_inputs.json``), and a run whose record differs from what the profile gives now -- or whose
+resumes. Reuse is checked: each run folder records its config, the sha256 of the checkpoints it starts or
+distils from and a digest of aidkd's code (``bench_inputs.json``), and a run whose record differs from what the profile gives now -- or whose
 teacher is such a run -- stops the command (``--rerun-stale`` retrains them). ``--max-minutes`` stops *before* a run
 whose estimated duration (from finished runs of the same kind) would pass the budget, and before any run once the
 budget is spent; what finished is summarised either way.
@@ -32,6 +32,7 @@ labels -- KITTI moderate mAP) and ``accuracy.png`` (bar chart). Profiles that ne
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import hashlib
 import json
@@ -231,7 +232,7 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
 
 # ------------------------------------------------------------------------------------------------ provenance
 PROVENANCE = "bench_inputs.json"  # in each run folder: what its result was trained from
-_DIGESTS: dict[tuple, str] = {}
+_DIGESTS: dict = {}  # file digests by (path, mtime, size); code digests by package folder
 
 
 def file_digest(path: str | None) -> str | None:
@@ -250,6 +251,28 @@ def file_digest(path: str | None) -> str | None:
     return _DIGESTS[key]
 
 
+def code_digest(package: Path | None = None) -> str:
+    """sha256 of the aidkd package's code as Python sees it: every module's syntax tree without docstrings (comments
+    never reach the tree), so a run trained by other code is stale while a reworded comment or docstring is not."""
+    if package is None:
+        import aidkd
+
+        package = Path(aidkd.__file__).parent
+    if package in _DIGESTS:
+        return _DIGESTS[package]
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    _DIGESTS[package] = h.hexdigest()
+    return _DIGESTS[package]
+
+
 def _comparable(cfg: dict) -> dict:
     """A run config as compared across invocations: paths repository-relative (a moved checkout still matches)."""
     cfg = json.loads(portable(json.dumps(cfg, sort_keys=True, default=str)))
@@ -260,13 +283,15 @@ def _comparable(cfg: dict) -> dict:
 def provenance(run: dict) -> dict:
     """What a run's result depends on: its full config (the code's defaults filled in) and the content of every
     checkpoint it starts from or distils from -- a retrained teacher makes its students stale although their configs
-    are unchanged."""
+    are unchanged -- and the code that trained it (:func:`code_digest`; records from before it was kept have none
+    and are not compared on it)."""
     from aidkd.engine.config import config_from_dict
 
     distill = run["cfg"].get("distill") or {}
     return {"config": _comparable(config_from_dict(run["cfg"]).to_dict()),
             "inputs": {"model.weights": file_digest(run["cfg"]["model"].get("weights")),
-                       "distill.teacher": file_digest(distill.get("teacher", {}).get("checkpoint"))}}
+                       "distill.teacher": file_digest(distill.get("teacher", {}).get("checkpoint"))},
+            "code": code_digest()}
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:

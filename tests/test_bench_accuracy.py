@@ -298,3 +298,32 @@ if __name__ == "__main__":
     if state not in ("gone", "Z"):
         os.kill(worker, signal.SIGKILL)
     assert state in ("gone", "Z"), f"worker {worker} outlived its killed parent (state {state})"
+
+
+def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan, tmp_path):
+    """Same config and inputs, other aidkd code: the result is stale (issue 18: stale results are replaced, not
+    mixed). The digest ignores docstrings and comments, so rewording them does not force retraining."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text('"""Doc."""\ndef f(x):\n    """Doc."""\n    return x + 1  # comment\n')
+    base = acc.code_digest(pkg)
+    acc._DIGESTS.clear()
+    (pkg / "m.py").write_text('"""Other words."""\ndef f(x):\n    """More."""\n    # new comment\n    return x + 1\n')
+    assert acc.code_digest(pkg) == base
+    acc._DIGESTS.clear()
+    (pkg / "m.py").write_text('def f(x):\n    return x + 2\n')
+    assert acc.code_digest(pkg) != base
+    acc._DIGESTS.clear()
+
+    student = next(r for r in plan if r["key"] == "one-stage/student_seed0")
+    _finish(student)
+    assert acc.stale_runs(plan) == {}  # recorded now, with today's code
+    rec_path = Path(student["cfg"]["output_dir"]) / acc.PROVENANCE
+    rec = acc.json.loads(rec_path.read_text())
+    assert rec["code"] == acc.code_digest()
+    rec["code"] = "0" * 64
+    rec_path.write_text(acc.json.dumps(rec))
+    assert acc.stale_runs(plan) == {"one-stage/student_seed0": "differs in code"}
+    del rec["code"]  # a record from before the code digest was kept
+    rec_path.write_text(acc.json.dumps(rec))
+    assert acc.stale_runs(plan) == {}
