@@ -13,7 +13,9 @@ not guarantee every box a location (boxes smaller than the stride, or whose size
 box gets the loss at the location nearest its centre on the level whose scale range fits it, treated as assigned to
 it (centre-ness target clamped at 0 if that location lies outside the box). ``per_level`` is the loss of each
 level's *positive* locations (focal + GIoU + centre-ness), normalised like the detector (by the batch's foreground
-count); negatives are left out so that it measures how well the teacher fits the objects.
+count); negatives are left out so that it measures how well the teacher fits the objects. ``teacher_loss_parts``
+splits box k's loss into cls (focal) and box (GIoU + centre-ness BCE: centre-ness rates the location's place in the
+box, a localisation term).
 """
 from __future__ import annotations
 

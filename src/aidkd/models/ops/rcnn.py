@@ -17,6 +17,7 @@ Teacher (no sampling at all, so teacher losses are deterministic and use no RNG)
   per_level[l] = sum over the positive RPN anchors on level l of (BCE + smooth-L1) / number of positive RPN anchors in
   the batch, plus the RoI-head loss mean (mean over all positive RoIs of CE + smooth-L1) on every level. Like the
   one-stage families, only positives count, so per_level measures how well the teacher fits the objects.
+  ``teacher_loss_parts``: cls = the objectness BCE mean + the CE mean, box = the two smooth-L1 means.
 """
 from __future__ import annotations
 
