@@ -385,29 +385,56 @@ def test_register_family_subclass_dispatch():
         ops._REGISTRY.pop(MyRetina)
 
 
-@pytest.mark.parametrize("arch", ["gfl", "retinanet"])
+def _unassigned_boxes(arch, m, il, feats, tt) -> dict[str, set[int]]:
+    """Boxes of image 0 that the family's own matcher gave no anchor / location ("first stage") and, for Faster
+    R-CNN, no positive RoI ("roi"): the ones its teacher losses score by the fallback."""
+    n = tt[0]["boxes"].shape[0]
+    if arch == "fasterrcnn":
+        fam = FasterRCNNOps()
+        out = fam.head_outputs(m, il, feats)
+        matched = fam.rpn_terms(m, out, tt, sample=False).matched_idxs[0]
+        roi = fam.roi_terms(m, il, feats, out["proposals"], tt, sample=False)
+        roi_fallback = {int(k) for k in roi.matched_idxs[0][~roi.sampled[0]]}  # ground-truth RoIs appended
+    else:
+        matched = ops.get_ops(m).loss_terms(m, il, feats, tt)[0].matched_idxs[0]
+        roi_fallback = set()
+    return {"first stage": set(range(n)) - {int(k) for k in matched[matched >= 0]}, "roi": roi_fallback}
+
+
+@pytest.mark.parametrize("arch", ["gfl", *ARCHS])
 def test_teacher_loss_parts_sum_to_per_instance(arch):
     """`aidkd analyze`'s cls / box split: both parts >= 0 and summing to the per-instance loss, also for a box no
-    anchor / location is assigned to (the 2x2 px one, scored by the fallback)."""
+    anchor / location is assigned to (the 2x2 px one) and an exact duplicate (its anchors / locations / RoIs go to
+    the first copy), both scored by the fallback."""
     m = make_model(arch).eval()
     images, targets = make_batch()
-    targets[0] = {"boxes": torch.cat([targets[0]["boxes"], torch.tensor([[100.0, 5.0, 102.0, 7.0]])]),
-                  "labels": torch.tensor([1, 2, 1, 2])}
+    boxes = targets[0]["boxes"]
+    targets[0] = {"boxes": torch.cat([boxes, torch.tensor([[100.0, 5.0, 102.0, 7.0]]), boxes[:1]]),
+                  "labels": torch.tensor([1, 2, 1, 2, 1])}
     il, tt = ops.prepare_inputs(m, images, targets)
     feats = ops.extract_features(m, il)
     total = ops.teacher_losses(m, il, feats, tt).per_instance
     parts = ops.teacher_loss_parts(m, il, feats, tt)
-    assert [p.shape for p in parts["cls"]] == [p.shape for p in parts["box"]] == [(4,), (0,)]
+    assert set(parts) == {"cls", "box"}
+    assert [p.shape for p in parts["cls"]] == [p.shape for p in parts["box"]] == [(5,), (0,)]
     for c, b, t in zip(parts["cls"], parts["box"], total):
-        assert (c >= 0).all() and (b >= 0).all()
+        assert (c >= 0).all() and (b >= 0).all() and not c.requires_grad
         assert torch.allclose(c + b, t, rtol=1e-5, atol=1e-6)
-    assert float(parts["box"][0][3]) > 0  # the fallback box got a box part too
+    unassigned = _unassigned_boxes(arch, m, il, feats, tt)
+    assert unassigned["first stage"] & {3, 4}  # the fallback path is exercised
+    if arch == "fasterrcnn":
+        assert 4 in unassigned["roi"]  # the duplicate got its own ground-truth RoI
+    for k in unassigned["first stage"] | unassigned["roi"]:
+        assert float(parts["cls"][0][k]) > 0 and float(parts["box"][0][k]) > 0  # the fallback filled both parts
+    # passing the head outputs gives the same parts (`aidkd analyze` runs the head once)
+    again = ops.teacher_loss_parts(m, il, feats, tt, outputs=ops.head_outputs(m, il, feats))
+    assert all(torch.equal(a, b) for k in parts for a, b in zip(parts[k], again[k]))
 
 
-@pytest.mark.parametrize("arch", ["fcos", "fasterrcnn"])
-def test_teacher_loss_parts_not_provided_says_so(arch):
-    m = make_model(arch).eval()
+def test_teacher_loss_parts_not_provided_says_so():
+    """A family registered without the split says so (`aidkd analyze` then leaves the cls / box columns empty)."""
+    m = make_model("retinanet").eval()
     images, targets = make_batch()
     il, tt = ops.prepare_inputs(m, images, targets)
     with pytest.raises(NotImplementedError, match="cls / box parts"):
-        ops.teacher_loss_parts(m, il, ops.extract_features(m, il), tt)
+        ops.DetectorOps().teacher_loss_parts(m, il, ops.extract_features(m, il), tt)

@@ -129,8 +129,9 @@ def teacher_losses(model: nn.Module, images: ImageList, features, targets: list[
 def teacher_loss_parts(model: nn.Module, images: ImageList, features, targets: list[dict],
                        outputs: dict | None = None) -> dict[str, list[Tensor]]:
     """The per-instance teacher losses split into their classification and box parts: ``{"cls": [Tensor[N_i]],
-    "box": [Tensor[N_i]]}`` with ``cls + box == teacher_losses(...).per_instance`` (for analysis; GFL and
-    RetinaNet). Raises ``NotImplementedError`` for a family that does not provide the split."""
+    "box": [Tensor[N_i]]}`` with ``cls + box == teacher_losses(...).per_instance`` up to rounding (for analysis;
+    all four built-in families, see each family's ``teacher_loss_parts``). Raises ``NotImplementedError`` for a
+    registered family that does not provide the split."""
     check_targets(targets)
     with torch.no_grad():
         return _call(get_ops(model).teacher_loss_parts, unwrap_model(model), images, features, targets, outputs=outputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -30,6 +31,12 @@ def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tenso
     gt[fg, labels[matched[fg]]] = 1.0
     focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
     return torch.where(matched != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal))
+
+
+def positive_focal_terms(logits: Tensor, labels: Tensor) -> Tensor:
+    """:func:`anchor_focal_terms` of anchors / locations ``logits[k]`` each taken as a positive of class
+    ``labels[k]`` (the teacher-loss fallback of a box nothing was assigned to)."""
+    return anchor_focal_terms(logits, torch.arange(len(labels), device=logits.device), labels)
 
 
 class TeacherLosses(NamedTuple):
@@ -92,8 +99,8 @@ class DetectorOps:
         return model.postprocess_detections(head, anchors, images.image_sizes)
 
     # A box that no anchor / location was assigned to still needs a finite teacher loss: each family's
-    # ``_fallback_loss(model, outputs, i, target, which, ...)`` scores boxes ``which`` of image ``i`` at the anchor /
-    # location that would have been assigned (see the family module's docstring for which one).
+    # ``_fallback_terms(model, outputs, i, target, which, ...)`` (GFL: ``_fallback_parts``) scores boxes ``which`` of
+    # image ``i`` at the anchor / location that would have been assigned (see the family module's docstring).
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -118,6 +125,57 @@ def level_index(num_per_level: list[int], device) -> Tensor:
     """Int64[sum(num_per_level)]: the FPN level of each flattened anchor/location."""
     return torch.repeat_interleave(torch.arange(len(num_per_level), device=device),
                                    torch.as_tensor(num_per_level, device=device))
+
+
+def cls_box_split(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{"cls": terms["cls"], "box": the sum of every other term}`` (FCOS's centre-ness counts as box)."""
+    rest = [v for k, v in terms.items() if k != "cls"]
+    return {"cls": terms["cls"], "box": sum(rest[1:], rest[0])}
+
+
+def summed_terms(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{"total": the terms summed in their order}`` (the order each family always added them in, so D^T keeps
+    its bits)."""
+    values = list(terms.values())
+    return {"total": sum(values[1:], values[0])}
+
+
+Fallback = Callable[[int, Tensor], dict[str, Tensor]]  # (image i, instances without elements) -> their terms
+
+
+def per_instance_totals(per_element: list[dict[str, Tensor]], matched_idxs: list[Tensor], targets: list[dict],
+                        fallback: Fallback | None) -> list[Tensor]:
+    """Per image, Tensor[N_i]: each instance's mean over the elements (anchors / locations / RoIs) matched to it
+    (``matched_idxs[i]`` >= 0) of the sum of its loss terms ``per_element[i]`` (a dict of Float[E_i], summed in
+    order); an instance no element is matched to gets the sum of ``fallback(i, missing)`` (the same terms at the
+    element that would have been its best). ``None``: every instance always has an element."""
+    return _instance_term_means(per_element, matched_idxs, targets, fallback, summed_terms).get("total", [])
+
+
+def per_instance_parts(per_element: list[dict[str, Tensor]], matched_idxs: list[Tensor], targets: list[dict],
+                       fallback: Fallback | None) -> dict[str, list[Tensor]]:
+    """:func:`per_instance_totals` split into ``{"cls": [...], "box": [...]}``: the same elements and fallback, the
+    ``"cls"`` term as cls and every other term as box (:func:`cls_box_split`); ``cls + box`` equals the total up to
+    rounding."""
+    return {"cls": [], "box": [], **_instance_term_means(per_element, matched_idxs, targets, fallback, cls_box_split)}
+
+
+def _instance_term_means(per_element, matched_idxs, targets, fallback: Fallback | None,
+                         view: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> dict[str, list[Tensor]]:
+    out: dict[str, list[Tensor]] = {}
+    for i, (terms, matched, target) in enumerate(zip(per_element, matched_idxs, targets)):
+        means, counts = {}, None
+        for name, values in view(terms).items():
+            means[name], counts = per_instance_mean(values, matched, target["boxes"].shape[0])
+        missing = torch.where(counts == 0)[0]
+        if missing.numel():
+            if fallback is None:
+                raise RuntimeError(f"image {i}: instances {missing.tolist()} have no matched element and no fallback")
+            for name, values in view(fallback(i, missing)).items():
+                means[name][missing] = values
+        for name, values in means.items():
+            out.setdefault(name, []).append(values)
+    return out
 
 
 def per_instance_mean(values: Tensor, matched_idxs: Tensor, num_instances: int) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,9 @@ not guarantee every box a location (boxes smaller than the stride, or whose size
 box gets the loss at the location nearest its centre on the level whose scale range fits it, treated as assigned to
 it (centre-ness target clamped at 0 if that location lies outside the box). ``per_level`` is the loss of each
 level's *positive* locations (focal + GIoU + centre-ness), normalised like the detector (by the batch's foreground
-count); negatives are left out so that it measures how well the teacher fits the objects.
+count); negatives are left out so that it measures how well the teacher fits the objects. ``teacher_loss_parts``
+splits box k's loss into cls (focal) and box (GIoU + centre-ness BCE: centre-ness rates the location's place in the
+box, a localisation term).
 """
 from __future__ import annotations
 
@@ -22,14 +24,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     anchor_focal_terms,
     level_index,
-    per_instance_mean,
+    per_instance_parts,
+    per_instance_totals,
+    positive_focal_terms,
 )
 from aidkd.models.targets import (
     ignore_background,
@@ -139,23 +143,32 @@ class FCOSOps(DetectorOps):
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
         nfg = max(1, int(sum(int((m >= 0).sum()) for m in terms.matched_idxs)))
         L = len(terms.num_per_level)
-        per_instance, per_level = [], None
-        for i, (t, m) in enumerate(zip(targets, terms.matched_idxs)):
+        per_instance = per_instance_totals(*self._instance_terms(model, terms, outputs, targets))
+        per_level = None
+        for i, m in enumerate(terms.matched_idxs):
             total = terms.cls[i] + terms.box[i] + terms.ctrness[i]
-            means, counts = per_instance_mean(total, m, t["boxes"].shape[0])
-            missing = torch.where(counts == 0)[0]
-            if missing.numel():
-                means = means.clone()
-                means[missing] = self._fallback_loss(model, outputs, i, t, missing)
-            per_instance.append(means)
             lvl = level_index(terms.num_per_level, total.device)
             pos = m >= 0
             pl = total.new_zeros(L).index_add(0, lvl[pos], total[pos])
             per_level = pl if per_level is None else per_level + pl
         return TeacherLosses(per_instance, per_level / nfg)
 
-    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
-        """Loss at the location nearest each box's centre on the level whose FCOS scale range fits the box."""
+    def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
+        """cls: the focal loss; box: GIoU + centre-ness BCE (centre-ness scores how well the location sits in the
+        box, a localisation term, like GFL's DFL); same locations and fallback as :meth:`teacher_losses`."""
+        terms, outputs = self.loss_terms(model, images, features, targets, outputs)
+        return per_instance_parts(*self._instance_terms(model, terms, outputs, targets))
+
+    def _instance_terms(self, model, terms: FCOSTerms, outputs, targets):
+        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: per-location terms (in the order
+        D^T adds them), matches, fallback."""
+        per_location = [{"cls": c, "box": b, "ctrness": r} for c, b, r in zip(terms.cls, terms.box, terms.ctrness)]
+        return per_location, terms.matched_idxs, targets, lambda i, which: self._fallback_terms(
+            model, outputs, i, targets[i], which)
+
+    def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
+        """Focal, GIoU and centre-ness loss at the location nearest each box's centre on the level whose FCOS scale
+        range fits the box."""
         anchors = outputs["anchors"][i]
         num = outputs["num_per_level"]
         boxes = target["boxes"][which].float()
@@ -175,12 +188,9 @@ class FCOSOps(DetectorOps):
             d = (a_ctr[s:s + n] - c).abs().max(dim=1).values
             idx.append(s + int(d.argmin()))
         idx = torch.as_tensor(idx, device=anchors.device)
-        logits = outputs["cls_logits"][i][idx].float()
-        gt = torch.zeros_like(logits)
-        gt[torch.arange(len(idx), device=gt.device), target["labels"][which]] = 1.0
-        focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
+        focal = positive_focal_terms(outputs["cls_logits"][i][idx].float(), target["labels"][which])
         giou, ctr = self._location_terms(model, outputs, i, idx, boxes)
-        return focal + giou + ctr
+        return {"cls": focal, "box": giou, "ctrness": ctr}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression", "bbox_ctrness"))

@@ -16,7 +16,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
 from aidkd.models.gfl import GFL, GFLLossTerms
-from aidkd.models.ops.base import DetectorOps, TeacherLosses, per_instance_mean
+from aidkd.models.ops.base import DetectorOps, TeacherLosses, per_instance_parts, per_instance_totals
 
 
 class GFLOps(DetectorOps):
@@ -77,17 +77,9 @@ class GFLOps(DetectorOps):
         out here: each location counts ``qfl_weight * QFL + bbox_weight * GIoU + dfl_weight * DFL``.
 
         A box no location is assigned to (tiny, or lost every conflict) is scored at the anchor overlapping it most,
-        taken as a positive for it (:meth:`_fallback_loss`), so that every box gets a finite loss.
+        taken as a positive for it (:meth:`_fallback_parts`), so that every box gets a finite loss.
         """
-        totals = self.location_losses(model, terms)
-        out = []
-        for b, target in enumerate(targets):
-            losses, counts = per_instance_mean(totals[b], terms.matched_idxs[b], target["boxes"].shape[0])
-            missing = (counts == 0).nonzero().squeeze(1)
-            if missing.numel():
-                losses[missing] = self._fallback_loss(model, head_outputs, b, target, missing, anchors[b], terms.levels)
-            out.append(losses)
-        return out
+        return per_instance_totals(*self._instance_terms(model, terms, targets, head_outputs, anchors))
 
     def instance_loss_parts(
         self,
@@ -100,32 +92,22 @@ class GFLOps(DetectorOps):
         """:meth:`instance_losses` split in two, per box: ``"cls"`` (``qfl_weight * QFL``) and ``"box"``
         (``bbox_weight * GIoU + dfl_weight * DFL``), same locations and fallback; ``cls + box`` is
         :meth:`instance_losses` up to rounding. For analysis (``aidkd analyze``), not used in training."""
-        per_location = {"cls": model.qfl_weight * terms.qfl,
-                        "box": model.bbox_weight * terms.bbox + model.dfl_weight * terms.dfl}
-        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
-        for b, target in enumerate(targets):
-            num_boxes = target["boxes"].shape[0]
-            parts, counts = {}, None
-            for k, v in per_location.items():
-                parts[k], counts = per_instance_mean(v[b], terms.matched_idxs[b], num_boxes)
-            missing = (counts == 0).nonzero().squeeze(1)
-            if missing.numel():
-                fb = self._fallback_parts(model, head_outputs, b, target, missing, anchors[b], terms.levels)
-                parts["cls"][missing] = fb["qfl"]
-                parts["box"][missing] = fb["giou"] + fb["dfl"]
-            for k, values in parts.items():
-                out[k].append(values)
-        return out
+        return per_instance_parts(*self._instance_terms(model, terms, targets, head_outputs, anchors))
 
-    def _fallback_loss(self, model: GFL, outputs: dict, i: int, target: dict, which: Tensor,
-                       anchors: Tensor, levels: Tensor) -> Tensor:
-        t = self._fallback_parts(model, outputs, i, target, which, anchors, levels)
-        return t["qfl"] + t["giou"] + t["dfl"]  # in this order: the same bits as before the split existed
+    def _instance_terms(self, model: GFL, terms: GFLLossTerms, targets, head_outputs, anchors):
+        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: the weighted per-location terms (in the
+        order :meth:`location_losses` adds them), matches, fallback."""
+        weighted = {"cls": model.qfl_weight * terms.qfl, "box": model.bbox_weight * terms.bbox,
+                    "dfl": model.dfl_weight * terms.dfl}
+        per_location = [{k: v[b] for k, v in weighted.items()} for b in range(len(targets))]
+        return per_location, list(terms.matched_idxs), targets, lambda b, which: self._fallback_parts(
+            model, head_outputs, b, targets[b], which, anchors[b], terms.levels)
 
     @staticmethod
     def _fallback_parts(model: GFL, outputs: dict, i: int, target: dict, which: Tensor,
                         anchors: Tensor, levels: Tensor) -> dict[str, Tensor]:
-        """The weighted QFL / GIoU / DFL of boxes ``which`` of image ``i`` at the anchor overlapping each most."""
+        """The weighted QFL (``"cls"``) / GIoU (``"box"``) / DFL of boxes ``which`` of image ``i`` at the anchor
+        overlapping each most."""
         boxes, labels = target["boxes"][which].float(), target["labels"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)  # [k]
         cls_logits = outputs["cls_logits"][i, best].float()
@@ -134,7 +116,7 @@ class GFLOps(DetectorOps):
         centres = (anchors[best, :2] + anchors[best, 2:]) / 2
         bbox, dfl, _, quality = model._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
         qfl = model.qfl_loss(cls_logits, labels, quality)
-        return {"qfl": model.qfl_weight * qfl, "giou": model.bbox_weight * bbox, "dfl": model.dfl_weight * dfl}
+        return {"cls": model.qfl_weight * qfl, "box": model.bbox_weight * bbox, "dfl": model.dfl_weight * dfl}
 
     @staticmethod
     def level_losses(model: GFL, terms: GFLLossTerms, num_levels: int | None = None, positives_only: bool = False

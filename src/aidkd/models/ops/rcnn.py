@@ -17,6 +17,7 @@ Teacher (no sampling at all, so teacher losses are deterministic and use no RNG)
   per_level[l] = sum over the positive RPN anchors on level l of (BCE + smooth-L1) / number of positive RPN anchors in
   the batch, plus the RoI-head loss mean (mean over all positive RoIs of CE + smooth-L1) on every level. Like the
   one-stage families, only positives count, so per_level measures how well the teacher fits the objects.
+  ``teacher_loss_parts``: cls = the objectness BCE mean + the CE mean, box = the two smooth-L1 means.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     level_index,
-    per_instance_mean,
+    per_instance_parts,
+    per_instance_totals,
 )
 from aidkd.models.targets import (
     BELOW_LOW_THRESHOLD,
@@ -204,21 +206,10 @@ class FasterRCNNOps(DetectorOps):
 
     def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        rpn = self.rpn_terms(model, outputs, targets, sample=False)
-        roi = self.roi_terms(model, images, features, outputs["proposals"], targets, sample=False)
-        per_instance = []
-        for i, t in enumerate(targets):
-            n = t["boxes"].shape[0]
-            rpn_total = rpn.objectness[i] + rpn.box[i]
-            rpn_mean, counts = per_instance_mean(rpn_total, rpn.matched_idxs[i], n)
-            missing = torch.where(counts == 0)[0]
-            if missing.numel():
-                rpn_mean = rpn_mean.clone()
-                rpn_mean[missing] = self._fallback_loss(model, outputs, i, t, missing)
-            roi_total = roi.cls[i] + roi.box[i]
-            roi_idx = torch.where(roi.labels[i] > 0, roi.matched_idxs[i], torch.full_like(roi.matched_idxs[i], -1))
-            roi_mean, _ = per_instance_mean(roi_total, roi_idx, n)
-            per_instance.append(rpn_mean + roi_mean)
+        rpn, roi = self._teacher_terms(model, images, features, targets, outputs)
+        rpn_means = per_instance_totals(*self._rpn_instance_terms(model, rpn, outputs, targets))
+        roi_means = per_instance_totals(*self._roi_instance_terms(roi, targets))
+        per_instance = [a + b for a, b in zip(rpn_means, roi_means)]
         # per level: positive RPN anchors of each level / all positive RPN anchors, + the positive-RoI loss mean
         L = len(rpn.num_per_level)
         per_level = rpn.objectness[0].new_zeros(L)
@@ -232,7 +223,36 @@ class FasterRCNNOps(DetectorOps):
         roi_n = sum(int((lab > 0).sum()) for lab in roi.labels)
         return TeacherLosses(per_instance, per_level / max(1, n_pos) + roi_sum / max(1, roi_n))
 
-    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
+    def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
+        """cls: the RPN objectness BCE + the RoI cross-entropy; box: the RPN + RoI smooth-L1; the same anchors, RoIs
+        and fallbacks as :meth:`teacher_losses` (each of its two means split in two)."""
+        outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
+        rpn, roi = self._teacher_terms(model, images, features, targets, outputs)
+        rpn_parts = per_instance_parts(*self._rpn_instance_terms(model, rpn, outputs, targets))
+        roi_parts = per_instance_parts(*self._roi_instance_terms(roi, targets))
+        return {k: [a + b for a, b in zip(rpn_parts[k], roi_parts[k])] for k in ("cls", "box")}
+
+    def _teacher_terms(self, model, images, features, targets, outputs) -> tuple[RPNTerms, RoITerms]:
+        """Every anchor and every positive RoI (plus a ground-truth RoI for a box without one), no sampling."""
+        rpn = self.rpn_terms(model, outputs, targets, sample=False)
+        roi = self.roi_terms(model, images, features, outputs["proposals"], targets, sample=False)
+        return rpn, roi
+
+    def _rpn_instance_terms(self, model, rpn: RPNTerms, outputs, targets):
+        """Arguments of ``per_instance_totals`` / ``per_instance_parts`` for the RPN stage (objectness is cls)."""
+        per_anchor = [{"cls": o, "box": b} for o, b in zip(rpn.objectness, rpn.box)]
+        return per_anchor, rpn.matched_idxs, targets, lambda i, which: self._fallback_terms(
+            model, outputs, i, targets[i], which)
+
+    @staticmethod
+    def _roi_instance_terms(roi: RoITerms, targets):
+        """The same for the RoI head: only positive RoIs count; no fallback (``roi_terms`` gave every box one)."""
+        matched = [torch.where(lab > 0, m, torch.full_like(m, -1)) for m, lab in zip(roi.matched_idxs, roi.labels)]
+        per_roi = [{"cls": c, "box": b} for c, b in zip(roi.cls, roi.box)]
+        return per_roi, matched, targets, None
+
+    def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
+        """Objectness BCE and smooth-L1 of boxes ``which`` at their best-IoU anchors, taken as matched to them."""
         rpn = model.rpn
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which].to(anchors.dtype)
@@ -242,7 +262,7 @@ class FasterRCNNOps(DetectorOps):
         target_deltas = rpn.box_coder.encode_single(boxes, anchors[best])
         box = F.smooth_l1_loss(outputs["rpn_deltas"][i][best].float(), target_deltas, beta=SMOOTH_L1_BETA,
                                reduction="none").sum(-1)
-        return obj + box
+        return {"cls": obj, "box": box}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)

@@ -26,7 +26,6 @@ from torchvision.ops import (
     complete_box_iou_loss,
     distance_box_iou_loss,
     generalized_box_iou_loss,
-    sigmoid_focal_loss,
 )
 
 from aidkd.models.ops.base import (
@@ -34,7 +33,9 @@ from aidkd.models.ops.base import (
     TeacherLosses,
     anchor_focal_terms,
     level_index,
-    per_instance_mean,
+    per_instance_parts,
+    per_instance_totals,
+    positive_focal_terms,
 )
 from aidkd.models.targets import (
     ignore_background,
@@ -128,18 +129,11 @@ class RetinaNetOps(DetectorOps):
 
     def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        per_instance = []
+        per_instance = per_instance_totals(*self._instance_terms(model, terms, outputs, targets))
         L = len(terms.num_per_level)
         per_level = None
-        for i, (t, m, c, b) in enumerate(zip(targets, terms.matched_idxs, terms.cls, terms.box)):
+        for m, c, b in zip(terms.matched_idxs, terms.cls, terms.box):
             total = c + b
-            n = t["boxes"].shape[0]
-            means, counts = per_instance_mean(total, m, n)
-            missing = torch.where(counts == 0)[0]
-            if missing.numel():
-                means = means.clone()
-                means[missing] = self._fallback_loss(model, outputs, i, t, missing)
-            per_instance.append(means)
             lvl = level_index(terms.num_per_level, total.device)
             nfg = (m >= 0).sum().clamp(min=1).to(total.dtype)
             pos = m >= 0
@@ -148,36 +142,26 @@ class RetinaNetOps(DetectorOps):
         return TeacherLosses(per_instance, per_level / max(1, len(targets)))
 
     def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
+        """cls: the focal loss, box: the box loss, of the same anchors (and fallback) as :meth:`teacher_losses`."""
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        out: dict[str, list[Tensor]] = {"cls": [], "box": []}
-        for i, (t, m, c, b) in enumerate(zip(targets, terms.matched_idxs, terms.cls, terms.box)):
-            n = t["boxes"].shape[0]
-            cls, counts = per_instance_mean(c, m, n)
-            box, _ = per_instance_mean(b, m, n)
-            missing = torch.where(counts == 0)[0]
-            if missing.numel():
-                cls, box = cls.clone(), box.clone()
-                cls[missing], box[missing] = self._fallback_parts(model, outputs, i, t, missing)
-            out["cls"].append(cls)
-            out["box"].append(box)
-        return out
+        return per_instance_parts(*self._instance_terms(model, terms, outputs, targets))
 
-    def _fallback_loss(self, model, outputs, i, target, which: Tensor) -> Tensor:
-        focal, box = self._fallback_parts(model, outputs, i, target, which)
-        return focal + box
+    def _instance_terms(self, model, terms: RetinaNetTerms, outputs, targets):
+        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: per-anchor terms, matches, fallback."""
+        per_anchor = [{"cls": c, "box": b} for c, b in zip(terms.cls, terms.box)]
+        return per_anchor, terms.matched_idxs, targets, lambda i, which: self._fallback_terms(
+            model, outputs, i, targets[i], which)
 
-    def _fallback_parts(self, model, outputs, i, target, which: Tensor) -> tuple[Tensor, Tensor]:
+    def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
+        """Focal and box loss of boxes ``which`` at their best-IoU anchors, taken as matched to them."""
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
-        logits = outputs["cls_logits"][i][best].float()
-        gt = torch.zeros_like(logits)
-        gt[torch.arange(len(best), device=gt.device), target["labels"][which]] = 1.0
-        focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
+        focal = positive_focal_terms(outputs["cls_logits"][i][best].float(), target["labels"][which])
         reg_head = model.head.regression_head
         box = box_loss_per_element(getattr(reg_head, "_loss_type", "l1"), reg_head.box_coder, anchors[best], boxes,
                                    outputs["bbox_regression"][i][best].float())
-        return focal, box
+        return {"cls": focal, "box": box}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))
