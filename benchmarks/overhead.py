@@ -147,7 +147,7 @@ def build_models(args, dev: torch.device):
     nc = len(KITTI_CLASSES) + 1
     torch.manual_seed(args.seed)
     if args.teacher_checkpoint:
-        from aidkd.engine.model_io import load_detector
+        from aidkd.models import load_detector
 
         teacher, _ = load_detector(args.teacher_checkpoint, classes=KITTI_CLASSES)
     else:

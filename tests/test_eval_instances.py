@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict
-from aidkd.engine.model_io import model_meta, save_model_file
 from aidkd.eval import instances as ins
-from aidkd.models import build_detector, ops
+from aidkd.models import build_detector, model_meta, ops, save_model_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 

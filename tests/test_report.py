@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict, dump_config
-from aidkd.engine.model_io import model_meta, save_model_file
-from aidkd.models import build_detector
+from aidkd.models import build_detector, model_meta, save_model_file
 from aidkd.report import ap_noise, best_row, build_report, discover_runs, read_aid_weights, tensorboard_images
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]

@@ -231,9 +231,9 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
     """Re-evaluate ``run.model_path`` on the val split of its config; keeps ``num_samples`` drawn predictions."""
     from aidkd.data import collate_fn
     from aidkd.engine.datamodule import DetectionDataModule
-    from aidkd.engine.model_io import load_detector
     from aidkd.engine.run import uses_kitti_metrics
     from aidkd.eval import DetectionEvaluator
+    from aidkd.models import load_detector
 
     if run.cfg is None:
         raise ValueError(f"no usable config.yaml ({run.cfg_error})")
@@ -301,7 +301,7 @@ def measure_speed(model: torch.nn.Module, size: tuple[int, int], runs: int = 5) 
 
 
 def _speed_of(path: Path, size: tuple[int, int] | None, runs: int) -> tuple[Speed, dict]:
-    from aidkd.engine.model_io import load_detector
+    from aidkd.models import load_detector
 
     model, meta = load_detector(path)
     size = size or (meta["min_size"], meta["max_size"])

@@ -286,7 +286,7 @@ def _user_error(e: BaseException) -> str | None:
 
     from aidkd.data.structures import DatasetError
     from aidkd.engine.module import NonFiniteLossError
-    from aidkd.models.checkpoint import CheckpointError
+    from aidkd.models.weights import CheckpointError
 
     if isinstance(e, DatasetError):  # may list several problems, one per line
         return str(e)

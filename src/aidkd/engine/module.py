@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from aidkd.engine.config import RunConfig
-from aidkd.engine.model_io import load_detector, model_meta
 from aidkd.eval import DetectionEvaluator
-from aidkd.models import build_detector
+from aidkd.models import build_detector, load_detector, model_meta
 from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 
 log = logging.getLogger("aidkd.engine")

@@ -323,7 +323,7 @@ def collect_rows(cfg, teacher: str | Path, split: str = "val", student: str | Pa
     ``split`` of ``cfg``'s dataset, from the ``teacher`` checkpoint (and ``student``)."""
     from aidkd.data import collate_fn
     from aidkd.engine.datamodule import DetectionDataModule, synth_root
-    from aidkd.engine.model_io import load_detector
+    from aidkd.models import load_detector
 
     alpha = _config_alpha(cfg) if alpha is None else alpha
     dm = DetectionDataModule(cfg.data)
