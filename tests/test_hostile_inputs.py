@@ -389,9 +389,9 @@ def test_kitti_number_with_an_underscore_is_refused():
 
 
 def test_report_per_class_table_keeps_class_names_with_a_slash():
-    from aidkd.report import _classes_of
+    from aidkd.eval.evaluator import metric_classes
 
-    assert _classes_of({"coco/AP": 1.0, "coco/AP/bus/truck": 2.0, "voc/AP50/bus/truck": 3.0}) == ["bus/truck"]
+    assert metric_classes({"coco/AP": 1.0, "coco/AP/bus/truck": 2.0, "voc/AP50/bus/truck": 3.0}) == ["bus/truck"]
 
 
 def test_kitti_metrics_with_non_kitti_classes_fail_before_training(tiny_cfg, tmp_path, capsys):

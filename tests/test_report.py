@@ -223,7 +223,8 @@ def test_best_only_beyond_noise():
 
 
 def test_comparison_delta_digits_and_noise(tmp_path):
-    from aidkd.report import EvalResult, Run, _comparison_html
+    from aidkd.report import EvalResult, Run
+    from aidkd.report.html import _comparison_html
 
     def run(name, ap, n_gt):
         m = {"coco/AP": ap, "coco/AP50": 2 * ap, "voc/mAP50": 2 * ap, "kitti/moderate_mAP": ap}

@@ -45,6 +45,7 @@ def _precision(cfg: RunConfig) -> str:
 
 
 def uses_kitti_metrics(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s runs compute KITTI AP|R40: ``eval.kitti`` when set, else on for KITTI and synth data."""
     return cfg.eval.kitti if cfg.eval.kitti is not None else cfg.data.format in ("kitti", "synth")
 
 
