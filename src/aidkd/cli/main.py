@@ -154,7 +154,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from aidkd.eval.instances import analyze, format_summary
+    from aidkd.engine.analysis import analyze
+    from aidkd.eval.instances import format_summary
 
     cfg = _load(args)
     summary = analyze(cfg, args.teacher, Path(args.out), split=args.split, student=args.student,
