@@ -26,11 +26,30 @@ def pil_png(image) -> bytes:
     return buf.getvalue()
 
 
-def pr_figure(kitti, classes: list[str], title: str) -> bytes:
+def _pr_panels(classes: list[str]):
+    """A figure with one precision-recall panel a class, and its axes."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * len(classes), 3.6))
-    axes = fig.subplots(1, len(classes), squeeze=False)[0]
+    return fig, fig.subplots(1, len(classes), squeeze=False)[0]
+
+
+def _finish_pr_panel(ax, title: str) -> bool:
+    """Title, limits, labels, grid and legend of one panel; False when no curve was drawn in it."""
+    ax.set_title(title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    if not ax.get_legend_handles_labels()[0]:
+        return False
+    ax.legend(fontsize=8, loc="lower left")
+    return True
+
+
+def pr_figure(kitti, classes: list[str], title: str) -> bytes:
+    fig, axes = _pr_panels(classes)
     for ax, cls in zip(axes, classes):
         for diff, style in zip(DIFFICULTIES, ("-", "--", ":")):
             curve = kitti.curves.get(cls, {}).get(diff)
@@ -39,25 +58,14 @@ def pr_figure(kitti, classes: list[str], title: str) -> bytes:
                 continue
             rec, prec = curve
             ax.plot(rec, prec, style, label=f"{diff} AP {ap:.1f}")
-        ax.set_title(cls)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower left")
-        else:
+        if not _finish_pr_panel(ax, cls):
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return figure_png(fig)
 
 
 def pr_compare_figure(runs: list[Run], classes: list[str], difficulty: str = "moderate") -> bytes:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * len(classes), 3.6))
-    axes = fig.subplots(1, len(classes), squeeze=False)[0]
+    fig, axes = _pr_panels(classes)
     for ax, cls in zip(axes, classes):
         for run in runs:
             k = run.evaluation.kitti if run.evaluation else None
@@ -65,14 +73,7 @@ def pr_compare_figure(runs: list[Run], classes: list[str], difficulty: str = "mo
                 continue
             rec, prec = k.curves[cls][difficulty]
             ax.plot(rec, prec, label=f"{run.name} AP {k.ap[cls][difficulty]:.1f}")
-        ax.set_title(f"{cls} ({difficulty})")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower left")
+        _finish_pr_panel(ax, f"{cls} ({difficulty})")
     return figure_png(fig)
 
 
