@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Label convention (docs/architecture.md): dataset class i -> label i + 1, 0 = background.
-KITTI_CLASSES = ["Car", "Pedestrian", "Cyclist"]
+KITTI_CLASSES = list(KITTI_DEFAULT_CLASSES)
 
 
 def pick_device(name: str) -> torch.device:
@@ -77,7 +79,7 @@ def synth_batches(root: Path, num_batches: int, batch_size: int, height: int, wi
     records = load_kitti_records(root, split="all")
     while len(records) < n:  # tiny sets: repeat
         records = records + records
-    ds = DetectionDataset(records[:n], KITTI_CLASSES, ["Van", "Truck", "Person_sitting", "Tram", "Misc", "DontCare"],
+    ds = DetectionDataset(records[:n], KITTI_CLASSES, list(KITTI_DEFAULT_IGNORE),
                           min_size=height, max_size=width, train=train, hflip_prob=0.0)
     return [collate_fn([ds[b * batch_size + i] for i in range(batch_size)]) for b in range(num_batches)]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
@@ -68,8 +70,7 @@ def paper_data(dataset: str) -> dict:
               "num_workers": 8}
     if dataset == "kitti":
         return {"format": "kitti", "root": "/path/to/kitti", "val_fraction": 0.2, "split_seed": 0,
-                "classes": ["Car", "Pedestrian", "Cyclist"],
-                "ignore_classes": ["Van", "Truck", "Person_sitting", "Tram", "Misc", "DontCare"], **common}
+                "classes": list(KITTI_DEFAULT_CLASSES), "ignore_classes": list(KITTI_DEFAULT_IGNORE), **common}
     return {"format": "coco",
             "train_ann": "/path/to/coco/annotations/instances_train2017_traffic11.json",
             "train_images": "/path/to/coco/train2017",

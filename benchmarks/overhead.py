@@ -109,7 +109,9 @@ class Runner:
             self.distiller.teacher.to(dev)
             self.distiller.train()
             self.module = self.distiller
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # the distiller does not own the student: its parameters come from the student itself
+        extra = list(self.distiller.parameters()) if self.distiller is not None else []
+        self.params = [p for p in [*self.student.parameters(), *extra] if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and dev.type == "cuda")
 
@@ -147,7 +149,7 @@ def build_models(args, dev: torch.device):
     nc = len(KITTI_CLASSES) + 1
     torch.manual_seed(args.seed)
     if args.teacher_checkpoint:
-        from aidkd.engine.model_io import load_detector
+        from aidkd.models import load_detector
 
         teacher, _ = load_detector(args.teacher_checkpoint, classes=KITTI_CLASSES)
     else:

@@ -86,8 +86,8 @@ def onnx_student(model: torch.nn.Module, meta: dict, example: torch.Tensor, work
     """Export the student; returns {'path', 'how', 'parity', 'error'}."""
     onnx_path = workdir / f"{meta['arch']}_{meta['backbone']}.onnx"
     try:
-        from aidkd.engine.model_io import save_model_file
         from aidkd.export import ParityError, export_onnx
+        from aidkd.models import save_model_file
     except ImportError as e:  # the export module is not there yet: export directly
         return _onnx_direct(model, onnx_path, example, f"aidkd.export not importable ({e})")
     ckpt = workdir / f"{meta['arch']}_{meta['backbone']}.pt"
@@ -143,8 +143,7 @@ def time_onnx(path: str, images: list[torch.Tensor], runs: int, warmup: int) -> 
 
 # ------------------------------------------------------------------------------------------------ main
 def bench_arch(arch: str, args, dev: torch.device, images: list[torch.Tensor], workdir: Path) -> dict:
-    from aidkd.engine.model_io import model_meta
-    from aidkd.models import build_detector
+    from aidkd.models import build_detector, model_meta
 
     nc = len(KITTI_CLASSES) + 1
     models = {}

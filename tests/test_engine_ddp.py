@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict, dump_config
-from aidkd.engine.model_io import model_meta, save_model_file
-from aidkd.models import build_detector
+from aidkd.models import build_detector, model_meta, save_model_file
 
 DDP = ["--set", "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu", "train.max_steps=4",
        "train.epochs=5"]

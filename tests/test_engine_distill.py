@@ -6,9 +6,8 @@ import torch
 
 from aidkd.data import DetectionDataset, collate_fn, load_kitti_records
 from aidkd.engine.config import config_from_dict
-from aidkd.engine.model_io import load_detector, model_meta, save_model_file
 from aidkd.engine.module import DetectionTask
-from aidkd.models import build_detector
+from aidkd.models import build_detector, load_detector, model_meta, save_model_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 METHODS = [{"name": "attention", "params": {"temperature": 0.5}}, {"name": "nonlocal"}]
@@ -96,15 +95,67 @@ def test_loss_scale_multiplies_every_distillation_term_only(tiny_cfg, teacher_fi
 def test_teacher_class_mismatch_is_refused(tiny_cfg, tmp_path):
     teacher = build_detector("retinanet", "resnet18", 3, min_size=64, max_size=192, fpn_channels=16)
     path = save_model_file(tmp_path / "t2.pt", teacher, model_meta(teacher, ["Car", "Van"], 64, 192, {}))
-    with pytest.raises(ValueError, match=r"classes \['Car', 'Van'\] in the checkpoint"):
+    with pytest.raises(ValueError, match=r"t2.pt: .*class names: checkpoint has \['Car', 'Van'\]"):
         make_task(tiny_cfg, path)
 
 
 def test_teacher_arch_mismatch_is_refused(tiny_cfg, teacher_file):
     cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file), "arch": "fcos"},
                                              "methods": METHODS}))
-    with pytest.raises(ValueError, match="arch 'retinanet' in the checkpoint vs 'fcos'"):
+    with pytest.raises(ValueError, match="teacher.pt: .*arch: checkpoint has 'retinanet', expected 'fcos'"):
         DetectionTask(cfg, CLASSES)
+
+
+def test_teacher_checkpoint_is_read_from_disk_once(tiny_cfg, teacher_file, monkeypatch):
+    """Setting up a distillation run reads the teacher file once (it was read, and checked, twice)."""
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    task = make_task(tiny_cfg, teacher_file)
+    assert reads.count(str(teacher_file)) == 1, reads
+    assert task.distiller.teacher.model.aidkd_meta["fpn_channels"] == 32
+
+
+def test_module_state_dict_holds_each_student_tensor_once(tiny_cfg, teacher_file):
+    """The student has one name in the training module ("model."), not a second one under the distiller."""
+    task = make_task(tiny_cfg, teacher_file)
+    state = task.state_dict(keep_vars=True)
+    assert not any(k.startswith("distiller.student.") for k in state)
+    assert len({id(v) for v in state.values()}) == len(state), "a tensor under two names"
+    student = {f"model.{k}" for k in task.model.state_dict()}
+    assert student <= set(state) and all(k in student or k.startswith("distiller.methods.") for k in state)
+    # the distiller still drives the student's mode and gets its gradients through the module's parameters
+    task.eval()
+    assert not task.distiller.student.training
+    task.train()
+    assert task.distiller.student is task.model and task.model.training
+    assert {id(p) for p in task.model.parameters()} <= {id(p) for p in task.parameters()}
+
+
+def test_checkpoint_state_with_the_old_student_alias_loads(tiny_cfg, teacher_file):
+    """Lightning checkpoints of distillation runs: the layout the earlier code wrote ("model.*" and
+    "distiller.methods.*", the alias stripped) and one holding the student under its old second name
+    ("distiller.student.*") both load strictly into the module, with the same tensors."""
+    torch.manual_seed(3)
+    source = make_task(tiny_cfg, teacher_file).state_dict()
+    torch.manual_seed(4)
+    for layout in ("stripped", "alias_only", "both"):
+        state = dict(source)
+        if layout != "stripped":
+            state.update({f"distiller.student.{k.removeprefix('model.')}": v for k, v in source.items()
+                          if k.startswith("model.")})
+        if layout == "alias_only":
+            state = {k: v for k, v in state.items() if not k.startswith("model.")}
+        task = make_task(tiny_cfg, teacher_file)
+        ckpt = {"state_dict": state}
+        task.on_load_checkpoint(ckpt)
+        task.load_state_dict(ckpt["state_dict"], strict=True)
+        assert all(torch.equal(v, source[k]) for k, v in task.state_dict().items()), layout
 
 
 def test_dry_run_fails_loudly_on_normalisation_mismatch(tiny_cfg, tmp_path):

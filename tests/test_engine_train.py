@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict
-from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import NonFiniteLossError
 from aidkd.engine.run import evaluate, train
+from aidkd.models import load_detector
 
 
 @pytest.fixture(scope="module")

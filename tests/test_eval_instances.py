@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from aidkd.engine.analysis import analyze, instance_rows
 from aidkd.engine.config import config_from_dict
-from aidkd.engine.model_io import model_meta, save_model_file
 from aidkd.eval import instances as ins
-from aidkd.models import build_detector, ops
+from aidkd.models import build_detector, model_meta, ops, save_model_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 
@@ -124,7 +124,7 @@ def _cfg(tiny_cfg, **extra):
 
 def test_collect_rows_from_a_known_teacher(tiny_cfg, teacher_file, known_teacher, synth_root):
     cfg = _cfg(tiny_cfg)
-    rows = ins.collect_rows(cfg, teacher_file, split="val")
+    rows = instance_rows(cfg, teacher_file, split="val")
     assert rows and {r["class"] for r in rows} <= set(CLASSES)
     for r in rows:
         car = r["class"] == "Car"
@@ -180,7 +180,7 @@ def test_no_instances_is_an_error(tiny_cfg, tmp_path):
     tram = save_model_file(tmp_path / "tram.pt", m, model_meta(m, ["Tram"], 64, 192, {}))
     cfg = _cfg(tiny_cfg, data={"classes": ["Tram"], "ignore_classes": []})
     with pytest.raises(ValueError, match="no ground-truth instance"):
-        ins.analyze(cfg, tram, tmp_path / "a")
+        analyze(cfg, tram, tmp_path / "a")
 
 
 def test_report_shows_the_analysis_folder(tmp_path):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from aidkd.engine.model_io import model_meta, save_model_file
 from aidkd.export import (
     DEFAULT_BOX_TOL,
     DEFAULT_SCORE_TOL,
@@ -17,7 +16,7 @@ from aidkd.export import (
     sample_images,
     sample_sizes,
 )
-from aidkd.models import build_detector
+from aidkd.models import build_detector, model_meta, save_model_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 MIN, MAX = 64, 160  # FCOS's GroupNorm needs more than a 1x1 P7 map: keep the padded input above 128 px wide

@@ -216,12 +216,12 @@ def test_bad_checkpoint_for_resume_and_eval_is_one_line(finished_run, tmp_path, 
 def test_full_disk_is_one_line_naming_the_file(tiny_cfg, tmp_path, capsys, monkeypatch):
     import errno
 
-    from aidkd.models import checkpoint
+    from aidkd.models import weights
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(weights.torch, "save", full)
     raw = tiny_cfg("full", train=QUICK)
     assert main(["train", str(_yaml(raw, tmp_path / "f.yaml"))]) == 2
     line = _error_line(capsys)
@@ -389,9 +389,9 @@ def test_kitti_number_with_an_underscore_is_refused():
 
 
 def test_report_per_class_table_keeps_class_names_with_a_slash():
-    from aidkd.report import _classes_of
+    from aidkd.eval.evaluator import metric_classes
 
-    assert _classes_of({"coco/AP": 1.0, "coco/AP/bus/truck": 2.0, "voc/AP50/bus/truck": 3.0}) == ["bus/truck"]
+    assert metric_classes({"coco/AP": 1.0, "coco/AP/bus/truck": 2.0, "voc/AP50/bus/truck": 3.0}) == ["bus/truck"]
 
 
 def test_kitti_metrics_with_non_kitti_classes_fail_before_training(tiny_cfg, tmp_path, capsys):
@@ -405,9 +405,8 @@ def test_kitti_metrics_with_non_kitti_classes_fail_before_training(tiny_cfg, tmp
 def test_huge_loss_scale_warns(tmp_path, caplog):
     import logging
 
-    from aidkd.engine.model_io import model_meta, save_model_file
     from aidkd.engine.module import DetectionTask
-    from aidkd.models import build_detector
+    from aidkd.models import build_detector, model_meta, save_model_file
     from tests.conftest import TINY_MODEL
 
     teacher = build_detector("retinanet", "resnet18", 4, min_size=64, max_size=192, fpn_channels=16)

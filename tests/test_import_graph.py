@@ -61,6 +61,31 @@ def test_no_import_circles(package):
     assert _cycles([m for m in MODULES if m == package or m.startswith(package + ".")]) == []
 
 
+# the rooms of docs/architecture.md and the rooms each may import ("aidkd": the package's own __init__, its version)
+ALLOWED = {
+    "cli": {"report", "export", "engine", "eval", "distill", "data", "models", "aidkd"},
+    "report": {"engine", "eval", "data", "models", "aidkd"},
+    "export": {"engine", "data", "models"},
+    "engine": {"distill", "eval", "models", "data"},
+    "eval": {"models", "data"},
+    "distill": {"models"},
+    "models": set(),
+    "data": set(),
+}
+
+
+def _room(module: str) -> str:
+    return module.split(".")[1] if "." in module else "aidkd"
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    """Also through imports inside functions: e.g. eval importing engine (the instance analysis once did) fails."""
+    upward = sorted(f"{m} -> {n}" for m in MODULES if _room(m) in ALLOWED for n in _imports(m)
+                    if _room(n) != _room(m) and _room(n) not in ALLOWED[_room(m)])
+    assert upward == []
+    assert set(ALLOWED) | {"aidkd"} >= {_room(m) for m in MODULES}, "a new room: add it to ALLOWED and the docs"
+
+
 def test_each_models_module_imports_first():
     # one interpreter (torch loads once); aidkd is dropped from sys.modules before each module, so every module is
     # imported as the first aidkd module, the order in which a hidden circle shows up as an ImportError

@@ -103,7 +103,7 @@ def test_new_classes_loads_all_but_the_class_layers(tmp_path, arch, caplog):
     torch.manual_seed(1)
     fresh = build_detector(arch, "resnet18", 12, min_size=H, max_size=W, fpn_channels=16).state_dict()
     torch.manual_seed(1)
-    with caplog.at_level("WARNING", logger="aidkd.models.build"):
+    with caplog.at_level("WARNING", logger="aidkd.models.weights"):
         dst = build_detector(arch, "resnet18", 12, min_size=H, max_size=W, fpn_channels=16,
                              weights=tmp_path / "model.pt", new_classes=True)
     old = src.state_dict()

@@ -1,4 +1,4 @@
-"""aidkd.models.checkpoint: atomic writes, non-finite refusal, safe loading, compatibility messages."""
+"""aidkd.models.weights: atomic writes, non-finite refusal, safe loading, compatibility messages."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from aidkd.models.checkpoint import (
+from aidkd.models.weights import (
     CheckpointError,
     NonFiniteCheckpointError,
     check_compatible,

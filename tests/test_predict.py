@@ -7,11 +7,10 @@ import torch
 from PIL import Image
 
 from aidkd.engine.config import config_from_dict
-from aidkd.engine.model_io import model_meta, save_model_file
 from aidkd.engine.predict import is_video_source, predict_command
 from aidkd.engine.video import count_frames, iter_video_frames, video_fps, write_video
 from aidkd.eval.kitti_io import read_kitti_predictions
-from aidkd.models import build_detector
+from aidkd.models import build_detector, model_meta, save_model_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 H, W = 64, 160

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict, dump_config
-from aidkd.engine.model_io import model_meta, save_model_file
-from aidkd.models import build_detector
+from aidkd.models import build_detector, model_meta, save_model_file
 from aidkd.report import ap_noise, best_row, build_report, discover_runs, read_aid_weights, tensorboard_images
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
@@ -224,7 +223,8 @@ def test_best_only_beyond_noise():
 
 
 def test_comparison_delta_digits_and_noise(tmp_path):
-    from aidkd.report import EvalResult, Run, _comparison_html
+    from aidkd.report import EvalResult, Run
+    from aidkd.report.html import _comparison_html
 
     def run(name, ap, n_gt):
         m = {"coco/AP": ap, "coco/AP50": 2 * ap, "voc/mAP50": 2 * ap, "kitti/moderate_mAP": ap}

@@ -270,7 +270,7 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, num_samples: int 
     of ``latency_runs``). Returns a human-readable report; raises :class:`ParityError` when parity fails."""
     import onnxruntime as ort
 
-    from aidkd.engine.model_io import load_detector
+    from aidkd.models import load_detector
 
     if num_samples < 1:
         raise ValueError(f"--samples must be >= 1, got {num_samples}")

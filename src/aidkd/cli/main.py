@@ -154,7 +154,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from aidkd.eval.instances import analyze, format_summary
+    from aidkd.engine.analysis import analyze
+    from aidkd.eval.instances import format_summary
 
     cfg = _load(args)
     summary = analyze(cfg, args.teacher, Path(args.out), split=args.split, student=args.student,
@@ -286,7 +287,7 @@ def _user_error(e: BaseException) -> str | None:
 
     from aidkd.data.structures import DatasetError
     from aidkd.engine.module import NonFiniteLossError
-    from aidkd.models.checkpoint import CheckpointError
+    from aidkd.models.weights import CheckpointError
 
     if isinstance(e, DatasetError):  # may list several problems, one per line
         return str(e)

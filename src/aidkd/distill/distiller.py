@@ -69,10 +69,14 @@ def match_levels(s_strides: list[int], t_strides: list[int]) -> LevelMatch:
 
 
 class Distiller(nn.Module):
-    """Student + distillation modules (trainable, checkpointed) with a frozen teacher beside them.
+    """The distillation modules (trainable, checkpointed) between a student and a frozen teacher.
 
     ``forward(images, targets)`` returns the student's detection losses plus every weighted distillation term
     (keys ``distill/<method>/<term>``, each times ``loss_scale``) and AID statistics in ``self.last_stats``.
+
+    Neither detector is a submodule: the student belongs to whoever trains it (``DetectionTask.model``), so it has
+    one name in a state dict, and its parameters are not in ``self.parameters()`` (an optimizer takes both, as
+    ``DetectionTask.configure_optimizers`` does); ``train()`` / ``eval()`` still switch the student's mode.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
@@ -82,7 +86,7 @@ class Distiller(nn.Module):
         if not loss_scale > 0:
             raise ValueError(f"distillation loss_scale must be > 0, got {loss_scale}")
         self.loss_scale = float(loss_scale)
-        self.student = student
+        self._student = [student]  # a list, so nn.Module does not register it (see the class doc)
         self.teacher = FrozenTeacher(teacher)
         self.aid = aid
         self._check_transforms()
@@ -100,6 +104,10 @@ class Distiller(nn.Module):
         self._cache_counts_at_epoch_start = (0, 0)
         self._warned_low_hit_rate = False
         self.last_inputs: DistillInputs | None = None
+
+    @property
+    def student(self) -> nn.Module:
+        return self._student[0]
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -145,6 +153,7 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
+        self.student.train(mode)  # not a submodule (see the class doc), but it trains with the distiller
         self.teacher.model.eval()
         return self
 

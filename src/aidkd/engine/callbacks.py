@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from aidkd.engine.model_io import save_model_file
 from aidkd.eval.evaluator import PRIMARY_METRIC
+from aidkd.models import save_model_file
 
 log = logging.getLogger("aidkd.engine")
 

@@ -1,4 +1,4 @@
-"""Lightning checkpoint I/O that is atomic, refuses non-finite weights, and loads with ``weights_only=True``."""
+"""Lightning checkpoint I/O through ``aidkd.models.weights``: atomic, refuses non-finite weights, ``weights_only``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from aidkd.models.checkpoint import load_checkpoint, save_checkpoint
+from aidkd.models.weights import load_checkpoint, save_checkpoint
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

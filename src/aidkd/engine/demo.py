@@ -190,7 +190,7 @@ def aid_summary_text(s: dict) -> str:
 def analyze_teacher(raw: dict, out_dir: Path) -> dict:
     """``aidkd analyze`` of the KD + AID run's teacher on the validation split: how many instances it finds, and the
     AID weights (at the run's alpha) of the found vs the missed ones."""
-    from aidkd.eval.instances import analyze
+    from aidkd.engine.analysis import analyze
 
     cfg = config_from_dict(raw)
     s = analyze(cfg, cfg.distill.teacher.checkpoint, out_dir, split="val")

@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from aidkd.engine.config import RunConfig
-from aidkd.engine.model_io import load_detector, model_meta
 from aidkd.eval import DetectionEvaluator
-from aidkd.models import build_detector
+from aidkd.models import build_detector, load_detector, model_meta
 from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 
 log = logging.getLogger("aidkd.engine")
@@ -32,8 +31,9 @@ class NonFiniteLossError(RuntimeError):
 class DetectionTask(L.LightningModule):
     """Trains ``cfg.model`` on ``classes``; with ``cfg.distill`` set, distils it from the configured teacher.
 
-    Only trainable parts live in the module tree: the student (``self.model``) and, when distilling, the
-    distillation modules (``self.distiller.methods``). The teacher sits outside it (see ``Distiller``).
+    Only trainable parts live in the module tree, each under one name: the student (``self.model``) and, when
+    distilling, the distillation modules (``self.distiller.methods``). The distiller uses the student without
+    owning it, and the teacher sits outside the tree (see ``Distiller``).
     """
 
     def __init__(self, cfg: RunConfig, classes: list[str], val_records=None, kitti_metrics: bool = False,
@@ -270,18 +270,14 @@ class DetectionTask(L.LightningModule):
         checkpoint["aidkd_config"] = self.cfg.to_dict()
         checkpoint["aidkd_rng"] = rng_state()
         checkpoint["aidkd_bad_steps"] = self.bad_steps
-        # The distiller holds the student too: its entries are the "model.*" tensors again, saved once only.
-        state = checkpoint.get("state_dict", {})
-        for k in [k for k in state if k.startswith(_STUDENT_ALIAS)]:
-            del state[k]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Runs before Lightning loads the state dict: restore the student's second name (strict loading needs it).
+        # Runs before Lightning loads the state dict. The student once had a second name under the distiller: a
+        # checkpoint holding tensors under it loads them as the "model.*" ones they are.
         state = checkpoint.get("state_dict")
-        if self.distiller is not None and state is not None:
-            for k, v in list(state.items()):
-                if k.startswith("model."):
-                    state.setdefault(_STUDENT_ALIAS + k.removeprefix("model."), v)
+        if state is not None:
+            for k in [k for k in state if k.startswith(_OLD_STUDENT_ALIAS)]:
+                state.setdefault("model." + k.removeprefix(_OLD_STUDENT_ALIAS), state.pop(k))
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
@@ -302,7 +298,7 @@ class DetectionTask(L.LightningModule):
         log.info("resumed with train.lr=%g (the checkpoint was trained with %g)", lr, self._resumed_lr)
 
 
-_STUDENT_ALIAS = "distiller.student."
+_OLD_STUDENT_ALIAS = "distiller.student."
 
 
 def rng_state() -> dict:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from aidkd.engine.config import RunConfig
-from aidkd.engine.model_io import load_detector
+from aidkd.models import load_detector
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]

@@ -15,7 +15,6 @@ from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoi
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
 from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
-from aidkd.engine.model_io import load_detector
 from aidkd.engine.module import VAL_PREFIX, DetectionTask
 from aidkd.engine.run_folder import (
     RunFolderLock,
@@ -26,7 +25,8 @@ from aidkd.engine.run_folder import (
     resolve_resume,
 )
 from aidkd.eval.evaluator import PRIMARY_METRIC
-from aidkd.models.checkpoint import CheckpointError
+from aidkd.models import load_detector
+from aidkd.models.weights import CheckpointError
 
 log = logging.getLogger("aidkd.engine")
 
@@ -45,6 +45,7 @@ def _precision(cfg: RunConfig) -> str:
 
 
 def uses_kitti_metrics(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s runs compute KITTI AP|R40: ``eval.kitti`` when set, else on for KITTI and synth data."""
     return cfg.eval.kitti if cfg.eval.kitti is not None else cfg.data.format in ("kitti", "synth")
 
 

@@ -21,9 +21,45 @@ def _to_np(x: Any, dtype) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def coco_key(name: str) -> str:
+    """The key of one of COCO's summary numbers (``name`` in ``COCO_METRIC_NAMES``: ``coco/AP``, ``coco/AP50``...)."""
+    return f"coco/{name}"
+
+
 #: The headline metric (the key in ``DetectionEvaluator.compute()``); training logs it as ``val/coco/AP``
 #: (``aidkd.engine.module.VAL_PREFIX``) and keeps the best checkpoint by it.
-PRIMARY_METRIC = "coco/AP"
+PRIMARY_METRIC = coco_key("AP")
+#: the other headline keys: VOC mAP at IoU 0.5 (the paper's KITTI metric) and KITTI AP|R40 moderate, class mean
+VOC_METRIC = "voc/mAP50"
+KITTI_METRIC = "kitti/moderate_mAP"
+#: the headline keys in the order tables show them
+HEADLINE_METRICS = (*(coco_key(n) for n in COCO_METRIC_NAMES), VOC_METRIC, KITTI_METRIC)
+
+
+def coco_class_key(cls: str) -> str:
+    """The key of a class's COCO AP (``coco/AP/<class>``)."""
+    return f"coco/AP/{cls}"
+
+
+def voc_class_key(cls: str) -> str:
+    """The key of a class's VOC AP at IoU 0.5 (``voc/AP50/<class>``)."""
+    return f"voc/AP50/{cls}"
+
+
+def kitti_class_key(cls: str, difficulty: str) -> str:
+    """The key of a class's KITTI AP|R40 at one difficulty (``kitti/<class>/<difficulty>``)."""
+    return f"kitti/{cls}/{difficulty}"
+
+
+def metric_classes(metrics: Mapping[str, float]) -> list[str]:
+    """The class names of the per-class COCO / VOC keys in ``metrics``, in order (a name may hold "/" itself)."""
+    out = []
+    for k in metrics:
+        parts = k.split("/", 2)
+        if len(parts) == 3 and parts[0] in ("coco", "voc") and parts[1] in ("AP", "AP50") and parts[2] not in out:
+            out.append(parts[2])
+    return out
+
 
 class DetectionEvaluator:
     """Collects per-image predictions and computes flat metrics (percent).
@@ -107,9 +143,9 @@ class DetectionEvaluator:
         dets = {int(r.image_id): {"boxes": p[0], "scores": p[1], "labels": p[2]} for r, p in zip(records, preds)}
         coco = coco_map(gt, dets)
         for name in COCO_METRIC_NAMES:
-            metrics[f"coco/{name}"] = coco[name]
+            metrics[coco_key(name)] = coco[name]
         for cls in self.classes:
-            metrics[f"coco/AP/{cls}"] = coco["per_class"].get(cls, float("nan"))
+            metrics[coco_class_key(cls)] = coco["per_class"].get(cls, float("nan"))
 
         # VOC
         gt_boxes, gt_labels, ign_boxes = [], [], []
@@ -121,9 +157,9 @@ class DetectionEvaluator:
         voc = voc_map(gt_boxes, gt_labels, ign_boxes, [p[0] for p in preds], [p[1] for p in preds],
                       [p[2] for p in preds], num_classes=len(self.classes), iou=self.voc_iou,
                       class_names=self.classes)
-        metrics["voc/mAP50"] = voc["mAP"]
+        metrics[VOC_METRIC] = voc["mAP"]
         for cls in self.classes:
-            metrics[f"voc/AP50/{cls}"] = voc["per_class"][cls]
+            metrics[voc_class_key(cls)] = voc["per_class"][cls]
 
         # KITTI
         if self.kitti:
@@ -136,8 +172,8 @@ class DetectionEvaluator:
             self.kitti_result = res
             for cls in self.classes:
                 for diff in DIFFICULTIES:
-                    metrics[f"kitti/{cls}/{diff}"] = res.ap[cls][diff]
-            metrics["kitti/moderate_mAP"] = res.mean_ap("moderate")
+                    metrics[kitti_class_key(cls, diff)] = res.ap[cls][diff]
+            metrics[KITTI_METRIC] = res.mean_ap("moderate")
         return metrics
 
 
@@ -145,8 +181,8 @@ _METRIC_MEANINGS = {
     "coco/AP": "COCO AP, IoU 0.50:0.95, mean over classes", "coco/AP50": "COCO AP at IoU 0.50",
     "coco/AP75": "COCO AP at IoU 0.75", "coco/APs": "COCO AP, small objects (< 32x32 px)",
     "coco/APm": "COCO AP, medium objects", "coco/APl": "COCO AP, large objects (> 96x96 px)",
-    "voc/mAP50": "VOC mAP at IoU 0.5 (the paper's KITTI metric)",
-    "kitti/moderate_mAP": "KITTI AP|R40, moderate, mean over classes",
+    VOC_METRIC: "VOC mAP at IoU 0.5 (the paper's KITTI metric)",
+    KITTI_METRIC: "KITTI AP|R40, moderate, mean over classes",
 }
 
 

@@ -12,11 +12,13 @@ height / occlusion / truncation / difficulty come from the label (original image
 The summary says how much AID's weights could act: the mean weight of found and of missed instances and their ratio
 (the contrast AID puts between them), the ROC AUC of ``w`` for separating found from missed (how well the teacher's
 loss *ranks* them; the same at every alpha, as ``w`` is monotone in D^T), and weight histograms per class and per
-KITTI difficulty. ``analyze`` writes ``instances.csv``, ``summary.json`` and ``weights.png`` into one folder;
+KITTI difficulty. ``write_analysis`` writes ``instances.csv``, ``summary.json`` and ``weights.png`` into one folder;
 ``aidkd report`` shows that folder when it is ``RUN_DIR/analysis``.
 
 The pieces (:func:`kitti_difficulty`, :func:`match_detections`, :func:`roc_auc`, :func:`summarize`) are plain
-functions of numbers, tested on hand-built cases; :func:`collect_rows` runs the models.
+functions of numbers, tested on hand-built cases; :func:`collect_rows` runs the models over a dataset and
+:func:`write_analysis` writes the files. Building the dataset and models from a run config is
+``aidkd.engine.analysis.analyze`` (this module imports nothing from ``aidkd.engine``).
 """
 from __future__ import annotations
 
@@ -262,7 +264,8 @@ def plot_weights(rows: list[dict], summary: dict, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _synth_meta(root: Path) -> dict | None:
+def read_synth_meta(root: Path) -> dict | None:
+    """The ``frames`` of ``root/synth_meta.json`` (the generator's per-object flags), None without that file."""
     p = root / "synth_meta.json"
     if not p.exists():
         return None
@@ -317,32 +320,25 @@ def _model_view(model, images: list[Tensor], targets: list[dict], score_thresh: 
     return tl.per_instance, parts, matches
 
 
-def collect_rows(cfg, teacher: str | Path, split: str = "val", student: str | Path | None = None,
-                 score_thresh: float = DEFAULT_SCORE_THRESH, alpha: float | None = None) -> list[dict]:
+def collect_rows(dataset, classes: Sequence[str], teacher: torch.nn.Module, student: torch.nn.Module | None = None,
+                 synth_meta: dict | None = None, batch_size: int = 8, score_thresh: float = DEFAULT_SCORE_THRESH,
+                 alpha: float = 0.1) -> list[dict]:
     """One row (dict with :data:`COLUMNS`, plus :data:`STUDENT_COLUMNS` with a student) per ground-truth instance of
-    ``split`` of ``cfg``'s dataset, from the ``teacher`` checkpoint (and ``student``)."""
+    ``dataset`` (a ``DetectionDataset`` built with ``train=False``), from the ``teacher`` model (and ``student``).
+    ``synth_meta``: the ``frames`` of the data's ``synth_meta.json`` (:func:`read_synth_meta`), if it has one.
+    ``aidkd.engine.analysis`` builds the dataset and models from a config."""
     from aidkd.data import collate_fn
-    from aidkd.engine.datamodule import DetectionDataModule, synth_root
-    from aidkd.engine.model_io import load_detector
 
-    alpha = _config_alpha(cfg) if alpha is None else alpha
-    dm = DetectionDataModule(cfg.data)
-    dm.prepare_data()
-    ds = dm.make_dataset(split, train=False)
-    t_model, _ = load_detector(teacher, classes=dm.classes)
-    s_model = load_detector(student, classes=dm.classes)[0] if student else None
-    root = synth_root(cfg.data) if cfg.data.format == "synth" else Path(cfg.data.root or ".")
-    meta = _synth_meta(root) if cfg.data.format in ("synth", "kitti") else None
-    bs = cfg.data.val_batch_size or cfg.data.batch_size
+    ds, meta, bs = dataset, synth_meta, batch_size
     rows: list[dict] = []
     for start in range(0, len(ds), bs):
         idx = list(range(start, min(start + bs, len(ds))))
         images, targets = collate_fn([ds[i] for i in idx])
         kept = [_kept_positives(ds, ds.records[i], t, tuple(img.shape[-2:]))
                 for i, t, img in zip(idx, targets, images)]
-        thresholds = [[iou_threshold(dm.classes[int(lab) - 1]) for lab in t["labels"]] for t in targets]
-        t_loss, t_parts, t_match = _model_view(t_model, images, targets, score_thresh, thresholds)
-        s_loss, _, s_match = (_model_view(s_model, images, targets, score_thresh, thresholds) if s_model is not None
+        thresholds = [[iou_threshold(classes[int(lab) - 1]) for lab in t["labels"]] for t in targets]
+        t_loss, t_parts, t_match = _model_view(teacher, images, targets, score_thresh, thresholds)
+        s_loss, _, s_match = (_model_view(student, images, targets, score_thresh, thresholds) if student is not None
                               else (None, None, None))
         for b, i in enumerate(idx):
             r = ds.records[i]
@@ -371,26 +367,13 @@ def collect_rows(cfg, teacher: str | Path, split: str = "val", student: str | Pa
     return rows
 
 
-def _config_alpha(cfg) -> float:
-    aid = getattr(getattr(cfg, "distill", None), "aid", None)
-    return float(aid.alpha) if aid is not None else 0.1
-
-
-def analyze(cfg, teacher: str | Path, out_dir: str | Path, split: str = "val", student: str | Path | None = None,
-            score_thresh: float = DEFAULT_SCORE_THRESH) -> dict:
-    """Run :func:`collect_rows`, write ``instances.csv``, ``summary.json`` and ``weights.png`` into ``out_dir``
-    and return the summary."""
+def write_analysis(rows: list[dict], out_dir: str | Path, alpha: float, info: dict) -> dict:
+    """Summarise ``rows`` (:func:`summarize`, plus ``info``: checkpoints, split, threshold, config name), write
+    ``instances.csv``, ``summary.json`` and ``weights.png`` into ``out_dir`` and return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    alpha = _config_alpha(cfg)
-    rows = collect_rows(cfg, teacher, split=split, student=student, score_thresh=score_thresh, alpha=alpha)
-    if not rows:
-        raise ValueError(f"{split} split of {cfg.name}: no ground-truth instance of {cfg.data.classes or 'the classes'}"
-                         " to analyse")
     summary = summarize(rows, alpha)
-    summary.update({"teacher_checkpoint": str(teacher), "student_checkpoint": str(student) if student else None,
-                    "split": split,
-                    "score_thresh": score_thresh, "config": cfg.name})
+    summary.update(info)
     write_csv(rows, out / "instances.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot_weights(rows, summary, out / "weights.png")

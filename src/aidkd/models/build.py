@@ -8,16 +8,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torchvision.models import get_weight
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
 
 from aidkd.models.backbones import BACKBONES, MOBILENETS, build_fpn_backbone
-from aidkd.models.checkpoint import check_compatible, load_checkpoint
+from aidkd.models.weights import (
+    check_compatible,
+    check_enum,
+    enum_state,
+    frozen_bn_in,
+    is_local,
+    load_state,
+    read_model_file,
+    read_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +33,6 @@ _CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "fasterrcnn": FasterRCNN}
 # keyword arguments GeneralizedRCNNTransform takes (the detectors forward unknown kwargs to it, which would
 # otherwise swallow typos silently)
 _TRANSFORM_KWARGS = {"size_divisible", "fixed_size", "_skip_resize"}
-# prefixes under which a detector's weights may sit in a checkpoint's state dict (Lightning / distillation / DDP)
-STATE_PREFIXES = ("distiller.student.", "student.", "model.", "module.", "detector.")
 # torchvision weights trained with BatchNorm eps 0 (torchvision's builders call overwrite_eps(model, 0.0) for them)
 _EPS0_WEIGHTS = {"RetinaNet_ResNet50_FPN_Weights.COCO_V1", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
 
@@ -85,17 +90,20 @@ def build_detector(
     if bbox_loss is not None and arch != "retinanet":
         raise ValueError(f"bbox_loss is a RetinaNet option; {arch} has a fixed box loss")
 
-    state = ckpt_meta = None
-    enum_name = None
+    local = enum_name = None
     if weights is not None:
-        if _is_local(weights):
-            state, ckpt_meta = _read_detector_state(weights)
+        if is_local(weights):
+            local = read_weights(weights)
         else:
             enum_name = str(weights)
-            _check_enum(enum_name, arch, backbone, None if new_classes else num_classes, fpn_channels)
+            check_enum(enum_name, arch, backbone, None if new_classes else num_classes, fpn_channels)
+    if local is not None and local.meta is not None:  # refused before anything is built
+        expected = {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels}
+        check_compatible(local.meta, expected if new_classes else {**expected, "num_classes": num_classes},
+                         None, None)
     if frozen_bn is None:
-        if state is not None:  # follow the checkpoint: trainable BN leaves num_batches_tracked in the state dict
-            frozen_bn = not any("backbone.body." in k and k.endswith("num_batches_tracked") for k in state)
+        if local is not None:  # follow the checkpoint
+            frozen_bn = frozen_bn_in(local.state)
         else:
             frozen_bn = backbone_weights is not None or enum_name is not None
     max_layers = 6 if backbone in MOBILENETS else 5
@@ -131,15 +139,10 @@ def build_detector(
             kwargs["head"] = _fcos_head(fpn_channels, num_classes)
         model = cls(body, num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
-    if state is not None:
-        if ckpt_meta is not None:
-            expected = {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels}
-            check_compatible(ckpt_meta, expected if new_classes else {**expected, "num_classes": num_classes},
-                             None, None)
-        _load_state(model, state, str(weights), new_classes)
+    if local is not None:
+        load_state(model, local.state, local.source, new_classes)
     elif enum_name is not None:
-        w = get_weight(enum_name)
-        _load_state(model, w.get_state_dict(progress=True), enum_name, new_classes)
+        load_state(model, enum_state(enum_name), enum_name, new_classes)
         if enum_name in _EPS0_WEIGHTS:
             overwrite_eps(model, 0.0)
     model.aidkd_meta = {"arch": arch, "backbone": backbone, "num_classes": num_classes,
@@ -187,82 +190,22 @@ def _check_kwargs(fn, kwargs: dict, arch: str, extra: set[str]) -> None:
                              f"{', '.join(sorted(named | extra | {'frozen_bn'}))}")
 
 
-def _is_local(weights) -> bool:
-    p = Path(str(weights))
-    return p.exists() or p.suffix in {".pth", ".pt", ".ckpt", ".bin", ".safetensors"} or "/" in str(weights)
+def load_detector(path: str | Path, classes: list[str] | None = None, arch: str | None = None,
+                  backbone: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild and load a trained detector from an aidkd model file or Lightning checkpoint (read once), refusing
+    it when its classes / arch / backbone differ from the ones asked for (``None``: not checked).
 
-
-def _read_detector_state(path) -> tuple[dict, dict | None]:
-    path = Path(str(path))
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"detector weights not found: {path}")
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None
-    ckpt = load_checkpoint(path)
-    meta = None
-    for key in ("meta", "aidkd_meta"):
-        if isinstance(ckpt.get(key), dict):
-            meta = ckpt[key]
-            break
-    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: no detector state dict found (expected a state dict or a 'state_dict' entry)")
-    return state, meta
-
-
-def _select_state(model: nn.Module, state: dict) -> dict:
-    """The candidate (as is, or with a known prefix stripped) that covers the most of the model's keys."""
-    want = set(model.state_dict())
-    best, best_hits = state, len(want & set(state))
-    for prefix in STATE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        hits = len(want & set(sub))
-        if hits > best_hits:
-            best, best_hits = sub, hits
-    return best
-
-
-def _load_state(model: nn.Module, state: dict, source: str, new_classes: bool = False) -> None:
-    state = _select_state(model, state)
-    own = model.state_dict()
-    # BatchNorm vs FrozenBatchNorm: the only difference in keys is num_batches_tracked; either way is fine to load
-    state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    fresh = []
-    if new_classes and not missing and not unexpected:
-        # Another class set changes only the output (first) dimension of the class-dependent layers; any other
-        # difference means another architecture and stays an error below.
-        fresh = [k for k in mismatched if own[k].shape[1:] == state[k].shape[1:]]
-        state = {k: v for k, v in state.items() if k not in fresh}
-        mismatched = [k for k in mismatched if k not in fresh]
-    shape = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
-    if missing or unexpected or shape:
-        raise ValueError(f"weights {source} do not fit this detector: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {shape[:5]}")
-    if fresh:
-        log.warning("weights %s: another class set; %d class-dependent tensors start fresh: %s", source, len(fresh),
-                    ", ".join(fresh))
-    model.load_state_dict(state, strict=False)
-
-
-def _check_enum(name: str, arch: str, backbone: str, num_classes: int | None, fpn_channels: int) -> None:
-    try:
-        w = get_weight(name)
-    except Exception as e:
-        raise ValueError(f"weights {name!r} is neither an existing file nor a torchvision weight enum name "
-                         f"(e.g. 'RetinaNet_ResNet50_FPN_Weights.COCO_V1'): {e}") from e
-    enum = type(w).__name__.lower()  # e.g. retinanet_resnet50_fpn_weights
-    if not enum.startswith(f"{arch}_{backbone}_fpn_weights"):
-        raise ValueError(f"torchvision weights {name} are for a different detector than {arch} + {backbone} "
-                         f"(torchvision's {type(w).__name__}); use a local checkpoint instead")
-    n = len(w.meta.get("categories", []))
-    if num_classes is not None and n != num_classes:
-        raise ValueError(f"torchvision weights {name} have {n} classes (incl. background); num_classes is "
-                         f"{num_classes}")
-    if fpn_channels != 256:
-        raise ValueError(f"torchvision weights {name} need fpn_channels=256, got {fpn_channels}")
+    Returns ``(model, meta)``; ``meta`` is the file's (see ``aidkd.models.weights.model_meta``).
+    """
+    weights = read_model_file(path)
+    meta = weights.meta
+    asked = {k: v for k, v in (("arch", arch), ("backbone", backbone)) if v is not None}
+    check_compatible(meta, asked, meta["classes"], classes, source=path)
+    # built from the file's own metadata, so the only check is the one above; then its tensors are loaded
+    frozen_bn = meta.get("frozen_bn")
+    model = build_detector(meta["arch"], meta["backbone"], meta["num_classes"], min_size=meta["min_size"],
+                           max_size=meta["max_size"], fpn_channels=meta["fpn_channels"],
+                           frozen_bn=frozen_bn_in(weights.state) if frozen_bn is None else frozen_bn,
+                           **meta.get("kwargs", {}))
+    load_state(model, weights.state, weights.source)
+    return model, meta
