@@ -44,8 +44,10 @@ sys.path.insert(0, str(HERE))
 import accuracy as acc
 from _common import portable
 
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES
+
 REPO = HERE.parent
-CLASSES = ("Car", "Pedestrian", "Cyclist")
+CLASSES = tuple(KITTI_DEFAULT_CLASSES)  # the generated set's classes are KITTI's
 VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")
 SUBSET_METRICS = [("coco/AP/{c}", "COCO AP"), ("voc/AP50/{c}", "VOC AP50"), ("kitti/{c}/moderate", "KITTI mod.")]
 
@@ -119,7 +121,6 @@ def affected_lines(lines: list[str], objects: list[dict], subset_class: str, sub
 def eval_copy(clean: Path, dest: Path, subset_class: str, subset_view: str, keep_affected: bool) -> None:
     """A val-label copy for AP on part of a class: the positives outside the part become ``DontCare`` (ignore
     regions: a detection on them is neither a true nor a false positive), the rest is unchanged."""
-    from aidkd.eval.kitti_ap import KITTI_CLASSES
 
     (dest / "training").mkdir(parents=True)
     os.symlink((clean / "training" / "image_2").resolve(), dest / "training" / "image_2")
@@ -129,7 +130,7 @@ def eval_copy(clean: Path, dest: Path, subset_class: str, subset_view: str, keep
     for f in sorted((clean / "training" / "label_2").glob("*.txt")):
         lines = f.read_text().splitlines()
         hit = affected_lines(lines, meta["frames"][f.stem]["objects"], subset_class, subset_view)
-        out = [f"DontCare {ln.split(' ', 1)[1]}" if ln.split()[0] in KITTI_CLASSES and h != keep_affected else ln
+        out = [f"DontCare {ln.split(' ', 1)[1]}" if ln.split()[0] in KITTI_DEFAULT_CLASSES and h != keep_affected else ln
                for ln, h in zip(lines, hit)]
         (dest / "training" / "label_2" / f.name).write_text("".join(ln + "\n" for ln in out))
 
@@ -529,8 +530,9 @@ def rows_affected(rows: list[dict] | None, clean: Path, subset_class: str, subse
 
 def teacher_analysis(plan: list[dict], results_dir: Path, args) -> tuple[dict | None, list[dict] | None]:
     """``aidkd analyze`` of the teacher on the clean val split, written to ``results_dir/analysis``."""
+    from aidkd.engine.analysis import analyze
     from aidkd.engine.config import config_from_dict
-    from aidkd.eval.instances import analyze, read_csv
+    from aidkd.eval.instances import read_csv
 
     teacher = next(r for r in plan if r["variant"] == "teacher")
     ckpt = Path(teacher["cfg"]["output_dir"]) / "model_best.pt"

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from aidkd.data.kitti import KITTI_DEFAULT_CLASSES
+
 REPO = Path(__file__).resolve().parents[1]
 
 # method.md's weights (AID rows), as configs/ and the accuracy profiles use them
@@ -45,7 +47,7 @@ WEIGHTS = {
 }
 # Per profile: the generated set, the classes and the training schedule; --num-images/--height/--width override.
 PROFILES = {
-    "tiny": {"num_images": 80, "height": 64, "width": 192, "classes": ["Car", "Pedestrian", "Cyclist"],
+    "tiny": {"num_images": 80, "height": 64, "width": 192, "classes": list(KITTI_DEFAULT_CLASSES),
              "synth": {}, "train": {"lr": 1e-3, "warmup_steps": 20}},
     # the demo's easy profile (src/aidkd/engine/demo.py DEMO_SYNTH) and its schedule
     "easy": {"num_images": 200, "height": 96, "width": 320, "classes": ["Car"],
@@ -120,7 +122,7 @@ def magnitudes(out: Path, args, arch: str, teacher_ckpt: str, student_ckpt: str)
     from aidkd.data.dataset import DetectionDataset, collate_fn
     from aidkd.data.kitti import load_kitti_records
     from aidkd.distill.distiller import Distiller
-    from aidkd.engine.model_io import load_detector
+    from aidkd.models import load_detector
 
     root = out / "data"
     classes = PROFILES[args.profile]["classes"]

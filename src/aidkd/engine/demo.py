@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 
 from aidkd.engine.config import config_from_dict
+from aidkd.eval.evaluator import KITTI_METRIC, PRIMARY_METRIC, VOC_METRIC, coco_class_key, coco_key
 
 console = Console(soft_wrap=True)  # lines stay whole in a log file or pipe, as in the CLI
 
@@ -102,7 +103,7 @@ def results_table(results: dict[str, dict], names: dict[str, str] | None = None,
     names = names or {}
     per_class = list(classes or []) if len(classes or []) > 1 else []
     cols = ["COCO AP", "AP50", *(f"AP {c}" for c in per_class), "VOC mAP@0.5", "KITTI moderate mAP", "train s"]
-    keys = ["coco/AP", "coco/AP50", *(f"coco/AP/{c}" for c in per_class), "voc/mAP50", "kitti/moderate_mAP"]
+    keys = [PRIMARY_METRIC, coco_key("AP50"), *(coco_class_key(c) for c in per_class), VOC_METRIC, KITTI_METRIC]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
         m = r["metrics"]
