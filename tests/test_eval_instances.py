@@ -199,3 +199,33 @@ def test_report_shows_the_analysis_folder(tmp_path):
     page = build_report(run).read_text()
     assert 'id="analysis"' in page and "ROC AUC of w for found vs missed: 1.000" in page
     assert f"{math.exp(-0.05):.3f}" in page  # mean w of the found instance at alpha 0.1
+
+
+def test_analyze_refuses_a_folder_that_is_not_an_analysis(tiny_cfg, teacher_file, tmp_path):
+    """`--out` pointing at a dataset or run folder would overwrite files there: refused before anything is read or
+    written; an earlier analysis folder is replaced."""
+    from aidkd.cli.main import main
+    from aidkd.engine.analysis import check_analysis_folder
+
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "summary.json").write_text("user's file")
+    (data / "labels.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*dataset holds files that are not an earlier analysis \(labels.txt\)"):
+        analyze(_cfg(tiny_cfg), teacher_file, data)
+    assert (data / "summary.json").read_text() == "user's file"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_analysis_folder(tmp_path / "afile")
+    earlier = tmp_path / "analysis"
+    earlier.mkdir()
+    (earlier / "instances.csv").write_text("old")
+    check_analysis_folder(earlier)  # an earlier analysis may be replaced
+    check_analysis_folder(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+    import yaml
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg(model={"arch": "gfl"})))
+    assert main(["analyze", str(cfg_path), "--teacher", str(teacher_file), "--out", str(data)]) == 2

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from aidkd.engine.config import RunConfig
 from aidkd.engine.datamodule import DetectionDataModule, synth_root
-from aidkd.eval.instances import DEFAULT_SCORE_THRESH, collect_rows, read_synth_meta, write_analysis
+from aidkd.engine.run_folder import RunFolderError
+from aidkd.eval.instances import (ANALYSIS_OUTPUTS, DEFAULT_SCORE_THRESH, collect_rows, read_synth_meta,
+                                  write_analysis)
 from aidkd.models import load_detector
 
 
@@ -33,16 +35,29 @@ def instance_rows(cfg: RunConfig, teacher: str | Path, split: str = "val", stude
                         alpha=alpha)
 
 
+def check_analysis_folder(folder: Path) -> None:
+    """Refuse an output folder that holds anything but an earlier analysis's files (a dataset, a run folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} is a file, not a folder")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ANALYSIS_OUTPUTS) if folder.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise RunFolderError(f"--out {folder} holds files that are not an earlier analysis ({shown}); choose a new or "
+                             "empty folder, e.g. RUN_DIR/analysis")
+
+
 def analyze(cfg: RunConfig, teacher: str | Path, out_dir: str | Path, split: str = "val",
             student: str | Path | None = None, score_thresh: float = DEFAULT_SCORE_THRESH) -> dict:
     """Run :func:`instance_rows`, write ``instances.csv``, ``summary.json`` and ``weights.png`` into ``out_dir``
-    and return the summary."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    and return the summary. ``out_dir`` must be new, empty or an earlier analysis (which is replaced): a dataset or
+    run folder is refused before anything is read or written."""
+    check_analysis_folder(Path(out_dir))
     alpha = config_alpha(cfg)
     rows = instance_rows(cfg, teacher, split=split, student=student, score_thresh=score_thresh, alpha=alpha)
     if not rows:
         raise ValueError(f"{split} split of {cfg.name}: no ground-truth instance of {cfg.data.classes or 'the classes'}"
                          " to analyse")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_analysis(rows, out_dir, alpha, {
         "teacher_checkpoint": str(teacher), "student_checkpoint": str(student) if student else None, "split": split,
         "score_thresh": score_thresh, "config": cfg.name})

@@ -367,6 +367,10 @@ def collect_rows(dataset, classes: Sequence[str], teacher: torch.nn.Module, stud
     return rows
 
 
+#: what :func:`write_analysis` writes: a folder holding only these (or nothing) is an analysis folder
+ANALYSIS_OUTPUTS = ("instances.csv", "summary.json", "weights.png")
+
+
 def write_analysis(rows: list[dict], out_dir: str | Path, alpha: float, info: dict) -> dict:
     """Summarise ``rows`` (:func:`summarize`, plus ``info``: checkpoints, split, threshold, config name), write
     ``instances.csv``, ``summary.json`` and ``weights.png`` into ``out_dir`` and return the summary."""
