@@ -112,3 +112,20 @@ def test_validation():
         ev.update([0], [{"boxes": [[0, 0, 1, 1]], "scores": [0.5], "labels": [0]}])
     with pytest.raises(ValueError):
         ev.update([0, 1], [perfect(recs[0])])
+
+
+def test_scored_detections_keeps_scored_classes_in_original_pixels():
+    """The boxes validation and the report score: score >= threshold, never label 0 (background), divided by the
+    dataset's per-axis factors."""
+    import torch
+
+    from aidkd.eval.evaluator import scored_detections
+
+    pred = {"boxes": torch.tensor([[10.0, 20, 30, 40], [0, 0, 8, 8], [2, 4, 6, 8]]),
+            "scores": torch.tensor([0.9, 0.01, 0.5]), "labels": torch.tensor([1, 2, 0])}
+    keep, det = scored_detections(pred, {"scale": 3.0, "scale_xy": (2.0, 4.0)}, 0.05)
+    assert keep.tolist() == [True, False, False]
+    assert det["boxes"].tolist() == [[5.0, 5.0, 15.0, 10.0]]
+    assert det["scores"].tolist() == [pytest.approx(0.9)] and det["labels"].tolist() == [1]
+    _, det = scored_detections(pred, {"scale": 2.0}, 0.0)  # no per-axis factors: the one scale
+    assert det["boxes"].tolist() == [[5.0, 10.0, 15.0, 20.0], [0.0, 0.0, 4.0, 4.0]]

@@ -7,8 +7,13 @@ from pathlib import Path
 from aidkd.engine.config import RunConfig
 from aidkd.engine.datamodule import DetectionDataModule, synth_root
 from aidkd.engine.run_folder import RunFolderError
-from aidkd.eval.instances import (ANALYSIS_OUTPUTS, DEFAULT_SCORE_THRESH, collect_rows, read_synth_meta,
-                                  write_analysis)
+from aidkd.eval.instances import (
+    ANALYSIS_OUTPUTS,
+    DEFAULT_SCORE_THRESH,
+    collect_rows,
+    read_synth_meta,
+    write_analysis,
+)
 from aidkd.models import load_detector
 
 

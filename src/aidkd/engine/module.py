@@ -12,6 +12,7 @@ from torch import Tensor
 
 from aidkd.engine.config import RunConfig
 from aidkd.eval import DetectionEvaluator
+from aidkd.eval.evaluator import scored_detections
 from aidkd.models import build_detector, load_detector, model_meta
 from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 
@@ -239,12 +240,7 @@ class DetectionTask(L.LightningModule):
         images, targets = batch
         preds = self.model(images)
         for p, t in zip(preds, targets):
-            sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
-            keep = (p["scores"] >= self.cfg.eval.score_thresh) & (p["labels"] >= 1)  # as predict: 0 is background
-            # Back to original pixels with the dataset's exact per-axis factors (validation never flips).
-            boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy], device=p["boxes"].device)
-            self._val_preds.append((int(t["image_id"]), {"boxes": boxes.cpu(), "scores": p["scores"][keep].cpu(),
-                                                         "labels": p["labels"][keep].cpu()}))
+            self._val_preds.append((int(t["image_id"]), scored_detections(p, t, self.cfg.eval.score_thresh)[1]))
 
     def on_validation_epoch_end(self) -> None:
         preds = self._val_preds

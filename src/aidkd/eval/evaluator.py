@@ -51,6 +51,19 @@ def kitti_class_key(cls: str, difficulty: str) -> str:
     return f"kitti/{cls}/{difficulty}"
 
 
+def scored_detections(pred: Mapping[str, Any], target: Mapping[str, Any], score_thresh: float):
+    """The detections evaluation scores, in the image's original pixels on the CPU: ``(keep, {"boxes", "scores",
+    "labels"})`` for a model output ``pred`` of the dataset sample ``target``; kept are scores >= ``score_thresh``
+    and labels >= 1 (0 is background, never a class), boxes divided by the dataset's exact per-axis resize factors
+    (evaluation never flips). Validation and ``aidkd report`` score the same boxes through it."""
+    import torch
+
+    sx, sy = (float(v) for v in target.get("scale_xy", (target["scale"], target["scale"])))
+    keep = (pred["scores"] >= score_thresh) & (pred["labels"] >= 1)
+    boxes = pred["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy], device=pred["boxes"].device)
+    return keep, {"boxes": boxes.cpu(), "scores": pred["scores"][keep].cpu(), "labels": pred["labels"][keep].cpu()}
+
+
 def metric_classes(metrics: Mapping[str, float]) -> list[str]:
     """The class names of the per-class COCO / VOC keys in ``metrics``, in order (a name may hold "/" itself)."""
     out = []

@@ -26,7 +26,7 @@ from aidkd.engine.module import VAL_PREFIX
 from aidkd.engine.predict import draw_detections
 from aidkd.engine.run import uses_kitti_metrics
 from aidkd.eval import DetectionEvaluator
-from aidkd.eval.evaluator import KITTI_METRIC, PRIMARY_METRIC
+from aidkd.eval.evaluator import KITTI_METRIC, PRIMARY_METRIC, scored_detections
 from aidkd.models import load_detector
 
 log = logging.getLogger("aidkd.report")
@@ -193,11 +193,9 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
         ids, dets = [], []
         for im, p, t in zip(images, preds, targets):
             p = {k: v.cpu() for k, v in p.items()}
-            keep = (p["scores"] >= thresh) & (p["labels"] >= 1)  # label 0 is background (never a class)
-            sx, sy = (float(v) for v in t.get("scale_xy", (t["scale"], t["scale"])))
-            boxes = p["boxes"][keep].float() / torch.tensor([sx, sy, sx, sy])
+            keep, scored = scored_detections(p, t, thresh)
             ids.append(int(t["image_id"]))
-            dets.append({"boxes": boxes, "scores": p["scores"][keep], "labels": p["labels"][keep]})
+            dets.append(scored)
             n_gt += len(t["boxes"])
             if len(samples) < num_samples:
                 # the detections eval scores (>= eval.score_thresh), the most confident MAX_DRAWN drawn
