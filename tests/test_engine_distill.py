@@ -234,3 +234,21 @@ def test_distill_checkpoint_saves_student_once_and_resumes_exactly(tiny_cfg, tea
     a = load_detector(Path(cfg("full").output_dir) / "model_last.pt")[0].state_dict()
     b = load_detector(Path(cfg("resumed").output_dir) / "model_last.pt")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_negligible_distillation_trains_the_same_student_as_training_alone(tiny_cfg, teacher_file):
+    """Paired comparisons (KD vs the student alone, same seed) need the same initialisation, batches, flips and
+    samples: building the distiller (the teacher is a randomly initialised model before its weights load, the
+    adapters and non-local blocks are random) must not move the run's random stream. At loss_scale 1e-30 the
+    distillation terms do not change a float32 step, so the student must come out as training alone gives it."""
+    from aidkd.engine.run import train
+
+    common = {"train": {"epochs": 1, "progress_bar": False}, "data": {"hflip": 0.5}}
+    train(config_from_dict(tiny_cfg("alone", **common)))
+    train(config_from_dict(tiny_cfg("kd", **common, distill={
+        "teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS, "aid": {"enabled": False},
+        "loss_scale": 1e-30})))
+    a = load_detector(Path(tiny_cfg("alone")["output_dir"]) / "model_last.pt")[0].state_dict()
+    b = load_detector(Path(tiny_cfg("kd")["output_dir"]) / "model_last.pt")[0].state_dict()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst < 1e-6, f"the distillation run trained another student (max weight difference {worst:.3g})"

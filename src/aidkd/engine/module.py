@@ -49,7 +49,14 @@ class DetectionTask(L.LightningModule):
                                     trainable_backbone_layers=m.trainable_backbone_layers,
                                     new_classes=m.new_classes, **m.kwargs)
         self.meta = model_meta(self.model, self.classes, cfg.data.min_size, cfg.data.max_size, m.kwargs)
-        self.distiller = self._build_distiller() if cfg.distill is not None and with_teacher else None
+        self.distiller = None
+        if cfg.distill is not None and with_teacher:
+            # On a forked random stream: loading the teacher (a random model before its weights load) and the
+            # adapters' initialisation would otherwise shift the run's stream, and a distillation run would see
+            # other batches, flips and samples than the student-alone run of its seed, unpairing the comparison.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.distiller = self._build_distiller()
         self.val_records = val_records
         self.kitti_metrics = kitti_metrics
         if kitti_metrics:  # refused now, not at the end of the first epoch
