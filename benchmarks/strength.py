@@ -11,6 +11,8 @@ Three measurements, all on generated driving scenes (``aidkd data synth``), teac
 - ``transfer``: the paper's weights at loss_scale 1 with the new defaults (teacher-side non-local block frozen) vs
   the student alone, at batch 2 and batch 8 (same epochs), paired by seed; with ``--transfer-small`` also at
   ``--small-scale``.
+- ``scale``: KD (frozen block) at each of ``--scales`` at batch 4, paired by seed with the student: how small a
+  loss_scale a family's small from-scratch student needs.
 - ``alpha``: KD + AID (instance) at ``--small-scale`` for each of ``--alphas`` at batch 4, paired by seed with KD
   (``kd_nl_frozen``) and the student: does a stronger contrast of the AID weights help (issue 18, item 3)?
 
@@ -164,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--families", nargs="+", default=["gfl"], choices=sorted(WEIGHTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--what", nargs="+", default=["magnitude", "nonlocal", "transfer"],
-                    choices=["magnitude", "nonlocal", "transfer", "alpha"])
+                    choices=["magnitude", "nonlocal", "transfer", "alpha", "scale"])
+    ap.add_argument("--scales", nargs="+", type=float, default=[1e-4], help="loss_scales of --what scale")
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0], help="AID alphas of --what alpha")
     ap.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
                     help="generated set and schedule: tiny (first measurement) or easy (the demo's)")
@@ -214,6 +217,9 @@ def main(argv=None) -> int:
                 for trainable in (True, False):
                     run(f"kd_nl_{'trainable' if trainable else 'frozen'}", 4,
                         distill_section(ckpt, WEIGHTS[arch], args.small_scale, trainable))
+            if "scale" in args.what:
+                for scale in args.scales:
+                    run(f"kd_s{scale:g}", 4, distill_section(ckpt, WEIGHTS[arch], scale))
             if "alpha" in args.what:
                 run("kd_nl_frozen", 4, distill_section(ckpt, WEIGHTS[arch], args.small_scale))  # the KD reference
                 for alpha in args.alphas:
@@ -239,6 +245,10 @@ def main(argv=None) -> int:
                                                   f"{arch}/student_b4_seed{{seed}}", s)
             summary["nl_frozen-trainable"] = paired(results, f"{arch}/kd_nl_frozen_seed{{seed}}",
                                                     f"{arch}/kd_nl_trainable_seed{{seed}}", s)
+        if "scale" in args.what:
+            for scale in args.scales:
+                summary[f"kd_s{scale:g}-student"] = paired(results, f"{arch}/kd_s{scale:g}_seed{{seed}}",
+                                                           f"{arch}/student_b4_seed{{seed}}", s)
         if "alpha" in args.what:
             for alpha in args.alphas:
                 for ref, ref_key in (("kd", "kd_nl_frozen"), ("student", "student_b4")):
