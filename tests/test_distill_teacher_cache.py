@@ -95,21 +95,25 @@ def test_key_does_not_depend_on_the_batch(head_calls):
     torch.testing.assert_close(beside_wide[1], per_instance(fresh, [sample(3)])[0], rtol=1e-4, atol=1e-5)
 
 
-def test_low_hit_rate_after_the_first_epoch_warns_once(caplog):
+def test_low_hit_rate_warns_once_but_not_for_the_flips_of_the_second_epoch(caplog):
     d = make_distiller("retinanet")
-    per_instance(d, [sample(1), sample(2)])
+    per_instance(d, [sample(1), sample(2), sample(7)])
     # the first epoch misses by nature (INFO lines, e.g. the wiring summary, are not warnings)
     assert d.end_epoch(0) == 0.0 and not [r for r in caplog.records if r.levelname == "WARNING"]
-    per_instance(d, [sample(3), sample(4)])  # new keys every epoch (e.g. random crops)
+    # with hflip 0.5 a sample's second epoch meets its other flip state half the time: ~50 % hits is expected
+    # there (the demo's 3-epoch runs warned at 48 %), not a sign of keys that never repeat
+    per_instance(d, [sample(1), sample(2, flipped=True), sample(7, flipped=True)])
     with caplog.at_level("WARNING", logger="aidkd.distill"):
-        assert d.end_epoch(1) == 0.0
+        assert d.end_epoch(1) == pytest.approx(1 / 3)
+        per_instance(d, [sample(3), sample(4)])  # new keys every epoch (e.g. random crops)
+        assert d.end_epoch(2) == 0.0
         per_instance(d, [sample(5), sample(6)])
-        d.end_epoch(2)
+        d.end_epoch(3)
     warnings = [r for r in caplog.records if "teacher-loss cache" in r.getMessage()]
-    assert len(warnings) == 1 and "0% hits in epoch 1" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "0% hits in epoch 2" in warnings[0].getMessage()
     assert "distill.aid.cache: false" in warnings[0].getMessage()
     per_instance(d, [sample(5), sample(6)])
-    assert d.end_epoch(3) == 1.0
+    assert d.end_epoch(4) == 1.0
 
 
 def test_level_granularity_and_missing_ids_compute_every_time(head_calls):

@@ -209,9 +209,10 @@ class Distiller(nn.Module):
     def end_epoch(self, epoch: int) -> float | None:
         """The teacher-loss cache's hit rate over the epoch just finished (None without a cache or lookups).
 
-        From the second epoch on every sample has been seen, so a rate below ``LOW_HIT_RATE`` means the keys do not
-        repeat (random augmentations other than the flip, or more samples than ``max_items``): warns once, since the
-        cache then only costs memory."""
+        A sample's key includes its flip, so with ``hflip`` 0.5 its second epoch meets an unseen flip state half the
+        time (~50 % hits is normal there) and its third a quarter of the time. From the third epoch on (``epoch`` 2)
+        a rate below ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the
+        flip, or more samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:
             return None
         hits, misses = self.loss_cache.hits, self.loss_cache.misses
@@ -221,7 +222,7 @@ class Distiller(nn.Module):
         if not seen:
             return None
         rate = (hits - last_hits) / seen
-        if epoch >= 1 and rate < LOW_HIT_RATE and not self._warned_low_hit_rate:
+        if epoch >= 2 and rate < LOW_HIT_RATE and not self._warned_low_hit_rate:
             self._warned_low_hit_rate = True
             log.warning("AID teacher-loss cache: %.0f%% hits in epoch %d (%d entries, max_items %d); keys rarely "
                         "repeat (random augmentations other than the flip, or more samples x flips than max_items). "
