@@ -88,7 +88,7 @@ def load_profile(name_or_path: str) -> dict:
     prof = yaml.safe_load(p.read_text())
     prof.setdefault("name", p.stem)
     unknown = set(prof) - {"name", "description", "data", "split", "families", "schedule", "train", "eval", "seeds",
-                           "teacher_seed", "aid_alpha", "variants", "distill_scale", "smoke"}
+                           "teacher_seed", "aid_alpha", "variants", "distill_scale", "pkd_scale", "smoke"}
     if unknown:
         raise SystemExit(f"{p}: unknown profile key(s) {sorted(unknown)}")
     return prof
@@ -171,7 +171,9 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
     students. Distillation runs at a loss ``scale`` other than 1 get their own folders (``kd_div30_seed0``); the
     teachers and the student-alone runs do not depend on it and are shared across scales."""
     scale = parse_scale(prof.get("distill_scale", 1)) if scale is None else scale
-    tag = scale_tag(scale)
+    # PKD standardises the features, so its weight needs no per-setting scaling: distill_scale (for the attention /
+    # non-local weights tuned at 256 channels and 1333x800) does not apply to it; pkd_scale (default 1) does
+    pkd_scale = parse_scale(prof.get("pkd_scale", 1))
     data = resolve_paths(prof["data"])
     common_train = {"progress_bar": False, "log_every": 10, **prof.get("train", {})}
     sched = prof["schedule"]
@@ -219,13 +221,15 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
                     distill = kd_section(fam["methods"], self_ckpt, "instance", alpha, scale)
                 elif v in ("pkd", "pkd_aid"):
                     distill = kd_section(fam.get("pkd_methods", DEFAULT_PKD_METHODS), teacher_ckpt,
-                                         "instance" if v == "pkd_aid" else None, alpha, scale)
+                                         "instance" if v == "pkd_aid" else None, alpha, pkd_scale)
                 else:
                     distill = kd_section(fam["methods"], teacher_ckpt, v.removeprefix("kd_aid_") if "aid" in v
                                          else None, alpha, scale)
-                name = f"{v}_{tag}_seed{seed}" if distill and tag else f"{v}_seed{seed}"
+                v_tag = scale_tag(distill["loss_scale"]) if distill else ""
+                name = f"{v}_{v_tag}_seed{seed}" if v_tag else f"{v}_seed{seed}"
                 runs.append({"key": f"{fam_name}/{name}", "family": fam_name, "variant": v, "seed": seed,
-                             "scale": scale if distill else None, "kind": "distill" if distill else "student",
+                             "scale": distill["loss_scale"] if distill else None,
+                             "kind": "distill" if distill else "student",
                              "cfg": cfg(name, "student", "student", seed, distill)})
     return runs
 
@@ -577,7 +581,8 @@ def markdown(prof: dict, scale: float, summary: dict, plan: list[dict], finished
                  f"(min x max side), batch {d.get('batch_size')}. Teacher schedule {prof['schedule']['teacher']}; "
                  f"student schedule (all student runs) {prof['schedule']['student']}. AID alpha "
                  f"{prof.get('aid_alpha', 0.1)}. Distillation loss scale {Fraction(scale).limit_denominator(1000)} "
-                 f"(times method.md's weights listed below).")
+                 f"(times method.md's weights listed below; PKD at {prof.get('pkd_scale', 1)}: its standardised loss "
+                 f"needs no per-setting scale).")
     lines.append("")
     for fam_name, fam in prof["families"].items():
         if fam_name in summary:

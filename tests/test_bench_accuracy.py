@@ -327,3 +327,17 @@ def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan,
     del rec["code"]  # a record from before the code digest was kept
     rec_path.write_text(acc.json.dumps(rec))
     assert acc.stale_runs(plan) == {}
+
+
+def test_pkd_runs_are_not_scaled_by_distill_scale(acc, tmp_path):
+    """PKD standardises the features (scale-free), so the profile's distill_scale -- the attention / non-local weights'
+    correction for small models -- must not shrink it to nothing; pkd_scale (default 1) sets it."""
+    prof = dict(acc.load_profile("synth_cpu"), distill_scale="1/1000", variants=["student", "kd", "pkd", "pkd_aid"])
+    by_key = {r["key"]: r for r in acc.plan_runs(prof, tmp_path, ["one-stage"], [0])}
+    assert by_key["one-stage/kd_div1000_seed0"]["cfg"]["distill"]["loss_scale"] == pytest.approx(1e-3)
+    pkd = by_key["one-stage/pkd_seed0"]["cfg"]["distill"]
+    assert pkd["loss_scale"] == 1.0 and [m["name"] for m in pkd["methods"]] == ["pkd"]
+    assert by_key["one-stage/pkd_aid_seed0"]["cfg"]["distill"]["aid"]["enabled"] is True
+    prof["pkd_scale"] = "1/2"
+    by_key = {r["key"]: r for r in acc.plan_runs(prof, tmp_path, ["one-stage"], [0])}
+    assert by_key["one-stage/pkd_div2_seed0"]["scale"] == 0.5
