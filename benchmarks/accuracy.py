@@ -724,12 +724,16 @@ def main(argv=None) -> int:
     seeds = args.seeds if args.seeds is not None else list(prof.get("seeds", [0, 1, 2]))
     scales = [parse_scale(x) for x in args.distill_scale] if args.distill_scale else [
         parse_scale(prof.get("distill_scale", 1))]
-    # The summaries cover every run of the profile found on disk; --variants only narrows what is trained now.
+    # The summaries cover every run of the profile found on disk; --variants says what is trained now (and may name
+    # variants the profile does not list, e.g. pkd: they are planned too).
+    if args.variants:
+        prof["variants"] = list(dict.fromkeys([*prof.get("variants", DEFAULT_VARIANTS), *args.variants]))
     plans = {sc: plan_runs(prof, runs_dir, families, seeds, sc) for sc in scales}
     every_run = list({r["key"]: r for p in plans.values() for r in p}.values())  # teachers / students shared
     every_run.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
     plan = [r for r in every_run  # what is trained now; stale_runs below checks every_run, as the summaries read it
-            if not args.variants or r["variant"] in args.variants or r["kind"] in ("teacher", "self_teacher")]
+            if not args.variants or r["variant"] in args.variants or r["kind"] == "teacher"
+            or (r["kind"] == "self_teacher" and "self_kd_aid" in args.variants)]
     missing = sorted({r["cfg"]["model"]["weights"] for r in plan if r["cfg"]["model"].get("weights")
                       and not Path(r["cfg"]["model"]["weights"]).exists()})
     if missing:

@@ -341,3 +341,12 @@ def test_pkd_runs_are_not_scaled_by_distill_scale(acc, tmp_path):
     prof["pkd_scale"] = "1/2"
     by_key = {r["key"]: r for r in acc.plan_runs(prof, tmp_path, ["one-stage"], [0])}
     assert by_key["one-stage/pkd_div2_seed0"]["scale"] == 0.5
+
+
+def test_variants_option_adds_variants_the_profile_does_not_list(acc, tmp_path, capsys):
+    """`--variants pkd` must train PKD although the profile's list lacks it (it silently trained nothing), and a
+    self-distillation teacher only when self_kd_aid is asked for."""
+    assert acc.main(["--profile", "synth_cpu", "--only", "one-stage", "--seeds", "0", "--runs-dir", str(tmp_path / "r"),
+                     "--results-dir", str(tmp_path / "res"), "--variants", "student", "pkd", "--dry-run"]) == 0
+    planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("one-stage/")]
+    assert planned == ["one-stage/teacher", "one-stage/student_seed0", "one-stage/pkd_seed0"]
