@@ -15,6 +15,8 @@ Three measurements, all on generated driving scenes (``aidkd data synth``), teac
   loss_scale a family's small from-scratch student needs.
 - ``alpha``: KD + AID (instance) at ``--small-scale`` for each of ``--alphas`` at batch 4, paired by seed with KD
   (``kd_nl_frozen``) and the student: does a stronger contrast of the AID weights help (issue 18, item 3)?
+- ``alpha_norm``: the same with ``distill.aid.normalize`` (each batch's weights divided by their mean): a larger
+  alpha sharpens the contrast without lowering KD's overall strength, which plain weights in (0, 1] also do.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/strength.py --out runs/strength \\
         --families gfl --seeds 0 1 2 --what magnitude nonlocal transfer
@@ -86,15 +88,20 @@ def run_config(name: str, out: Path, args, arch: str, seed: int, epochs: int, ba
 
 
 def distill_section(teacher_ckpt: str, methods: list[dict], scale: float, train_teacher_block: bool = False,
-                    aid_alpha: float | None = None) -> dict:
-    """KD with ``methods`` at ``scale``; AID (instance) at ``aid_alpha`` when given. The teacher-side non-local
-    block is frozen unless asked (the module default, chosen by this benchmark's ``nonlocal`` ablation)."""
+                    aid_alpha: float | None = None, aid_normalize: bool = False) -> dict:
+    """KD with ``methods`` at ``scale``; AID (instance) at ``aid_alpha`` when given, its weights normalised to
+    mean 1 with ``aid_normalize``. The teacher-side non-local block is frozen unless asked (the module default,
+    chosen by this benchmark's ``nonlocal`` ablation)."""
     methods = [{"name": m["name"], "params": dict(m["params"])} for m in methods]
     for m in methods:
         if m["name"] == "nonlocal":
             m["params"]["train_teacher_block"] = train_teacher_block
     aid = {"enabled": False} if aid_alpha is None else {"enabled": True, "granularity": "instance",
                                                         "alpha": aid_alpha}
+    if aid_normalize:
+        if aid_alpha is None:
+            raise ValueError("aid_normalize needs an aid_alpha")
+        aid["normalize"] = True
     return {"teacher": {"checkpoint": teacher_ckpt}, "methods": methods, "aid": aid,
             "loss_scale": scale, "image_log_every": 0}
 
@@ -166,9 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--families", nargs="+", default=["gfl"], choices=sorted(WEIGHTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--what", nargs="+", default=["magnitude", "nonlocal", "transfer"],
-                    choices=["magnitude", "nonlocal", "transfer", "alpha", "scale"])
+                    choices=["magnitude", "nonlocal", "transfer", "alpha", "alpha_norm", "scale"])
     ap.add_argument("--scales", nargs="+", type=float, default=[1e-4], help="loss_scales of --what scale")
-    ap.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0], help="AID alphas of --what alpha")
+    ap.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.3, 1.0, 3.0], help="AID alphas of --what alpha / alpha_norm")
     ap.add_argument("--profile", default="tiny", choices=sorted(PROFILES),
                     help="generated set and schedule: tiny (first measurement) or easy (the demo's)")
     ap.add_argument("--num-images", type=int, default=None, help="generated scenes (80 %% train); default per profile")
@@ -220,11 +227,12 @@ def main(argv=None) -> int:
             if "scale" in args.what:
                 for scale in args.scales:
                     run(f"kd_s{scale:g}", 4, distill_section(ckpt, WEIGHTS[arch], scale))
-            if "alpha" in args.what:
-                run("kd_nl_frozen", 4, distill_section(ckpt, WEIGHTS[arch], args.small_scale))  # the KD reference
-                for alpha in args.alphas:
-                    run(f"kd_aid_a{alpha:g}", 4, distill_section(ckpt, WEIGHTS[arch], args.small_scale,
-                                                               aid_alpha=alpha))
+            for what, tag, normalize in (("alpha", "kd_aid", False), ("alpha_norm", "kd_aidn", True)):
+                if what in args.what:
+                    run("kd_nl_frozen", 4, distill_section(ckpt, WEIGHTS[arch], args.small_scale))  # KD reference
+                    for alpha in args.alphas:
+                        run(f"{tag}_a{alpha:g}", 4, distill_section(ckpt, WEIGHTS[arch], args.small_scale,
+                                                                    aid_alpha=alpha, aid_normalize=normalize))
             if "transfer" in args.what:
                 for batch in (2, 8):
                     run(f"student_b{batch}", batch, None)
@@ -249,11 +257,12 @@ def main(argv=None) -> int:
             for scale in args.scales:
                 summary[f"kd_s{scale:g}-student"] = paired(results, f"{arch}/kd_s{scale:g}_seed{{seed}}",
                                                            f"{arch}/student_b4_seed{{seed}}", s)
-        if "alpha" in args.what:
-            for alpha in args.alphas:
-                for ref, ref_key in (("kd", "kd_nl_frozen"), ("student", "student_b4")):
-                    summary[f"kd_aid_a{alpha:g}-{ref}"] = paired(results, f"{arch}/kd_aid_a{alpha:g}_seed{{seed}}",
-                                                               f"{arch}/{ref_key}_seed{{seed}}", s)
+        for what, tag in (("alpha", "kd_aid"), ("alpha_norm", "kd_aidn")):
+            if what in args.what:
+                for alpha in args.alphas:
+                    for ref, ref_key in (("kd", "kd_nl_frozen"), ("student", "student_b4")):
+                        summary[f"{tag}_a{alpha:g}-{ref}"] = paired(results, f"{arch}/{tag}_a{alpha:g}_seed{{seed}}",
+                                                                  f"{arch}/{ref_key}_seed{{seed}}", s)
         if "transfer" in args.what:
             for batch in (2, 8):
                 # *_trainable: the first easy-profile call's KD runs, made with the teacher block trainable

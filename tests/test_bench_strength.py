@@ -79,3 +79,8 @@ def test_distill_section_freezes_the_teacher_block_and_sets_aid_only_when_asked(
     assert config_from_dict({"distill": strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 1e-3,
                                                                  aid_alpha=0.3)}).distill.aid.alpha == 0.3
     assert strength.parse_args(["--what", "alpha"]).alphas == [0.1, 0.3, 1.0, 3.0]
+    normed = strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 1e-3, aid_alpha=1.0, aid_normalize=True)
+    assert config_from_dict({"distill": normed}).distill.aid.normalize
+    assert not config_from_dict({"distill": kd}).distill.aid.normalize
+    with pytest.raises(ValueError, match="aid_alpha"):
+        strength.distill_section("t.pt", strength.WEIGHTS["gfl"], 1e-3, aid_normalize=True)

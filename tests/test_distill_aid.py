@@ -203,3 +203,43 @@ def test_aid_remembers_last_instance_weights():
     torch.testing.assert_close(aid.instance_weights_of_last_batch(0), torch.exp(-0.1 * LOSSES[0]))
     assert aid.instance_weights_of_last_batch(1).numel() == 0 and aid.instance_weights_of_last_batch(2) is None
     assert aid == AIDWeighting()  # runtime state is not configuration
+
+
+# ------------------------------------------------------------------ normalize: only the weights' contrast acts
+def test_normalized_instance_weights_average_one_and_keep_their_ratios():
+    losses = [torch.tensor([1.0, 3.0]), torch.tensor([10.0]), torch.zeros(0)]
+    boxes = [BOXES[0], torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.zeros(0, 4)]
+    plain = AIDWeighting(alpha=1.0).instance_weights(losses)
+    pixel, image, _ = AIDWeighting(alpha=1.0, normalize=True).make(losses, None, boxes, SHAPES, STRIDES, 3)
+    raw = torch.exp(-torch.tensor([1.0, 3.0, 10.0]))
+    expected = raw / raw.mean()
+    normed = AIDWeighting(alpha=1.0, normalize=True).instance_weights(losses)
+    torch.testing.assert_close(torch.cat(normed), expected)
+    assert torch.cat(normed).mean().item() == pytest.approx(1.0)
+    # the ratio between two instances (the contrast) is the plain weights' ratio
+    assert (normed[0][0] / normed[1][0]).item() == pytest.approx((plain[0][0] / plain[1][0]).item())
+    assert pixel[0][0, 1, 1].item() == pytest.approx(expected[1].item())  # the small box's cells
+    assert pixel[0][0, 5, 5].item() == 1.0  # background keeps 1
+    torch.testing.assert_close(image, torch.stack([expected[:2].mean(), expected[2], torch.tensor(1.0)]))
+    assert AIDWeighting(alpha=1.0, normalize=True).stats(losses)["instance_w_mean"] == pytest.approx(1.0)
+
+
+def test_normalized_level_and_image_weights_average_one():
+    per_level = torch.tensor([0.0, 1.0, 5.0])
+    _, _, level = AIDWeighting("level", alpha=0.5, normalize=True).make(None, per_level, BOXES, SHAPES, STRIDES, 2)
+    raw = torch.exp(-0.5 * per_level)
+    torch.testing.assert_close(level, raw / raw.mean())
+    assert AIDWeighting("level", alpha=0.5, normalize=True).stats(None, per_level)["level_w_mean"] == pytest.approx(1)
+    _, image, _ = AIDWeighting("image", alpha=0.2, normalize=True).make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    raw = torch.tensor([math.exp(-0.2 * 2.0), 1.0])
+    torch.testing.assert_close(image, raw / raw.mean())
+
+
+def test_normalize_leaves_nothing_to_normalise_alone():
+    """No instances, or only infinite losses (weights 0): nothing is divided by zero and no weight appears."""
+    aid = AIDWeighting(alpha=1.0, normalize=True)
+    assert [w.numel() for w in aid.instance_weights([torch.zeros(0), torch.zeros(0)])] == [0, 0]
+    torch.testing.assert_close(aid.instance_weights([torch.tensor([math.inf, math.inf])])[0], torch.zeros(2))
+    _, image, _ = aid.make([torch.zeros(0), torch.zeros(0)], None, [torch.zeros(0, 4)] * 2, SHAPES, STRIDES, 2)
+    torch.testing.assert_close(image, torch.ones(2))
+    assert AIDWeighting(alpha=1.0) == AIDWeighting(alpha=1.0, normalize=False)  # off by default

@@ -252,3 +252,15 @@ def test_a_negligible_distillation_trains_the_same_student_as_training_alone(tin
     b = load_detector(Path(tiny_cfg("kd")["output_dir"]) / "model_last.pt")[0].state_dict()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-6, f"the distillation run trained another student (max weight difference {worst:.3g})"
+
+
+def test_aid_normalize_from_the_config_makes_the_applied_weights_average_one(tiny_cfg, teacher_file, batch):
+    cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
+                                             "aid": {"alpha": 3.0, "normalize": True}}))
+    task = DetectionTask(cfg, CLASSES)
+    assert task.distiller.aid.normalize and task.distiller.aid.alpha == 3.0
+    task.compute_losses(*batch)
+    stats = task.distiller.last_stats
+    assert stats["instance_w_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["instance_w_max"] > 1 > stats["instance_w_min"]  # the contrast is kept, not flattened
+    assert not make_task(tiny_cfg, teacher_file).distiller.aid.normalize  # off unless asked

@@ -126,6 +126,9 @@ class AIDConfig:
     enabled: bool = True
     granularity: Literal["instance", "image", "level"] = "instance"
     alpha: float = 0.1
+    # Divide each batch's weights by their mean (not in the paper): only their contrast acts, KD's overall strength
+    # stays (distill/aid.py).
+    normalize: bool = False
     # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True

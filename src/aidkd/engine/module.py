@@ -89,7 +89,8 @@ class DetectionTask(L.LightningModule):
         for mc in d.methods:
             key = mc.name if mc.name not in methods else f"{mc.name}_{len(methods)}"
             methods[key] = {"name": mc.name, **mc.params}
-        aid = AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha) if d.aid.enabled else None
+        aid = (AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha, normalize=d.aid.normalize)
+               if d.aid.enabled else None)
         if d.loss_scale > LARGE_LOSS_SCALE:
             log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
                         "the detection loss (docs/method.md's weights are tuned at 1; small students need ~0.01)",
