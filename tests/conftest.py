@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,23 @@ from aidkd.data import generate_synth
 TINY_DATA = {"format": "synth", "min_size": 64, "max_size": 192, "batch_size": 4, "hflip": 0.5,
              "synth": {"num_images": 20, "seed": 3, "width": 192, "height": 64}}
 TINY_MODEL = {"arch": "retinanet", "backbone": "resnet18", "fpn_channels": 16}
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("accuracy")``: a script of ``benchmarks/`` as a module (they are not a package), with their
+    shared helpers (``_common``) importable."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

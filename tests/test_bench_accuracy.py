@@ -1,5 +1,4 @@
 """benchmarks/accuracy.py's plan, scheduling order and aggregation (pure Python: nothing is trained here)."""
-import importlib.util
 import math
 import os
 import signal
@@ -17,11 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def acc(load_benchmark):
+    return load_benchmark("accuracy")
 
 
 @pytest.fixture
@@ -118,11 +114,9 @@ def test_paired_differences_by_seed(acc, plan):
     assert "| KD+AID (instance) − student | +2.00 ± 1.00 (3/3) |" in md
 
 
-def test_small_synth_configs_use_the_profile_models(acc):
+def test_small_synth_configs_use_the_profile_models(acc, load_benchmark):
     """configs/synth_* (benchmarks/make_configs.py) and the synth_cpu profile describe the same detectors."""
-    spec = importlib.util.spec_from_file_location("bench_make_configs", REPO / "benchmarks" / "make_configs.py")
-    mk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mk)
+    mk = load_benchmark("make_configs")
     fams = acc.load_profile("synth_cpu")["families"]
     assert fams["two-stage"]["student"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]
     assert fams["two-stage"]["teacher"]["kwargs"] == mk.SYNTH_KWARGS["frcnn"]

@@ -1,23 +1,15 @@
 """benchmarks/controlled.py: the wrong-on-purpose teacher's data (subset construction), plan and subset metrics
 (nothing is trained here)."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def ctl():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_controlled", REPO / "benchmarks" / "controlled.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ctl(load_benchmark):
+    return load_benchmark("controlled")
 
 
 DATA = {"num_images": 30, "seed": 0, "width": 160, "height": 64, "hard_fraction": 0.2, "val_fraction": 1 / 3,

@@ -1,21 +1,14 @@
 """benchmarks/strength.py's profiles and run configs (pure Python: nothing is trained here)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from aidkd.engine.config import config_from_dict
 from aidkd.engine.demo import DEMO_DATA, DEMO_SYNTH
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def strength():
-    spec = importlib.util.spec_from_file_location("bench_strength", REPO / "benchmarks" / "strength.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def strength(load_benchmark):
+    return load_benchmark("strength")
 
 
 def _student_config(strength, argv, tmp_path, batch=4):

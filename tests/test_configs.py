@@ -4,7 +4,6 @@ Only parsing and cross-checks: no model is built, no data is read (paths like /p
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -114,12 +113,6 @@ def test_paper_settings():
             assert cfg.data.format == "coco", name
 
 
-def test_configs_match_generator():
+def test_configs_match_generator(load_benchmark):
     """configs/*.yaml are what benchmarks/make_configs.py writes (so its table stays the source of truth)."""
-    gen = REPO / "benchmarks" / "make_configs.py"
-    if not gen.exists():
-        pytest.skip("benchmarks/make_configs.py not present")
-    spec = importlib.util.spec_from_file_location("aidkd_make_configs", gen)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--check"]) == 0
+    assert load_benchmark("make_configs").main(["--check"]) == 0
