@@ -192,8 +192,11 @@ def test_sigint_saves_a_checkpoint(deterministic_run):
     dump_config(c, out / "sigint.yaml")
     log = out / "sigint.log"  # the child's output, shown when the test fails
     with log.open("w") as log_file:
+        # a background job (`cmd &` in a non-interactive shell, e.g. CI under nohup) inherits SIGINT ignored, and
+        # Python then never installs its Ctrl-C handler: give the child the default so SIGINT means Ctrl-C
         proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file, stderr=subprocess.STDOUT)
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         last = out / "sigint" / "checkpoints" / "last.ckpt"
         wait_s = 420  # generous: the first validation is slow on a loaded 2-core machine
         deadline = time.time() + wait_s
