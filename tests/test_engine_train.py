@@ -193,10 +193,15 @@ def test_sigint_saves_a_checkpoint(deterministic_run):
     log = out / "sigint.log"  # the child's output, shown when the test fails
     with log.open("w") as log_file:
         # a background job (`cmd &` in a non-interactive shell, e.g. CI under nohup) inherits SIGINT ignored, and
-        # Python then never installs its Ctrl-C handler: give the child the default so SIGINT means Ctrl-C
-        proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # Python then never installs its Ctrl-C handler; an ignored signal stays ignored across exec, a handled one
+        # does not: handle it here while the child starts, so that SIGINT means Ctrl-C to it
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         last = out / "sigint" / "checkpoints" / "last.ckpt"
         wait_s = 420  # generous: the first validation is slow on a loaded 2-core machine
         deadline = time.time() + wait_s
