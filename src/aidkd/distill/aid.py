@@ -229,9 +229,10 @@ class AIDWeighting:
 def _inverse_mean(weights: Tensor) -> Tensor:
     """1 / mean of ``weights`` (a scalar tensor); 1 where there is nothing to normalise (no weights, or a mean of 0
     from all-infinite losses, or a NaN), so normalising never invents weight that was not there."""
-    mean = weights.to(torch.float32).mean() if weights.numel() else weights.new_tensor(0.0, dtype=torch.float32)
-    ok = torch.isfinite(mean) & (mean > 0)
-    return torch.where(ok, 1.0 / torch.where(ok, mean, torch.ones_like(mean)), torch.ones_like(mean))
+    if not weights.numel():
+        return weights.new_ones((), dtype=torch.float32)
+    mean = weights.to(torch.float32).mean()  # a tensor, not .item(): no device sync per step
+    return torch.where(torch.isfinite(mean) & (mean > 0), mean.reciprocal(), torch.ones_like(mean))
 
 
 def _per_image_mean(values: Sequence[Tensor], empty_value: float, device: torch.device) -> Tensor:
