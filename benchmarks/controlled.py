@@ -79,6 +79,12 @@ imitates the teacher less there.
   instances in val, effects below ~1 AP are within noise.
 """
 
+NORMALIZED = """\
+- Normalised weights (`--aid-normalize`): every batch's AID weights are divided by their mean, so KD + AID keeps
+  KD's strength and differs from KD only in where it imitates. A rescue on the subset that costs nothing on the rest
+  is then instance-selective, not the effect of a weaker KD; a gain on the rest alone is not what the claim predicts.
+"""
+
 
 # ------------------------------------------------------------------------------------------------ data
 def build_data(out: Path, *, num_images: int, seed: int, width: int, height: int, hard_fraction: float,
@@ -193,12 +199,20 @@ def make_profile(args, data_dir: Path) -> dict:
         "schedule": {"teacher": {"epochs": args.teacher_epochs, "lr": 0.001, "warmup_steps": 100},
                      "student": {"epochs": args.student_epochs, "lr": 0.001, "warmup_steps": 100}},
         "train": {"optimizer": "adamw", "weight_decay": 1.0e-4, "grad_clip": 10.0},
-        "seeds": list(args.seeds), "teacher_seed": 0, "aid_alpha": args.alpha, "variants": list(VARIANTS),
-        "distill_scale": args.distill_scale}
+        "seeds": list(args.seeds), "teacher_seed": 0, "aid_alpha": args.alpha, "aid_normalize": args.aid_normalize,
+        "variants": list(VARIANTS), "distill_scale": args.distill_scale}
 
 
-def alpha_tag(alpha: float) -> str:
-    return "" if math.isclose(alpha, 0.1) else f"a{alpha:g}"
+def alpha_tag(alpha: float, normalize: bool = False) -> str:
+    """Folder suffix of the AID runs: '' for the paper's alpha 0.1, 'a1' for alpha 1, 'a3n' with normalised weights."""
+    return "" if math.isclose(alpha, 0.1) and not normalize else f"a{alpha:g}" + ("n" if normalize else "")
+
+
+def results_name(args) -> str:
+    """``<name>[_div<N>][_<alpha tag>]``: the scale only when it is not the default 1/1000 (the runs folder is shared:
+    the teacher and the student-alone runs do not depend on scale or alpha)."""
+    scale = "" if math.isclose(args.distill_scale, 1e-3) else acc.scale_tag(args.distill_scale)
+    return "_".join(filter(None, [args.name, scale, alpha_tag(args.alpha, args.aid_normalize)]))
 
 
 def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]) -> list[dict]:
@@ -206,10 +220,13 @@ def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]
     runs in folders of their own (the teacher, student and KD runs do not depend on alpha). Order: the teacher,
     then per seed student, KD, KD + AID (instance), then KD + AID (level) for every seed."""
     plan = acc.plan_runs(prof, runs_dir, ["one-stage"], seeds)
-    tag = alpha_tag(float(prof["aid_alpha"]))
+    normalize = bool(prof.get("aid_normalize", False))
+    tag = alpha_tag(float(prof["aid_alpha"]), normalize)
     for r in plan:
         if r["variant"] == "teacher":
             r["cfg"]["data"] = dict(r["cfg"]["data"], root=str((data_dir / "teacher").resolve()))
+        if normalize and r["variant"].startswith("kd_aid"):
+            r["cfg"]["distill"]["aid"]["normalize"] = True
         if tag and r["variant"].startswith("kd_aid"):
             name = Path(r["cfg"]["output_dir"]).name.replace(f"_seed{r['seed']}", f"_{tag}_seed{r['seed']}")
             r["cfg"]["output_dir"] = str(Path(r["cfg"]["output_dir"]).with_name(name))
@@ -343,7 +360,9 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
              (f"GFL: teacher {prof['families']['one-stage']['teacher']} ({prof['schedule']['teacher']}), students "
               f"R18-FPN32 ({prof['schedule']['student']}), AdamW, random initialisation; KD = attention + non-local "
               f"(method.md's one-stage weights) x loss scale {Fraction(args.distill_scale).limit_denominator(1000)}"
-              f"; AID alpha {args.alpha:g}. Seeds {list(args.seeds)}."), "", prediction.strip(), "",
+              f"; AID alpha {args.alpha:g}" + (" with normalised weights (each batch's divided by their mean)"
+                                              if args.aid_normalize else "") + f". Seeds {list(args.seeds)}."),
+             "", prediction.strip(), "",
              "## Outcome", "", f"Affected = {c}; rest = {rest_is}. Mean ± std over seeds.", "",
              "| run | seeds | " + " | ".join(f"{c}: {n}" for _, n in SUBSET_METRICS) + " | "
              + " | ".join(f"rest: {n}" for _, n in SUBSET_METRICS) + " |",
@@ -389,7 +408,12 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               f"{run_s / 60:.1f} min (finished runs are skipped on a re-run)."), "",
               "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "`. Reproduce or "
               "continue: `.venv/bin/python benchmarks/controlled.py --jobs 1 --threads 1"
-              + (f" --alpha {args.alpha:g}" if alpha_tag(args.alpha) else "")
+              + (f" --alpha {args.alpha:g}" if not math.isclose(args.alpha, 0.1) else "")
+              + (" --aid-normalize" if args.aid_normalize else "")
+              + ("" if math.isclose(args.distill_scale, 1e-3)
+                 else f" --distill-scale {Fraction(args.distill_scale).limit_denominator(1000)}")
+              + (f" --subset-class {args.subset_class}" if args.subset_class != "Cyclist" else "")
+              + (f" --subset-view {args.subset_view}" if args.subset_view else "")
               + "` (finished runs are skipped, a killed one resumes from its last checkpoint)."]
     return "\n".join(lines)
 
@@ -399,6 +423,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", help="default controlled_synth, or controlled_synth_<class>_<view> with --subset-view")
     ap.add_argument("--alpha", type=float, default=0.1, help="AID alpha of the AID runs (0.1: the paper's)")
+    ap.add_argument("--aid-normalize", action="store_true",
+                    help="distill.aid.normalize in the AID runs: each batch's weights divided by their mean, so a "
+                         "larger alpha sharpens the contrast without weakening KD (folders and results tagged 'n')")
     ap.add_argument("--distill-scale", type=acc.parse_scale, default=acc.parse_scale("1/1000"),
                     help="distill.loss_scale of every distillation run (default 1/1000, the CPU profiles': 1/100 of "
                          "the published loss forms; the committed partial results ran at 1/100 of those)")
@@ -443,7 +470,7 @@ def main(argv=None) -> int:
     tag = args.name + ("_smoke" if args.smoke else "")
     runs_dir = Path(args.runs_dir) if args.runs_dir else REPO / "runs" / "controlled" / tag
     results_dir = Path(args.results_dir) if args.results_dir else (
-        runs_dir / "results" if args.smoke else acc.RESULTS / "_".join(filter(None, [args.name, alpha_tag(args.alpha)])))
+        runs_dir / "results" if args.smoke else acc.RESULTS / results_name(args))
     results_dir.mkdir(parents=True, exist_ok=True)
     data_dir = runs_dir / "data"
     info = build_data(data_dir, num_images=args.num_images, seed=0, width=args.width, height=args.height,
@@ -461,7 +488,7 @@ def main(argv=None) -> int:
         label = args.subset_class + (f" ({args.subset_view} view)" if args.subset_view else "")
         pred_path.write_text(PREDICTION.format(cls=label, how=how, alpha=f"{args.alpha:g}",
                                                scale=Fraction(args.distill_scale).limit_denominator(1000),
-                                               n_val=info["val_affected"]))
+                                               n_val=info["val_affected"]) + (NORMALIZED if args.aid_normalize else ""))
     prediction = pred_path.read_text()
     stale = acc.stale_runs(plan)
     if stale and not args.rerun_stale:

@@ -103,6 +103,24 @@ def test_plan_teacher_on_the_corrupted_copy_students_on_clean(ctl, tmp_path):
     assert order[-3:] == [("kd_aid_level", 0), ("kd_aid_level", 1), ("kd_aid_level", 2)]
     default = ctl.plan_experiment(ctl.make_profile(ctl.parse_args([]), data), tmp_path / "runs", data, [0])
     assert not any("_a0.1" in r["key"] for r in default)
+    assert not any(r["cfg"]["distill"] and r["cfg"]["distill"]["aid"].get("normalize") for r in default)
+
+
+def test_normalized_aid_runs_get_their_own_folders_and_results(ctl, tmp_path):
+    args = ctl.parse_args(["--alpha", "3", "--aid-normalize", "--distill-scale", "1/100", "--subset-class", "Car",
+                           "--subset-view", "side"])
+    data = tmp_path / "data"
+    plan = ctl.plan_experiment(ctl.make_profile(args, data), tmp_path / "runs", data, [0])
+    aid = [r for r in plan if r["variant"].startswith("kd_aid")]
+    assert [Path(r["cfg"]["output_dir"]).name for r in aid] == ["kd_aid_instance_div100_a3n_seed0",
+                                                                "kd_aid_level_div100_a3n_seed0"]
+    assert all(r["cfg"]["distill"]["aid"] == {"enabled": True, "granularity": r["variant"].removeprefix("kd_aid_"),
+                                              "alpha": 3.0, "normalize": True} for r in aid)
+    kd = next(r for r in plan if r["variant"] == "kd")  # shared with the plain-weights runs at this scale
+    assert Path(kd["cfg"]["output_dir"]).name == "kd_div100_seed0" and "normalize" not in kd["cfg"]["distill"]["aid"]
+    assert ctl.results_name(args) == "controlled_synth_car_side_div100_a3n"
+    assert ctl.results_name(ctl.parse_args([])) == "controlled_synth"
+    assert ctl.results_name(ctl.parse_args(["--alpha", "1"])) == "controlled_synth_a1"
 
 
 def test_subset_metrics_and_paired_differences(ctl):
