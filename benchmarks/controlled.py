@@ -200,7 +200,7 @@ def make_profile(args, data_dir: Path) -> dict:
                      "student": {"epochs": args.student_epochs, "lr": 0.001, "warmup_steps": 100}},
         "train": {"optimizer": "adamw", "weight_decay": 1.0e-4, "grad_clip": 10.0},
         "seeds": list(args.seeds), "teacher_seed": 0, "aid_alpha": args.alpha, "aid_normalize": args.aid_normalize,
-        "variants": list(VARIANTS), "distill_scale": args.distill_scale}
+        "variants": list(args.variants), "distill_scale": args.distill_scale}
 
 
 def alpha_tag(alpha: float, normalize: bool = False) -> str:
@@ -430,6 +430,9 @@ def parse_args(argv):
                     help="distill.loss_scale of every distillation run (default 1/1000, the CPU profiles': 1/100 of "
                          "the published loss forms; the committed partial results ran at 1/100 of those)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="a subset, e.g. to add one AID setting to runs that exist (the student alone and KD are "
+                         "shared)")
     ap.add_argument("--subset-class", default="Cyclist", choices=CLASSES)
     ap.add_argument("--subset-view", choices=["side", "rear", "front"],
                     help="only the subset class's instances seen from this view (synth_meta.json), e.g. Car side: "

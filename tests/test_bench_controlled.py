@@ -119,6 +119,9 @@ def test_normalized_aid_runs_get_their_own_folders_and_results(ctl, tmp_path):
     kd = next(r for r in plan if r["variant"] == "kd")  # shared with the plain-weights runs at this scale
     assert Path(kd["cfg"]["output_dir"]).name == "kd_div100_seed0" and "normalize" not in kd["cfg"]["distill"]["aid"]
     assert ctl.results_name(args) == "controlled_synth_car_side_div100_a3n"
+    only = ctl.parse_args(["--variants", "kd", "kd_aid_instance"])
+    assert {r["variant"] for r in ctl.plan_experiment(ctl.make_profile(only, data), tmp_path / "r", data, [0])} == {
+        "teacher", "kd", "kd_aid_instance"}
     assert ctl.results_name(ctl.parse_args([])) == "controlled_synth"
     assert ctl.results_name(ctl.parse_args(["--alpha", "1"])) == "controlled_synth_a1"
 
