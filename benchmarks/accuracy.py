@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -375,6 +376,17 @@ def run_one(run: dict) -> dict:
     return {"metrics": metrics, "seconds": secs, "skipped": False, "resumed": _resumed(out)}
 
 
+def run_in_worker(run: dict, fn=run_one) -> dict:
+    """``fn(run)`` in a pool worker. A SIGTERM (the benchmark's death, via PR_SET_PDEATHSIG) ends a training with
+    interrupted.ckpt saved and SystemExit; the executor would catch that and leave the worker waiting for work from a
+    dead parent, so the worker exits instead (the parent, if alive, sees a broken pool: the run failed)."""
+    try:
+        return fn(run)
+    except SystemExit as e:
+        logging.shutdown()
+        os._exit(e.code if isinstance(e.code, int) else 1)
+
+
 def load_done(run: dict) -> dict | None:
     """The result of a run that finished earlier (None if it has not)."""
     out = Path(run["cfg"]["output_dir"])
@@ -488,7 +500,7 @@ def execute(plan: list[dict], jobs: int, threads: int | None, verbose: bool, bud
                         break
                 pending.remove(run)
                 print(f"    start {run['key']} ({'done earlier' if done_already else 'training'})", flush=True)
-                running[run["key"]] = (run, pool.submit(run_one, run) if pool else None)
+                running[run["key"]] = (run, pool.submit(run_in_worker, run) if pool else None)
             if not running:
                 break
             if pool is None:  # --jobs 1: train in this process

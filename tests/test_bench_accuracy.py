@@ -294,6 +294,49 @@ if __name__ == "__main__":
     assert state in ("gone", "Z"), f"worker {worker} outlived its killed parent (state {state})"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_worker_whose_run_exits_on_sigterm_does_not_outlive_the_benchmark(tmp_path):
+    """SIGTERM to the benchmark kills it; its workers then get SIGTERM (PR_SET_PDEATHSIG), which a training turns into
+    SystemExit after saving interrupted.ckpt. The executor would catch that and leave the worker waiting for work
+    from a dead parent (seen in session 8: workers lived on until a second SIGTERM)."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import concurrent.futures as cf, importlib.util, multiprocessing as mp, os, signal, sys, time
+spec = importlib.util.spec_from_file_location("bench_accuracy", {str(REPO / "benchmarks" / "accuracy.py")!r})
+acc = importlib.util.module_from_spec(spec); sys.modules["bench_accuracy"] = acc; spec.loader.exec_module(acc)
+
+def training_like(run):  # Lightning's way: a SIGTERM is noted, the step ends, SystemExit is raised
+    noted = []
+    signal.signal(signal.SIGTERM, lambda *_: noted.append(1))  # later ones are noted too, never fatal
+    open({str(tmp_path / "started")!r}, "w").close()
+    while not noted:
+        time.sleep(0.05)
+    raise SystemExit(143)
+
+if __name__ == "__main__":
+    pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=acc._pool_worker_init,
+                                  initargs=(1, False))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(acc.run_in_worker, {{"key": "x"}}, training_like)
+    time.sleep(600)
+""")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # until the task runs with its handler in place
+    assert (tmp_path / "started").exists(), f"the task never started (parent exit {parent.poll()})"
+    parent.terminate()
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.2)
+    state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
+    if state not in ("gone", "Z"):
+        os.kill(worker, signal.SIGKILL)
+    assert state in ("gone", "Z"), f"worker {worker} outlived its terminated parent (state {state})"
+
+
 def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan, tmp_path):
     """Same config and inputs, other aidkd code: the result is stale (issue 18: stale results are replaced, not
     mixed). The digest ignores docstrings and comments, so rewording them does not force retraining."""

@@ -177,7 +177,10 @@ def test_sigkill_mid_training_then_resume(deterministic_run):
     assert _same_weights(out / "full" / "model_last.pt", out / "killed" / "model_last.pt")
 
 
-def test_sigint_saves_a_checkpoint(deterministic_run):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_saves_a_checkpoint_and_exits_nonzero(deterministic_run, sig):
+    """Ctrl-C and SIGTERM (docker stop, a scheduler's preemption, kill) both leave checkpoints/interrupted.ckpt; a
+    SIGTERM'd run exits 143 as a process the signal killed would (Lightning's SystemExit alone would exit 0)."""
     import os
     import signal
     import subprocess
@@ -187,22 +190,23 @@ def test_sigint_saves_a_checkpoint(deterministic_run):
     from aidkd.engine.config import dump_config
 
     cfg, out, _ = deterministic_run
-    c = cfg("sigint")
+    name = sig.lower()
+    c = cfg(name)
     c.train.epochs = 50
-    dump_config(c, out / "sigint.yaml")
-    log = out / "sigint.log"  # the child's output, shown when the test fails
+    dump_config(c, out / f"{name}.yaml")
+    log = out / f"{name}.log"  # the child's output, shown when the test fails
     with log.open("w") as log_file:
         # a background job (`cmd &` in a non-interactive shell, e.g. CI under nohup) inherits SIGINT ignored, and
         # Python then never installs its Ctrl-C handler; an ignored signal stays ignored across exec, a handled one
         # does not: handle it here while the child starts, so that SIGINT means Ctrl-C to it
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / "sigint.yaml")],
+            proc = subprocess.Popen([sys.executable, "-m", "aidkd.cli.main", "train", str(out / f"{name}.yaml")],
                                     env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log_file,
                                     stderr=subprocess.STDOUT)
         finally:
             signal.signal(signal.SIGINT, previous)
-        last = out / "sigint" / "checkpoints" / "last.ckpt"
+        last = out / name / "checkpoints" / "last.ckpt"
         wait_s = 420  # generous: the first validation is slow on a loaded 2-core machine
         deadline = time.time() + wait_s
         while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -211,8 +215,10 @@ def test_sigint_saves_a_checkpoint(deterministic_run):
             proc.kill()
             pytest.fail(f"no last.ckpt after {wait_s} s (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    saved = out / "sigint" / "checkpoints" / "interrupted.ckpt"
-    assert saved.exists(), f"SIGINT must leave a checkpoint; child output:\n{log.read_text()[-3000:]}"
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(timeout=120)
+    saved = out / name / "checkpoints" / "interrupted.ckpt"
+    assert saved.exists(), f"{sig} must leave a checkpoint; child output:\n{log.read_text()[-3000:]}"
     assert torch.load(saved, weights_only=True)["global_step"] > 0
+    assert code == (143 if sig == "SIGTERM" else 1), log.read_text()[-3000:]
+    assert not (out / name / "final_metrics.json").exists()  # an interrupted run is not a finished one

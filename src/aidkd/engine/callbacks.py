@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aidkd.eval.evaluator import PRIMARY_METRIC
 from aidkd.models import save_model_file
@@ -124,16 +125,19 @@ class LastCheckpoint(Checkpoint):
 
 
 class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C (SIGINT) save ``checkpoints/interrupted.ckpt`` before Lightning shuts the run down."""
+    """On Ctrl-C (SIGINT) or SIGTERM save ``checkpoints/interrupted.ckpt`` before Lightning shuts the run down.
+    Lightning turns a SIGTERM into ``SIGTERMException`` after the current batch (on every rank)."""
 
     def __init__(self, ckpt_dir: str | Path):
         self.ckpt_dir = Path(ckpt_dir)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             path = self.ckpt_dir / "interrupted.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
-            log.warning("interrupted: checkpoint saved to %s (resume with --resume %s)", path, path)
+            why = "interrupted" if isinstance(exception, KeyboardInterrupt) else "terminated (SIGTERM)"
+            log.warning("%s at step %d: checkpoint saved to %s (resume with --resume %s)", why, trainer.global_step,
+                        path, path)
 
 
 class DistillImages(L.Callback):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
@@ -112,6 +114,10 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
         trainer = build_trainer(cfg, out_dir, extra_callbacks)
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        except SIGTERMException:
+            # Lightning's SystemExit carries no code, so a terminated run would exit 0 as if it had finished: exit
+            # 128 + 15 as a process the signal killed (InterruptCheckpoint saved interrupted.ckpt)
+            raise SystemExit(128 + signal.SIGTERM) from None
         except RuntimeError as e:
             if ckpt is None or "Error(s) in loading state_dict" not in str(e):
                 raise
