@@ -266,6 +266,17 @@ def test_main_refuses_stale_runs_unless_asked_to_retrain(acc, tmp_path):
     assert not Path(teacher["cfg"]["output_dir"]).exists()
 
 
+def assert_gone_soon(pid: int, what: str) -> None:
+    """Process ``pid`` ends (or is a zombie) within 30 s; one that does not is killed and the test fails."""
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.2)
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
+    if state not in ("gone", "Z"):
+        os.kill(pid, signal.SIGKILL)
+    assert state in ("gone", "Z"), f"worker {pid} outlived {what} (state {state})"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_training_workers_die_with_the_benchmark_process(tmp_path):
     """A benchmark killed with SIGKILL must not leave its pool workers running."""
@@ -285,13 +296,7 @@ if __name__ == "__main__":
     worker = int(parent.stdout.readline())
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline and Path(f"/proc/{worker}").exists():
-        time.sleep(0.2)
-    state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
-    if state not in ("gone", "Z"):
-        os.kill(worker, signal.SIGKILL)
-    assert state in ("gone", "Z"), f"worker {worker} outlived its killed parent (state {state})"
+    assert_gone_soon(worker, "its killed parent")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
@@ -328,13 +333,7 @@ if __name__ == "__main__":
     assert (tmp_path / "started").exists(), f"the task never started (parent exit {parent.poll()})"
     parent.terminate()
     parent.wait()
-    deadline = time.time() + 30
-    while time.time() < deadline and Path(f"/proc/{worker}").exists():
-        time.sleep(0.2)
-    state = Path(f"/proc/{worker}/stat").read_text().split()[2] if Path(f"/proc/{worker}").exists() else "gone"
-    if state not in ("gone", "Z"):
-        os.kill(worker, signal.SIGKILL)
-    assert state in ("gone", "Z"), f"worker {worker} outlived its terminated parent (state {state})"
+    assert_gone_soon(worker, "its terminated parent")
 
 
 def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan, tmp_path):
