@@ -225,6 +225,8 @@ def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]
     for r in plan:
         if r["variant"] == "teacher":
             r["cfg"]["data"] = dict(r["cfg"]["data"], root=str((data_dir / "teacher").resolve()))
+        if r["variant"] == "kd":  # AID off: its alpha means nothing, and one KD run serves every alpha
+            r["cfg"]["distill"]["aid"]["alpha"] = 0.1
         if normalize and r["variant"].startswith("kd_aid"):
             r["cfg"]["distill"]["aid"]["normalize"] = True
         if tag and r["variant"].startswith("kd_aid"):

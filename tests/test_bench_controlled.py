@@ -118,6 +118,10 @@ def test_normalized_aid_runs_get_their_own_folders_and_results(ctl, tmp_path):
                                               "alpha": 3.0, "normalize": True} for r in aid)
     kd = next(r for r in plan if r["variant"] == "kd")  # shared with the plain-weights runs at this scale
     assert Path(kd["cfg"]["output_dir"]).name == "kd_div100_seed0" and "normalize" not in kd["cfg"]["distill"]["aid"]
+    plain = ctl.parse_args(["--distill-scale", "1/100", "--subset-class", "Car", "--subset-view", "side"])
+    plain_kd = next(r for r in ctl.plan_experiment(ctl.make_profile(plain, data), tmp_path / "runs", data, [0])
+                    if r["variant"] == "kd")
+    assert kd["cfg"] == plain_kd["cfg"]  # the same config, or the provenance check calls the shared KD run stale
     assert ctl.results_name(args) == "controlled_synth_car_side_div100_a3n"
     only = ctl.parse_args(["--variants", "kd", "kd_aid_instance"])
     assert {r["variant"] for r in ctl.plan_experiment(ctl.make_profile(only, data), tmp_path / "r", data, [0])} == {
