@@ -116,6 +116,22 @@ def test_low_hit_rate_warns_once_but_not_for_the_flips_of_the_second_epoch(caplo
     assert d.end_epoch(4) == 1.0
 
 
+def test_a_resumed_run_does_not_warn_for_its_empty_cache(caplog):
+    """A run resumed at epoch 5 starts with an empty cache: its first two epochs miss by nature, like a new run's
+    (the kitti101 benchmark's resumed AID runs warned "0% hits in epoch 5" and advised turning the cache off)."""
+    d = make_distiller("retinanet")
+    with caplog.at_level("WARNING", logger="aidkd.distill"):
+        per_instance(d, [sample(1), sample(2)])
+        assert d.end_epoch(5) == 0.0
+        per_instance(d, [sample(1, flipped=True), sample(2)])
+        assert d.end_epoch(6) == pytest.approx(0.5)
+    assert not [r for r in caplog.records if "teacher-loss cache" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="aidkd.distill"):
+        per_instance(d, [sample(3), sample(4)])  # the third epoch this process ran: keys that never repeat warn
+        d.end_epoch(7)
+    assert [r for r in caplog.records if "0% hits in epoch 7" in r.getMessage()]
+
+
 def test_level_granularity_and_missing_ids_compute_every_time(head_calls):
     assert make_distiller("retinanet", granularity="level").loss_cache is None
     d = make_distiller("retinanet")

@@ -102,6 +102,7 @@ class Distiller(nn.Module):
         self._last_per_instance: list[Tensor] | None = None
         self._last_per_level: Tensor | None = None
         self._cache_counts_at_epoch_start = (0, 0)
+        self._cache_epochs = 0  # epochs this cache has seen: a resumed run starts with an empty one at epoch N
         self._warned_low_hit_rate = False
         self.last_inputs: DistillInputs | None = None
 
@@ -210,8 +211,8 @@ class Distiller(nn.Module):
         """The teacher-loss cache's hit rate over the epoch just finished (None without a cache or lookups).
 
         A sample's key includes its flip, so with ``hflip`` 0.5 its second epoch meets an unseen flip state half the
-        time (~50 % hits is normal there) and its third a quarter of the time. From the third epoch on (``epoch`` 2)
-        a rate below ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the
+        time (~50 % hits is normal there) and its third a quarter of the time. From the cache's third epoch on (a
+        resumed run's cache starts empty, whatever ``epoch`` it resumes at; ``epoch`` only names it) a rate below ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the
         flip, or more samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:
             return None
@@ -222,7 +223,8 @@ class Distiller(nn.Module):
         if not seen:
             return None
         rate = (hits - last_hits) / seen
-        if epoch >= 2 and rate < LOW_HIT_RATE and not self._warned_low_hit_rate:
+        self._cache_epochs += 1
+        if self._cache_epochs >= 3 and rate < LOW_HIT_RATE and not self._warned_low_hit_rate:
             self._warned_low_hit_rate = True
             log.warning("AID teacher-loss cache: %.0f%% hits in epoch %d (%d entries, max_items %d); keys rarely "
                         "repeat (random augmentations other than the flip, or more samples x flips than max_items). "
