@@ -212,8 +212,9 @@ class Distiller(nn.Module):
 
         A sample's key includes its flip, so with ``hflip`` 0.5 its second epoch meets an unseen flip state half the
         time (~50 % hits is normal there) and its third a quarter of the time. From the cache's third epoch on (a
-        resumed run's cache starts empty, whatever ``epoch`` it resumes at; ``epoch`` only names it) a rate below ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the
-        flip, or more samples than ``max_items``): warns once, since the cache then only costs memory."""
+        resumed run's cache starts empty, whatever ``epoch`` it resumes at; ``epoch`` only names it) a rate below
+        ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the flip, or more
+        samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:
             return None
         hits, misses = self.loss_cache.hits, self.loss_cache.misses
