@@ -183,3 +183,23 @@ def test_level_granularity_logs_the_level_weights_it_applies():
     assert stats["level_w_min"] == pytest.approx(float(applied.min()))
     assert stats["level_w_max"] == pytest.approx(float(applied.max()))
     assert "teacher_loss_level_mean" in stats and not any(k.startswith("instance_w") for k in stats)
+
+
+@pytest.mark.parametrize("granularity", ["instance", "level"])
+def test_aid_leaves_the_random_stream_as_kd_does_for_faster_rcnn(granularity):
+    """KD + AID and KD runs of one seed are exact pairs only if computing the teacher's losses (Faster R-CNN samples
+    proposals at random) consumes no random numbers: the student's own sampling must see the same stream."""
+    def step(aid):
+        torch.manual_seed(0)
+        kw = {"min_size": H, "max_size": W * 2}
+        teacher = build_detector("fasterrcnn", "resnet18", 3, fpn_channels=16, **kw)
+        student = build_detector("fasterrcnn", "resnet18", 3, fpn_channels=8, **kw)
+        d = Distiller(student, teacher, dict(METHODS), aid, sample_shape=(H, W), teacher_loss_cache=False).train()
+        batch = [sample(1), sample(2)]
+        torch.manual_seed(123)
+        out = d([b[0] for b in batch], [b[1] for b in batch])
+        return torch.get_rng_state(), float(out["loss_classifier"])
+
+    kd_state, kd_loss = step(None)
+    aid_state, aid_loss = step(AIDWeighting(granularity))
+    assert torch.equal(kd_state, aid_state) and aid_loss == kd_loss
