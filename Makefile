@@ -30,3 +30,8 @@ constraints:
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# docs/config.md is generated from the config dataclasses (tests/test_docs.py checks it is up to date).
+.PHONY: docs
+docs: install
+	$(BIN)/python -m aidkd.engine.config_docs > docs/config.md
