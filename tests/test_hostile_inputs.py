@@ -466,7 +466,7 @@ def test_every_cli_option_has_help_and_a_readme_row():
     from aidkd.cli.main import build_parser
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    cli_table = readme[readme.index("## CLI"):readme.index("## Config reference")]
+    cli_table = readme[readme.index("## CLI"):readme.index("## What the results say")]
     rows = [line for line in cli_table.splitlines() if line.startswith("| `aidkd")]
     missing_help, missing_readme = [], []
 
