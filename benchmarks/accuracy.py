@@ -1,4 +1,4 @@
-"""Accuracy benchmark (issue #4): student alone vs KD vs KD+AID vs self-distillation, one- and two-stage, over seeds.
+"""Accuracy benchmark: student alone vs KD vs KD+AID vs self-distillation, one- and two-stage, over seeds.
 
 One command, driven by a profile YAML (``benchmarks/profiles/<name>.yaml``). For each detector family of the
 profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):

@@ -1,4 +1,4 @@
-"""Controlled experiment (issue 18, item 2): a teacher that is wrong on purpose on a known subset of instances.
+"""Controlled experiment: a teacher that is wrong on purpose on a known subset of instances.
 
 AID's claim: imitating the teacher where it is wrong hurts the student, and weighting each instance's distillation
 term by the teacher's own loss on it avoids that. This script makes the teacher's wrongness known and measurable:
@@ -71,10 +71,10 @@ imitates the teacher less there.
   as much AP on the rest.
 - **Inconclusive:** (a) fails, i.e. KD from this wrong teacher does not hurt {cls} at this distillation strength
   (loss scale {scale}, alpha {alpha}); then the experiment says nothing about AID's rescue, only that the wrong
-  teacher was harmless here, and should be re-run with stronger distillation (issue 18 item 3).
+  teacher was harmless here, and should be re-run with stronger distillation.
 - AID (level) has one weight per FPN level for the whole batch and cannot single out {cls}: expected level - KD on
   {cls} ~ 0; if it matches AID (instance), the effect is not instance-selective.
-- Size: at alpha {alpha} the weights are expected to span little (the issue's measurement: found 0.92 vs missed
+- Size: at alpha {alpha} the weights are expected to span little (one measured teacher: found 0.92 vs missed
   0.78 at alpha 0.1), so any rescue should be a small fraction of KD's harm; with 3 seeds and ~{n_val} {cls}
   instances in val, effects below ~1 AP are within noise.
 """

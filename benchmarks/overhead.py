@@ -1,4 +1,4 @@
-"""Training-step cost of distillation (issue #4): student alone vs KD vs KD+AID, side by side in one process.
+"""Training-step cost of distillation: student alone vs KD vs KD+AID, side by side in one process.
 
 Every variant trains its own copy of the same initial student on the *same* fixed batches; the variants run
 interleaved (round r runs every variant once on batch r, in an order rotated by r), after warm-up rounds, and the

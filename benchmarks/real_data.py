@@ -1,4 +1,4 @@
-"""Real-data acceptance (issue #2): the real KITTI and COCO sets load, train and evaluate end to end.
+"""Real-data acceptance: the real KITTI and COCO sets load, train and evaluate end to end.
 
 For ``../shared/data/kitti_object_101`` (native KITTI layout; fixed split: first 80 sorted frames train, the other
 21 val, split files in ``benchmarks/results/accuracy_kitti101_cpu/splits/``) and ``../shared/data/coco_tiny``
@@ -173,7 +173,7 @@ def _m(metrics: dict | None, key: str) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# Real-data check (issue #2): kitti_object_101 and coco_tiny load, train and evaluate", "",
+    lines = ["# Real-data check: kitti_object_101 and coco_tiny load, train and evaluate", "",
              (f"Each detector: ResNet-18-FPN32 from random weights, {res['steps']} training steps (batch 4), then "
               "validation (`aidkd.engine.run.train`), re-evaluation of the written `model_best.pt` "
               "(`aidkd.engine.run.evaluate`), and a KD + AID (instance) run of the same length distilled from it. "

@@ -1,4 +1,4 @@
-"""Distillation strength on a small generated set (issue 13, items 5 and 7), sized for a shared 2-core CPU.
+"""Distillation strength on a small generated set, sized for a shared 2-core CPU.
 
 Three measurements, all on generated driving scenes (``aidkd data synth``), teacher and students from random weights:
 
@@ -14,7 +14,7 @@ Three measurements, all on generated driving scenes (``aidkd data synth``), teac
 - ``scale``: KD (frozen block) at each of ``--scales`` at batch 4, paired by seed with the student: how small a
   loss_scale a family's small from-scratch student needs.
 - ``alpha``: KD + AID (instance) at ``--small-scale`` for each of ``--alphas`` at batch 4, paired by seed with KD
-  (``kd_nl_frozen``) and the student: does a stronger contrast of the AID weights help (issue 18, item 3)?
+  (``kd_nl_frozen``) and the student: does a stronger contrast of the AID weights help?
 - ``alpha_norm``: the same with ``distill.aid.normalize`` (each batch's weights divided by their mean): a larger
   alpha sharpens the contrast without lowering KD's overall strength, which plain weights in (0, 1] also do.
 

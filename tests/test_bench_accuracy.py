@@ -303,7 +303,7 @@ if __name__ == "__main__":
 def test_a_worker_whose_run_exits_on_sigterm_does_not_outlive_the_benchmark(tmp_path):
     """SIGTERM to the benchmark kills it; its workers then get SIGTERM (PR_SET_PDEATHSIG), which a training turns into
     SystemExit after saving interrupted.ckpt. The executor would catch that and leave the worker waiting for work
-    from a dead parent (seen in session 8: workers lived on until a second SIGTERM)."""
+    from a dead parent (workers then lived on until a second SIGTERM)."""
     script = tmp_path / "parent.py"
     script.write_text(f"""
 import concurrent.futures as cf, importlib.util, multiprocessing as mp, os, signal, sys, time
@@ -337,8 +337,8 @@ if __name__ == "__main__":
 
 
 def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan, tmp_path):
-    """Same config and inputs, other aidkd code: the result is stale (issue 18: stale results are replaced, not
-    mixed). The digest ignores docstrings and comments, so rewording them does not force retraining."""
+    """Same config and inputs, other aidkd code: the result is stale (stale results are replaced, not mixed).
+    The digest ignores docstrings and comments, so rewording them does not force retraining."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "m.py").write_text('"""Doc."""\ndef f(x):\n    """Doc."""\n    return x + 1  # comment\n')
@@ -353,7 +353,7 @@ def test_runs_trained_by_other_code_are_stale_but_not_for_a_docstring(acc, plan,
 
     student = next(r for r in plan if r["key"] == "one-stage/student_seed0")
     _finish(student)
-    assert acc.stale_runs(plan) == {}  # recorded now, with today's code
+    assert acc.stale_runs(plan) == {}  # recorded now, with the current code
     rec_path = Path(student["cfg"]["output_dir"]) / acc.PROVENANCE
     rec = acc.json.loads(rec_path.read_text())
     assert rec["code"] == acc.code_digest()

@@ -172,8 +172,8 @@ def test_cache_is_lru_and_checks_the_box_count():
 
 
 def test_level_granularity_logs_the_level_weights_it_applies():
-    """``level`` applies one weight per FPN level: last_stats reports those (the old code logged instance weights,
-    which that granularity never applies, and no level weights)."""
+    """``level`` applies one weight per FPN level: last_stats reports those, not instance weights,
+    which that granularity never applies."""
     d = make_distiller("retinanet", granularity="level")
     batch = [sample(1), sample(2)]
     d([b[0] for b in batch], [b[1] for b in batch])

@@ -1,6 +1,6 @@
-"""What a careless or hostile user can do to aidkd, and what aidkd promises in return (README "Failure behaviour").
+"""What a careless or hostile user can do to aidkd, and what aidkd promises in return (docs/failure-behaviour.md).
 
-One section per item of issue 15 (and the user-path items 7-9 of issue 14); one test per case. To add a case:
+One section per kind of input; one test per case. To add a case:
 put it under its section, make it fail on the code you are fixing, and assert on the message or the files, not only
 on "it did not crash".
 """
@@ -49,7 +49,7 @@ def _snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-# ------------------------------------------------------------------ 15.1 run folders are never clobbered
+# ------------------------------------------------------------------ run folders are never clobbered
 def test_new_run_into_an_existing_run_folder_is_refused_and_touches_nothing(finished_run, tmp_path, capsys):
     raw, out = finished_run
     before = _snapshot(out)
@@ -91,7 +91,7 @@ def test_overwrite_replaces_the_previous_run(finished_run, tmp_path):
     assert (copy / "notes.txt").read_text() == "mine"  # only aidkd's own outputs are removed
 
 
-# ------------------------------------------------------------------ 14.7 what --resume resumes
+# ------------------------------------------------------------------ what --resume resumes
 def test_resume_accepts_the_run_folder(finished_run, tmp_path):
     raw, out = finished_run
     run = tmp_path / "run"
@@ -122,7 +122,7 @@ def test_resume_or_new_starts_when_there_is_nothing_to_resume(tiny_cfg, tmp_path
     assert (Path(raw["output_dir"]) / "checkpoints" / "last.ckpt").exists()
 
 
-# ------------------------------------------------------------------ 15.2 divergence never destroys the last good checkpoint
+# ------------------------------------------------------------------ divergence never destroys the last good checkpoint
 def _diverging(monkeypatch, bad_calls):
     """Make the classification loss NaN on the calls (1-based) that ``bad_calls`` accepts."""
     from aidkd.engine import module
@@ -191,7 +191,7 @@ def test_resume_with_a_lower_learning_rate_uses_it(finished_run, tmp_path):
     assert lrs == [pytest.approx(0.001 * 0.01)]
 
 
-# ------------------------------------------------------------------ 15.4 user errors: one line, exit 2, no traceback
+# ------------------------------------------------------------------ user errors: one line, exit 2, no traceback
 class _Boom:
     def __reduce__(self):
         return (print, ("pickle code ran",))
@@ -254,7 +254,7 @@ def test_verbose_keeps_the_traceback(tiny_cfg, tmp_path):
         main(["-v", "train", str(cfg), "--set", "train.lr=[1,"])
 
 
-# ------------------------------------------------------------------ 15.5 user text is never read as rich markup
+# ------------------------------------------------------------------ user text is never read as rich markup
 @pytest.mark.parametrize("value", ["[/x]", "[bold]fast"])
 def test_markup_in_user_values_is_printed_as_is(tiny_cfg, tmp_path, capsys, value):
     cfg = _yaml(tiny_cfg("m"), tmp_path / "m.yaml")
@@ -268,7 +268,7 @@ def test_markup_in_a_class_name_is_printed_as_is(tiny_cfg, tmp_path, capsys):
     assert "['[/x]', '[bold]Car']" in _error_line(capsys)
 
 
-# ------------------------------------------------------------------ 15.6 YAML floats
+# ------------------------------------------------------------------ YAML floats
 def test_exponent_floats_are_floats(tmp_path):
     from aidkd.engine.config import load_config
 
@@ -289,7 +289,7 @@ def test_python_tags_stay_refused(tmp_path):
         load_config(path)
 
 
-# ------------------------------------------------------------------ 15.7 a kill never duplicates history or leaves junk
+# ------------------------------------------------------------------ a kill never duplicates history or leaves junk
 def test_kill_between_history_and_checkpoint_does_not_duplicate_an_epoch(finished_run, tmp_path):
     """Simulate the kill: last.ckpt is from before the last validation, whose history line is already written."""
     raw, out = finished_run
@@ -320,7 +320,7 @@ def test_partial_checkpoint_files_are_removed_on_start(finished_run, tmp_path):
     assert not any(j.exists() for j in junk) and keep.exists()
 
 
-# ------------------------------------------------------------------ 15.3 COCO file_name never escapes the images folder
+# ------------------------------------------------------------------ COCO file_name never escapes the images folder
 @pytest.mark.parametrize("name", ["../../outside/secret.png", "/dev/zero", "sub/../../b.jpg"])
 def test_coco_file_name_outside_the_images_folder_is_refused(tmp_path, name):
     from aidkd.data import check_dataset, default_image_dir
@@ -351,7 +351,7 @@ def test_coco_file_name_in_a_sub_folder_is_fine(tmp_path):
     assert check_dataset(ann, fmt="coco") == []
 
 
-# ------------------------------------------------------------------ 15.11 smaller ones
+# ------------------------------------------------------------------ smaller ones
 def test_16_bit_png_is_scaled_by_its_depth_not_its_content(tmp_path):
     import numpy as np
     from PIL import Image
@@ -427,7 +427,7 @@ def test_utf16_config_error_names_the_file(tmp_path, capsys):
     assert f"{path}: not UTF-8 text" in _error_line(capsys)
 
 
-# ------------------------------------------------------------------ 14.8 short runs still write best.ckpt, no warning
+# ------------------------------------------------------------------ short runs still write best.ckpt, no warning
 @pytest.mark.parametrize("train_cfg", [{"epochs": 5, "max_steps": 1, "limit_train_batches": 2},
                                        {"epochs": 1, "val_every": 2, "limit_train_batches": 1}],
                          ids=["max_steps_before_validation", "val_every_beyond_epochs"])
@@ -440,7 +440,7 @@ def test_short_run_writes_best_ckpt_without_monitor_warning(tiny_cfg, train_cfg,
     assert not [w for w in recwarn if "could not find the monitored key" in str(w.message)]
 
 
-# ------------------------------------------------------------------ 14.9 output a user can read and trust
+# ------------------------------------------------------------------ output a user can read and trust
 def test_set_before_the_config_does_not_swallow_it(tiny_cfg, tmp_path, capsys):
     raw = tiny_cfg("swallow")
     cfg = _yaml(raw, tmp_path / "s.yaml")
