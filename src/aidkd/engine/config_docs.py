@@ -113,10 +113,12 @@ DESCRIPTIONS: dict[str, str] = {
                                "level)",
     "distill.aid.alpha": "w = exp(-alpha * D^T), D^T the teacher's loss on the instance",
     "distill.aid.normalize": "divide each batch's weights by their mean (not in the paper): only their contrast "
-                             "acts, KD's overall strength stays",
+                             "acts, KD's overall strength stays; the logged `aid/instance_w_*` are then the "
+                             "normalised weights",
     "distill.aid.cache": "keep each sample's teacher losses (key: image, flip, resized size) so the teacher's head "
                          "runs once per sample, not every step; exact when the flip is the only random "
-                         "augmentation; `level` never caches",
+                         "augmentation; warns when fewer than half the samples hit from the third epoch on; "
+                         "`level` never caches",
     "distill.loss_scale": "multiplies every distillation term: about 1/1000 for small from-scratch students with "
                           "the default loss forms, 1 for the paper's configs ([results](results.md))",
     "distill.image_log_every": "steps between instance-weight / attention images in TensorBoard (0: never)",
@@ -270,9 +272,22 @@ def render_methods() -> list[str]:
              "|---|---|---|"]
     for name in sorted(METHODS):
         doc = (METHODS[name].__doc__ or "").strip().split("\n")[0].rstrip(".").replace("``", "`")
-        params = ", ".join(f"`{p}` {value_text(d)}" for p, d in method_params(name).items())
+        hints = _init_hints(METHODS[name])
+        params = ", ".join(f"`{p}` {value_text(d)}{_choices(hints.get(p))}" for p, d in method_params(name).items())
         lines.append(f"| `{name}` | {_cell(doc)} | {params} |")
     return lines
+
+
+def _init_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # an annotation that does not resolve at run time: show no choices
+        return {}
+
+
+def _choices(tp: Any) -> str:
+    """The choices of a ``Literal`` parameter in brackets, else nothing."""
+    return f" ({type_text(tp)})" if typing.get_origin(tp) is Literal else ""
 
 
 def render() -> str:
