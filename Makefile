@@ -34,4 +34,4 @@ clean:
 # docs/config.md is generated from the config dataclasses (tests/test_docs.py checks it is up to date).
 .PHONY: docs
 docs: install
-	$(BIN)/python -m aidkd.engine.config_docs > docs/config.md
+	$(BIN)/python -m aidkd.engine.config_docs > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
