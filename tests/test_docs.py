@@ -123,3 +123,17 @@ def test_tests_named_in_the_docs_exist():
     missing = [f"{f.relative_to(ROOT)}: {name}" for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
                for name in re.findall(r"`(test_\w+)`", f.read_text(encoding="utf-8")) if name not in defined]
     assert not missing, "tests named in the docs that do not exist:\n" + "\n".join(missing)
+
+
+# In code and comments "session" and "issue" have ordinary meanings (an onnxruntime session, issue a warning): only
+# the unambiguous history phrases are refused there.
+CODE_HISTORY = r"\bsessions? \d+|\bissues? #?\d+|\b(?:previous|this|last|earlier) session\b|\bpairing fix\b|today's code"
+
+
+def test_code_speaks_of_the_project_not_of_its_history():
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "configs").glob("*.yaml"), *(ROOT / "benchmarks" / "profiles").glob("*.yaml")]
+    hits = [f"{f.relative_to(ROOT)}:{number}: {line.strip()}" for f in files if f.name != "test_docs.py"
+            for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(CODE_HISTORY, line, re.IGNORECASE)]
+    assert not hits, "development history in code or comments:\n" + "\n".join(hits)
