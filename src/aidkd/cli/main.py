@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a matching teacher detection counts as found from this score")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("predict", help="write KITTI prediction files or a COCO results json (and drawn images/video)")
+    p = sub.add_parser("predict", help="write KITTI prediction files, a COCO results json or YOLO label files (and "
+                                       "drawn images/video)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--out", required=True, help="folder for the prediction files (and drawings)")
@@ -221,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="keep detections scoring at least this (default: the config's eval.score_thresh, 0.05 "
                         "unless set: the threshold eval scores with)")
-    p.add_argument("--format", choices=["kitti", "coco"], default=None,
+    p.add_argument("--format", choices=["kitti", "coco", "yolo"], default=None,
                    help="kitti: one <stem>.txt per image (whitespace in class names written as %%20); coco: "
-                        "OUT/predictions.json, a COCO results list (default: coco for COCO data, else kitti)")
+                        "OUT/predictions.json, a COCO results list; yolo: OUT/labels/<stem>.txt, 'class cx cy w h "
+                        "conf' normalised (default: coco for COCO data, yolo for YOLO data, else kitti)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
@@ -237,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="list every problem in a dataset (exit 1 if any)")
-    p.add_argument("root", help="KITTI root, or a COCO instances json")
-    p.add_argument("--format", choices=["kitti", "coco"], default="kitti", help="dataset layout")
+    p.add_argument("root", help="KITTI root, a COCO instances json, or a YOLO data.yaml (or its folder)")
+    p.add_argument("--format", choices=["kitti", "coco", "yolo"], default="kitti", help="dataset layout")
     p.add_argument("--images", help="COCO image folder (default: DATA/NAME for DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
