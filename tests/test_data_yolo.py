@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from aidkd.data import DatasetError, DetectionDataset, check_dataset, load_yolo_records, parse_yolo_label_file
+from aidkd.data.convert import convert_dataset
 from aidkd.data.yolo import read_data_yaml, yolo_label_path
 
 NAMES = ["car", "person", "bike"]
@@ -240,33 +241,20 @@ def test_format_mismatch_is_named(tmp_path, synth_root):
 # ------------------------------------------------------------------------------- training, evaluation, predict
 
 
-def kitti_to_yolo(kitti_root: Path, out: Path, names: list[str]) -> Path:
-    """The generated KITTI scenes as a YOLO dataset with KITTI's own train/val split (every class in names)."""
-    from aidkd.data import format_yolo_line, load_kitti_records
-
-    for split in ("train", "val"):
-        for r in load_kitti_records(kitti_root, split=split, read_sizes=True):
-            dst = out / "images" / split / r.image_path.name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(r.image_path)
-            label(out / "labels" / split / f"{r.stem}.txt", "".join(
-                format_yolo_line(names.index(o.cls), o.box, (r.width, r.height)) + "\n" for o in r.objects))
-    (out / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
-                                                   "names": dict(enumerate(names))}))
-    return out / "data.yaml"
-
-
 def test_train_and_evaluate_on_yolo_data_as_on_the_same_kitti_data(tmp_path, tiny_cfg, synth_root):
-    """The same scenes in YOLO layout give the same samples and the same COCO metrics as in KITTI layout."""
+    """The same scenes in YOLO layout give the same samples as in KITTI layout; a run on them trains, validates with
+    COCO metrics and evaluates to its final metrics."""
     from aidkd.data.kitti import KITTI_CLASSES, KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
     from aidkd.engine.config import config_from_dict
     from aidkd.engine.datamodule import DetectionDataModule
     from aidkd.engine.run import evaluate, train
 
-    data_yaml = kitti_to_yolo(synth_root, tmp_path / "as_yolo", list(KITTI_CLASSES))
+    convert_dataset(synth_root, tmp_path / "as_yolo", "kitti", "yolo")
+    data_yaml = tmp_path / "as_yolo" / "data.yaml"
+    assert read_data_yaml(data_yaml).names == list(KITTI_CLASSES)
     yolo_data = {"format": "yolo", "root": str(data_yaml), "classes": list(KITTI_DEFAULT_CLASSES),
                  "ignore_classes": list(KITTI_DEFAULT_IGNORE)}
-    cfg = config_from_dict(tiny_cfg("yolo", data=yolo_data, train={"epochs": 1, "max_steps": 3}))
+    cfg = config_from_dict(tiny_cfg("yolo", data=yolo_data, train={"epochs": 1, "max_steps": 2}))
     metrics = train(cfg)
     assert "coco/AP" in metrics and not any(k.startswith("kitti") for k in metrics)
     model = Path(cfg.output_dir) / "model_best.pt"
@@ -282,9 +270,7 @@ def test_train_and_evaluate_on_yolo_data_as_on_the_same_kitti_data(tmp_path, tin
             assert torch.equal(ia, ib) and torch.equal(ta["labels"], tb["labels"])
             assert torch.allclose(ta["boxes"], tb["boxes"], atol=1e-3)
             assert torch.allclose(ta["ignore_boxes"], tb["ignore_boxes"], atol=1e-3)
-    got, want = evaluate(cfg, model), evaluate(kitti_cfg, model)
-    assert got["coco/AP"] == pytest.approx(want["coco/AP"], abs=1e-6)
-    assert got["coco/AP"] == pytest.approx(metrics["coco/AP"], abs=1e-6)
+    assert evaluate(cfg, model) == pytest.approx(metrics, abs=1e-6, nan_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +328,76 @@ def test_predict_writes_yolo_labels_that_read_back(tmp_path, model_file):
     again = (out2 / "labels" / "d.txt").read_text().splitlines()
     assert [line.split()[1:] for line in again] == [line.split()[1:] for line in lines]
     assert [int(line.split()[0]) for line in again] == [int(line.split()[0]) - 1 for line in lines]
+
+
+# ------------------------------------------------------------------------------------------------ data convert
+
+
+def all_boxes(root, fmt) -> dict:
+    """``{split: {image name: [(class, box rounded to 0.01 px)]}}`` of a dataset, read as training reads it."""
+    from aidkd.data import load_coco_records, load_kitti_records
+
+    if fmt == "kitti":
+        splits = {s: load_kitti_records(root, split=s, read_sizes=True) for s in ("train", "val")}
+    elif fmt == "yolo":
+        splits = {s: load_yolo_records(root, split=s)[0] for s in read_data_yaml(root).splits}
+    else:
+        splits = {p.stem[len("instances_"):]: load_coco_records(p)[0]
+                  for p in sorted((root / "annotations").glob("*.json"))}
+    return {s: {r.image_path.name: sorted((o.cls, o.iscrowd, tuple(round(v, 2) for v in o.box)) for o in r.objects)
+                for r in records} for s, records in splits.items()}
+
+
+def test_convert_round_trip_keeps_every_box(tmp_path, synth_root, capsys):
+    from aidkd.cli.main import main
+
+    want = all_boxes(synth_root, "kitti")
+    assert sum(len(b) for split in want.values() for b in split.values()) > 50
+    assert main(["data", "convert", str(synth_root), str(tmp_path / "y"), "--to", "yolo"]) == 0  # --from: found
+    assert "(yolo, images linked): train 16, val 4 images" in capsys.readouterr().out
+    assert (tmp_path / "y/images/val").is_dir() and (tmp_path / "y/labels/train").is_dir()
+    assert all_boxes(tmp_path / "y", "yolo") == want
+    convert_dataset(tmp_path / "y", tmp_path / "c", "yolo", "coco", copy=True)
+    assert all_boxes(tmp_path / "c", "coco") == want
+    assert not (tmp_path / "c/val").iterdir().__next__().is_symlink()
+    convert_dataset(tmp_path / "c", tmp_path / "k", "coco", "kitti")
+    assert all_boxes(tmp_path / "k", "kitti") == want
+    assert sorted(p.name for p in (tmp_path / "k/ImageSets").iterdir()) == ["train.txt", "val.txt"]
+
+
+def test_convert_refuses_what_it_cannot_do(tmp_path, synth_root):
+    data_yaml = small(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    with pytest.raises(DatasetError, match="must be a new or empty folder"):
+        convert_dataset(data_yaml, tmp_path / "full", "yolo", "coco")
+    with pytest.raises(DatasetError, match="inside the source dataset"):
+        convert_dataset(data_yaml, data_yaml.parent / "out", "yolo", "coco")
+    with pytest.raises(DatasetError, match=r"classes \['bike', 'car', 'person'\] are not KITTI classes"):
+        convert_dataset(data_yaml, tmp_path / "k", "yolo", "kitti")
+    label(data_yaml.parent / "labels/val/c.txt", "7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError, match="c.txt:1: class index 7 out of range"):
+        convert_dataset(data_yaml, tmp_path / "c", "yolo", "coco")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "k").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    assert (tmp_path / "full" / "x").read_text() == "mine"
+
+
+def test_convert_coco_crowd_regions(tmp_path):
+    import json
+
+    from aidkd.data import load_kitti_records
+
+    root = tmp_path / "coco"
+    image(root / "val/a.png", 40, 20)
+    (root / "annotations").mkdir()
+    (root / "annotations/instances_val.json").write_text(json.dumps({
+        "images": [{"id": 5, "file_name": "a.png", "width": 40, "height": 20}],
+        "annotations": [{"id": 1, "image_id": 5, "category_id": 3, "bbox": [2, 4, 10, 8], "iscrowd": 0},
+                        {"id": 2, "image_id": 5, "category_id": 3, "bbox": [20, 0, 20, 20], "iscrowd": 1}],
+        "categories": [{"id": 3, "name": "Car"}]}))
+    convert_dataset(root, tmp_path / "y", "coco", "yolo")
+    assert (tmp_path / "y/labels/val/a.txt").read_text() == "0 0.175 0.4 0.25 0.4\n"  # the crowd region left out
+    convert_dataset(root / "annotations/instances_val.json", tmp_path / "k", "coco", "kitti")
+    (rec,) = load_kitti_records(tmp_path / "k", split="val")
+    assert [(o.cls, o.box) for o in rec.objects] == [("Car", (2.0, 4.0, 12.0, 12.0)), ("DontCare", (20.0, 0.0, 40.0, 20.0))]

@@ -130,6 +130,21 @@ def cmd_data_coco_traffic(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from aidkd.data.convert import convert_dataset
+    from aidkd.data.layout import detect_layout
+
+    layout = "coco" if Path(args.src).suffix.lower() == ".json" else detect_layout(args.src)
+    src_format = args.src_format or {"synth": "kitti"}.get(layout, layout)
+    if src_format is None:
+        raise ValueError(f"{args.src}: not recognisable as KITTI, COCO or YOLO; pass --from kitti|coco|yolo")
+    counts = convert_dataset(args.src, args.dst, src_format, args.dst_format, copy=args.copy)
+    split_counts = ", ".join(f"{split} {n}" for split, n in counts.items())
+    console.print(f"wrote {args.dst} ({args.dst_format}, images {'copied' if args.copy else 'linked'}): "
+                  f"{split_counts} images", markup=False)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from aidkd.engine.demo import run_demo
 
@@ -258,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_json", help="where to write the subset")
     p.add_argument("--variant", type=int, choices=[11, 13], default=11, help="the 11- or 13-class subset")
     p.set_defaults(func=cmd_data_coco_traffic)
+
+    p = data.add_parser("convert", help="write a KITTI, COCO or YOLO dataset in another of these layouts")
+    p.add_argument("src", help="KITTI root, COCO instances json (or the folder holding annotations/), YOLO data.yaml "
+                               "(or its folder)")
+    p.add_argument("dst", help="a new or empty folder outside SRC")
+    p.add_argument("--from", dest="src_format", choices=["kitti", "coco", "yolo"],
+                   help="the source layout (default: recognised from SRC)")
+    p.add_argument("--to", dest="dst_format", choices=["kitti", "coco", "yolo"], required=True,
+                   help="the layout to write")
+    p.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links to SRC's images)")
+    p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
     p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results")
