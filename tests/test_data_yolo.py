@@ -78,7 +78,7 @@ def test_names_as_index_mapping_and_numeric_stems(tmp_path):
     image(root / "images/train/000003.png", 40, 20)
     label(root / "labels/train/000003.txt", "2 0.5 0.5 0.5 0.5\n")
     (root / "images/val").mkdir()
-    write_yaml(root, names={0: "car", 1: "person", 2: "bike"}, nc=3)
+    write_yaml(root, names={0: "car", "1": "person", 2: "bike"}, nc=3)
     records, classes = load_yolo_records(root, "train")
     assert classes == NAMES
     assert [r.image_id for r in records] == [3, 7]  # numeric stems are the ids
@@ -86,8 +86,9 @@ def test_names_as_index_mapping_and_numeric_stems(tmp_path):
 
 
 @pytest.mark.parametrize("names, message", [
-    ({0: "car", 2: "bike"}, "class indices 0..1, missing [1]"),
+    ({0: "car", 2: "bike"}, "number the classes 0, 1, 2, ... without gaps; missing [1]"),
     ({"a": "car"}, "keys of names must be class indices"),
+    ({-1: "car"}, "without gaps; got [-1]"),
     (["car", "car"], "duplicate class name 'car'"),
     ("car", "names must be a list or an {index: name} mapping"),
     ([], "missing key 'names'"),
@@ -207,7 +208,7 @@ def test_class_subset_and_ignore_classes(tmp_path):
 def test_data_check_lists_every_problem(tmp_path, capsys):
     from aidkd.cli.main import main
 
-    data_yaml = small(tmp_path, test="images/val/d.png".rsplit("/", 1)[0])  # test == val: images in two splits
+    data_yaml = small(tmp_path, test="images/val")  # test == val: its images are in two splits
     assert main(["data", "check", str(data_yaml.parent), "--format", "yolo"]) == 1
     out = capsys.readouterr().out
     assert out.count("is in both the val and the test split") == 2

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .coco import load_coco_records
-from .kitti import KITTI_CLASSES, IMAGE_EXTENSIONS, format_kitti_line, load_kitti_records
+from .kitti import IMAGE_EXTENSIONS, KITTI_CLASSES, format_kitti_line, load_kitti_records
 from .structures import DatasetError, ImageRecord, ObjectAnnotation
 from .yolo import YOLO_SPLITS, format_yolo_line, load_yolo_records, read_data_yaml
 
@@ -50,7 +50,7 @@ def _coco_jsons(src: Path) -> list[tuple[str, Path]]:
                                "folder holding annotations/", file=src)
     out: dict[str, Path] = {}
     for f in files:
-        name = f.stem[len("instances_"):] if f.stem.startswith("instances_") else f.stem
+        name = f.stem.removeprefix("instances_")
         split = next((s for s in YOLO_SPLITS if name.startswith(s)), name)  # val2017 -> val
         if split in out:
             raise DatasetError(f"two jsons for the {split} split ({out[split].name} and {f.name}); pass one json",

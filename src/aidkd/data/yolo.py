@@ -90,13 +90,15 @@ def _class_names(value, file: Path) -> list[str]:
         return DatasetError(msg, file=file, location=loc)
 
     if isinstance(value, dict):
+        if not all((isinstance(k, int) and not isinstance(k, bool)) or (isinstance(k, str) and k.isdigit())
+                   for k in value):
+            raise err(f"the keys of names must be class indices 0, 1, ...; got {list(value)[:5]!r}")
+        value = {int(k): v for k, v in value.items()}
         keys = list(value)
-        if not all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
-            raise err(f"the keys of names must be class indices 0, 1, ...; got {[k for k in keys][:5]!r}")
         if sorted(keys) != list(range(len(keys))):
             missing = sorted(set(range(max(keys) + 1)) - set(keys)) if keys and min(keys) >= 0 else []
             detail = f"missing {missing[:5]}" if missing else f"got {sorted(keys)[:5]}"
-            raise err(f"the keys of names must be the class indices 0..{len(keys) - 1}, {detail}")
+            raise err(f"the keys of names must number the classes 0, 1, 2, ... without gaps; {detail}")
         items = [(f"names.{k}", value[k]) for k in range(len(keys))]
     elif isinstance(value, list):
         items = [(f"names[{i}]", v) for i, v in enumerate(value)]
