@@ -142,6 +142,8 @@ BAD_LINES = [
     ("-1 0.5 0.5 0.2 0.2", "class index -1 out of range"),
     ("1.5 0.5 0.5 0.2 0.2", "class index must be an integer, got '1.5'"),
     ("car 0.5 0.5 0.2 0.2", "field 1 (class) is not a number: 'car'"),
+    ("1_0 0.5 0.5 0.2 0.2", "field 1 (class) is not a number: '1_0'"),
+    ("2 0.1 0.1 0.2 y 0.3 0.5", "field 5 (y) is not a number: 'y'"),
     ("0 0.5 x 0.2 0.2", "field 3 (y_center) is not a number: 'x'"),
     ("0 0.5 0.5 nan 0.2", "field 4 (width) is not finite"),
     ("0 1.2 0.5 0.2 0.2", "x_center 1.2 is outside [0, 1]"),

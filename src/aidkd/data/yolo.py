@@ -195,8 +195,7 @@ def yolo_label_path(image_path: str | Path) -> Path:
     return Path(*parts)
 
 
-def _number(tok: str, index: int, err) -> float:
-    name = _BOX_FIELDS[index] if index < len(_BOX_FIELDS) else "coordinate"
+def _number(tok: str, index: int, name: str, err) -> float:
     try:
         if "_" in tok:  # float() reads "1_0" as 10
             raise ValueError(tok)
@@ -227,17 +226,14 @@ def parse_yolo_line(text: str, names: list[str], image_size: tuple[int, int] | N
     if not (n == 5 or (with_score and n == 6) or polygon):
         want = "5 (class x_center y_center width height)" + (" or 6 (... confidence)" if with_score else "")
         raise err(f"expected {want} fields, or a polygon (class x1 y1 ... xn yn), got {n}")
-    raw_cls = tokens[0]
-    try:
-        index = int(raw_cls)
-    except ValueError:
-        value = _number(raw_cls, 0, err)
-        if value != int(value):
-            raise err(f"class index must be an integer, got {raw_cls!r}") from None
-        index = int(value)
+    value = _number(tokens[0], 0, "class", err)
+    if value != int(value):
+        raise err(f"class index must be an integer, got {tokens[0]!r}")
+    index = int(value)
     if not 0 <= index < len(names):
         raise err(f"class index {index} out of range: data.yaml names {len(names)} classes (0..{len(names) - 1})")
-    vals = [_number(tok, i, err) for i, tok in enumerate(tokens[1:], start=1)]
+    fields = ("x", "y") * (n // 2) if polygon else _BOX_FIELDS[1:]
+    vals = [_number(tok, i, fields[i - 1], err) for i, tok in enumerate(tokens[1:], start=1)]
     w_img, h_img = image_size if image_size is not None else (None, None)
     tol_x = box_tolerance / w_img if w_img else 0.0
     tol_y = box_tolerance / h_img if h_img else 0.0
