@@ -127,7 +127,7 @@ def test_default_score_threshold_is_the_eval_threshold(tmp_path, model_file, cap
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "eval.score_thresh, 0.05" in text and "--format {kitti,coco}" in text
+    assert "eval.score_thresh, 0.05" in text and "--format {kitti,coco,yolo}" in text
 
 
 @pytest.fixture(scope="module")

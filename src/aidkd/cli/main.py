@@ -130,6 +130,21 @@ def cmd_data_coco_traffic(args) -> int:
     return 0
 
 
+def cmd_data_convert(args) -> int:
+    from aidkd.data.convert import convert_dataset
+    from aidkd.data.layout import detect_layout
+
+    layout = "coco" if Path(args.src).suffix.lower() == ".json" else detect_layout(args.src)
+    src_format = args.src_format or {"synth": "kitti"}.get(layout, layout)
+    if src_format is None:
+        raise ValueError(f"{args.src}: not recognisable as KITTI, COCO or YOLO; pass --from kitti|coco|yolo")
+    counts = convert_dataset(args.src, args.dst, src_format, args.dst_format, copy=args.copy)
+    split_counts = ", ".join(f"{split} {n}" for split, n in counts.items())
+    console.print(f"wrote {args.dst} ({args.dst_format}, images {'copied' if args.copy else 'linked'}): "
+                  f"{split_counts} images", markup=False)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from aidkd.engine.demo import run_demo
 
@@ -212,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a matching teacher detection counts as found from this score")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("predict", help="write KITTI prediction files or a COCO results json (and drawn images/video)")
+    p = sub.add_parser("predict", help="write KITTI prediction files, a COCO results json or YOLO label files (and "
+                                       "drawn images/video)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--out", required=True, help="folder for the prediction files (and drawings)")
@@ -221,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=None,
                    help="keep detections scoring at least this (default: the config's eval.score_thresh, 0.05 "
                         "unless set: the threshold eval scores with)")
-    p.add_argument("--format", choices=["kitti", "coco"], default=None,
+    p.add_argument("--format", choices=["kitti", "coco", "yolo"], default=None,
                    help="kitti: one <stem>.txt per image (whitespace in class names written as %%20); coco: "
-                        "OUT/predictions.json, a COCO results list (default: coco for COCO data, else kitti)")
+                        "OUT/predictions.json, a COCO results list; yolo: OUT/labels/<stem>.txt, 'class cx cy w h "
+                        "conf' normalised (default: coco for COCO data, yolo for YOLO data, else kitti)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
@@ -237,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="list every problem in a dataset (exit 1 if any)")
-    p.add_argument("root", help="KITTI root, or a COCO instances json")
-    p.add_argument("--format", choices=["kitti", "coco"], default="kitti", help="dataset layout")
+    p.add_argument("root", help="KITTI root, a COCO instances json, or a YOLO data.yaml (or its folder)")
+    p.add_argument("--format", choices=["kitti", "coco", "yolo"], default="kitti", help="dataset layout")
     p.add_argument("--images", help="COCO image folder (default: DATA/NAME for DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
@@ -256,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_json", help="where to write the subset")
     p.add_argument("--variant", type=int, choices=[11, 13], default=11, help="the 11- or 13-class subset")
     p.set_defaults(func=cmd_data_coco_traffic)
+
+    p = data.add_parser("convert", help="write a KITTI, COCO or YOLO dataset in another of these layouts")
+    p.add_argument("src", help="KITTI root, COCO instances json (or the folder holding annotations/), YOLO data.yaml "
+                               "(or its folder)")
+    p.add_argument("dst", help="a new or empty folder outside SRC")
+    p.add_argument("--from", dest="src_format", choices=["kitti", "coco", "yolo"],
+                   help="the source layout (default: recognised from SRC)")
+    p.add_argument("--to", dest="dst_format", choices=["kitti", "coco", "yolo"], required=True,
+                   help="the layout to write")
+    p.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links to SRC's images)")
+    p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
     p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results")

@@ -1,4 +1,4 @@
-"""Data: KITTI / COCO readers, the detection dataset, dataset checks and the synthetic driving-scene generator."""
+"""Data: KITTI / COCO / YOLO readers, the detection dataset, dataset checks and the synthetic driving-scene generator."""
 from .check import check_dataset
 from .coco import (
     TRAFFIC_CLASSES_11,
@@ -32,6 +32,7 @@ from .scan import ScanResult, combine_errors, sort_errors
 from .structures import DatasetError, ImageRecord, ObjectAnnotation
 from .synth import generate_synth, render_scene
 from .transforms import resize_image, resize_scale, resize_tensor, resized_size
+from .yolo import format_yolo_line, load_yolo_records, parse_yolo_label_file, read_data_yaml, scan_yolo
 
 __all__ = [
     "KITTI_CLASSES",
@@ -52,15 +53,19 @@ __all__ = [
     "combine_errors",
     "default_image_dir",
     "format_kitti_line",
+    "format_yolo_line",
     "generate_synth",
     "image_to_tensor",
     "kitti_dirs",
     "load_coco_records",
     "load_kitti_records",
+    "load_yolo_records",
     "make_coco_traffic",
     "parse_kitti_label_file",
     "parse_kitti_line",
+    "parse_yolo_label_file",
     "read_coco_json",
+    "read_data_yaml",
     "read_image",
     "read_image_size",
     "read_kitti_label_dir",
@@ -72,6 +77,7 @@ __all__ = [
     "resized_size",
     "scan_coco",
     "scan_kitti",
+    "scan_yolo",
     "sort_errors",
     "split_stems",
     "validate_record",

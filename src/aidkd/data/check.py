@@ -1,4 +1,5 @@
-"""Dataset checking: list every problem in a KITTI folder or a COCO json, each located by file + line / json path.
+"""Dataset checking: list every problem in a KITTI folder, a COCO json or a YOLO dataset, each located by file +
+line / json path / yaml key.
 
 ``aidkd data check`` prints :func:`check_dataset`'s list and exits 1 when it is not empty.
 """
@@ -11,6 +12,7 @@ from .coco import scan_coco
 from .dataset import validate_records
 from .kitti import scan_kitti
 from .structures import DatasetError
+from .yolo import YOLO_SPLITS, read_data_yaml, scan_yolo
 
 __all__ = ["check_dataset", "dataset_summary", "format_summary"]
 
@@ -35,31 +37,63 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     ``fmt="coco"``: ``root_or_json`` is an instances json; ``image_dir`` defaults as in
     :func:`aidkd.data.coco.load_coco_records`. Checks json structure/ids/boxes and every referenced image,
     including its size against the declared ``width``/``height``.
-    ``fmt="auto"`` picks coco for a ``.json`` path, kitti otherwise.
+    ``fmt="yolo"``: ``root_or_json`` is a ``data.yaml`` or its folder; checks the yaml, every label line of every
+    split (train, val, test), every listed image, and images that are in two splits.
+    ``fmt="auto"`` picks coco for a ``.json`` path, yolo for a ``.yaml``, kitti otherwise.
     """
     path = Path(root_or_json)
-    if fmt == "auto":
-        fmt = "coco" if path.suffix.lower() == ".json" else "kitti"
+    fmt = _auto_format(path) if fmt == "auto" else fmt
+    if fmt == "yolo":
+        return _dedup(_check_yolo(path, decode))
     if fmt == "kitti":
         scan = scan_kitti(path, split="all", with_score=with_score, check_split_files=True)
     elif fmt == "coco":
         scan = scan_coco(path, image_dir=image_dir, categories=None)
     else:
-        raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco' or 'auto')")
+        raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco', 'yolo' or 'auto')")
     errors = list(scan.errors)
     errors += validate_records(scan.records, check_images=True, decode=decode)
     return _dedup(errors)
+
+
+def _auto_format(path: Path) -> str:
+    return {".json": "coco", ".yaml": "yolo", ".yml": "yolo"}.get(path.suffix.lower(), "kitti")
+
+
+def _yolo_scans(path: Path) -> list:
+    """``(split, scan)`` for each split of a YOLO dataset (a bad data.yaml: one scan holding that error)."""
+    try:
+        splits = [s for s in YOLO_SPLITS if s in read_data_yaml(path).splits]
+    except DatasetError:
+        splits = ["train"]  # scan_yolo reports the yaml's problem
+    return [(s, scan_yolo(path, split=s)) for s in splits]
+
+
+def _check_yolo(path: Path, decode: bool) -> list[DatasetError]:
+    errors: list[DatasetError] = []
+    first_split: dict[Path, str] = {}
+    for split, scan in _yolo_scans(path):
+        errors += scan.errors
+        errors += validate_records(scan.records, check_images=True, decode=decode)  # image ids are per split
+        for r in scan.records:
+            other = first_split.setdefault(Path(r.image_path).resolve(), split)
+            if other != split:
+                errors.append(DatasetError(f"image is in both the {other} and the {split} split", file=r.image_path))
+    return errors
 
 
 def dataset_summary(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None) -> dict:
     """What a dataset holds, for ``aidkd data check``'s last lines: ``images``, ``images_without_boxes`` and
     ``boxes`` per class name (crowd regions counted under ``<name> (crowd)``), from the labels alone."""
     path = Path(root_or_json)
-    if fmt == "auto":
-        fmt = "coco" if path.suffix.lower() == ".json" else "kitti"
-    scan = scan_coco(path, image_dir=image_dir) if fmt == "coco" else scan_kitti(path, split="all")
-    boxes = Counter(o.cls + (" (crowd)" if o.iscrowd else "") for r in scan.records for o in r.objects)
-    return {"images": len(scan.records), "images_without_boxes": sum(not r.objects for r in scan.records),
+    fmt = _auto_format(path) if fmt == "auto" else fmt
+    if fmt == "yolo":
+        records = [r for _, scan in _yolo_scans(path) for r in scan.records]
+    else:
+        scan = scan_coco(path, image_dir=image_dir) if fmt == "coco" else scan_kitti(path, split="all")
+        records = scan.records
+    boxes = Counter(o.cls + (" (crowd)" if o.iscrowd else "") for r in records for o in r.objects)
+    return {"images": len(records), "images_without_boxes": sum(not r.objects for r in records),
             "boxes": dict(sorted(boxes.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 

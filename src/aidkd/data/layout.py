@@ -1,4 +1,4 @@
-"""What a dataset folder looks like (KITTI, COCO, or scenes aidkd generated), so that a wrong ``data.format`` is
+"""What a dataset folder looks like (KITTI, COCO, YOLO, or scenes aidkd generated), so that a wrong ``data.format`` is
 an error that says which format to set instead of a run on the wrong data -- or generated scenes written over a
 real dataset."""
 from __future__ import annotations
@@ -29,8 +29,11 @@ def is_synth_folder(root: str | Path) -> bool:
 
 def detect_layout(root: str | Path) -> str | None:
     """``"synth"``, ``"kitti"`` (``training/image_2`` or ``training/label_2``), ``"coco"`` (``annotations/*.json``
-    or an ``instances*.json`` at the top) or ``None`` (missing, empty or unrecognised)."""
+    or an ``instances*.json`` at the top), ``"yolo"`` (a ``.yaml`` file or a folder holding ``data.yaml``) or
+    ``None`` (missing, empty or unrecognised)."""
     root = Path(root)
+    if (root.is_file() and root.suffix.lower() in (".yaml", ".yml")) or (root / "data.yaml").is_file():
+        return "yolo"
     if not root.is_dir():
         return None
     if is_synth_folder(root):
@@ -43,7 +46,8 @@ def detect_layout(root: str | Path) -> str | None:
 
 
 _DESCRIBED = {"kitti": "a KITTI dataset (training/image_2, training/label_2)",
-              "coco": "a COCO dataset (annotations/*.json)"}
+              "coco": "a COCO dataset (annotations/*.json)",
+              "yolo": "a YOLO dataset (data.yaml)"}
 
 
 def format_mismatch(root: str | Path, fmt: str) -> str | None:

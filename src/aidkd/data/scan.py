@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .structures import DatasetError, ImageRecord
 
-__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors"]
+__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors", "stem_image_ids"]
 
 MAX_LISTED_ERRORS = 20
 
@@ -27,6 +27,13 @@ class ScanResult:
 
     def good_records(self) -> list[ImageRecord]:
         return [r for i, r in enumerate(self.records) if i not in self.bad]
+
+
+def stem_image_ids(stems: list[str]) -> list[int]:
+    """Image ids for frames named ``stems``: ``int(stem)`` when every stem is a distinct number (KITTI's
+    ``000123``, COCO's file names), else each stem's index in the list."""
+    numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+    return [int(s) for s in stems] if numeric else list(range(len(stems)))
 
 
 def sort_errors(errors: list[DatasetError]) -> list[DatasetError]:

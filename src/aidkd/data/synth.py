@@ -805,7 +805,8 @@ def claim_synth_folder(out: Path, params: dict) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_synth_folder(out):
         layout = detect_layout(out)
         hint = {"kitti": "; it looks like a KITTI dataset: set data.format: kitti to train on it",
-                "coco": "; it looks like a COCO dataset: set data.format: coco"}.get(layout, "")
+                "coco": "; it looks like a COCO dataset: set data.format: coco",
+                "yolo": "; it looks like a YOLO dataset: set data.format: yolo"}.get(layout, "")
         raise DatasetError(f"refusing to generate synthetic scenes in {out}: the folder holds files aidkd did not "
                            f"generate (no {SYNTH_MARKER} marker){hint}; use an empty or new folder", file=out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,10 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
-    format: Literal["kitti", "coco", "synth"] = "synth"
-    root: str | None = None  # KITTI root (training/image_2, training/label_2) or where synth data is written
-    train_split: str = "train"
+    format: Literal["kitti", "coco", "synth", "yolo"] = "synth"
+    # KITTI root (training/image_2, training/label_2), YOLO data.yaml (or its folder), or where synth data is written
+    root: str | None = None
+    train_split: str = "train"  # YOLO: the data.yaml key of each split (train, val or test)
     val_split: str = "val"
     train_split_file: str | None = None
     val_split_file: str | None = None
@@ -50,8 +51,10 @@ class DataConfig:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
-    classes: list[str] | None = None  # default: KITTI's three classes, or all COCO categories
-    ignore_classes: list[str] | None = None  # default (KITTI/synth): Van, Truck, Person_sitting, Tram, Misc, DontCare
+    classes: list[str] | None = None  # default: KITTI's three classes, all COCO categories, or YOLO's names
+    # default (KITTI/synth): Van, Truck, Person_sitting, Tram, Misc, DontCare; YOLO: none (boxes of these classes are
+    # ignore regions, boxes of unlisted classes background)
+    ignore_classes: list[str] | None = None
     min_size: int = 96
     max_size: int = 320
     hflip: float = 0.5
@@ -248,9 +251,10 @@ def _require_format_with_root(data: dict) -> None:
     from aidkd.data.layout import detect_layout
 
     layout = detect_layout(section["root"])
-    hint = f" ({section['root']} looks like {layout} data)" if layout in ("kitti", "coco") else ""
+    hint = f" ({section['root']} looks like {layout} data)" if layout in ("kitti", "coco", "yolo") else ""
     raise ConfigError(f"config key 'data.format' is required when data.root is given{hint}: kitti (a KITTI root), "
-                      "coco (train_ann/val_ann jsons) or synth (aidkd generates scenes into data.root)")
+                      "coco (train_ann/val_ann jsons), yolo (a data.yaml) or synth (aidkd generates scenes into "
+                      "data.root)")
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""LightningDataModule over the aidkd datasets (KITTI, COCO or the generated driving set)."""
+"""LightningDataModule over the aidkd datasets (KITTI, COCO, YOLO or the generated driving set)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,15 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from aidkd.data import DetectionDataset, collate_fn, generate_synth, load_coco_records, load_kitti_records
+from aidkd.data import (
+    DetectionDataset,
+    collate_fn,
+    generate_synth,
+    load_coco_records,
+    load_kitti_records,
+    load_yolo_records,
+    read_data_yaml,
+)
 from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
 from aidkd.engine.config import DataConfig
 
@@ -80,8 +88,18 @@ def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
             _, names = load_coco_records(cfg.train_ann or cfg.val_ann, cfg.train_images or cfg.val_images, None)
             return names, []
         return list(cfg.classes), []
+    if cfg.format == "yolo":
+        check_format_matches_root(cfg)
+        classes = list(cfg.classes) if cfg.classes is not None else read_data_yaml(_yolo_root(cfg)).names
+        return classes, list(cfg.ignore_classes or [])
     return list(cfg.classes or KITTI_DEFAULT_CLASSES), list(cfg.ignore_classes if cfg.ignore_classes is not None
                                                    else KITTI_DEFAULT_IGNORE)
+
+
+def _yolo_root(cfg: DataConfig) -> str:
+    if not cfg.root:
+        raise ValueError("data.root is required for YOLO data: the dataset's data.yaml or the folder holding it")
+    return cfg.root
 
 
 def load_records(cfg: DataConfig, split: str, classes: list[str]):
@@ -107,6 +125,12 @@ def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | 
             raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data")
         records, _ = load_coco_records(ann, images, classes, errors=errors)
         return records
+    if cfg.format == "yolo":
+        check_format_matches_root(cfg)
+        split_name = cfg.train_split if split == "train" else cfg.val_split
+        records, _ = load_yolo_records(_yolo_root(cfg), split_name, classes, errors=errors,
+                                       ignore_classes=cfg.ignore_classes)
+        return records
     if cfg.format == "kitti" and not cfg.root:
         raise ValueError("data.root is required for KITTI data")
     check_format_matches_root(cfg)
@@ -131,6 +155,8 @@ def check_configured_data(cfg: DataConfig) -> None:
                    if ann]
         sources = list(dict.fromkeys(sources))  # train and val may share a json
         fmt = "coco"
+    elif cfg.format == "yolo":
+        sources, fmt = [(_yolo_root(cfg), None)], "yolo"
     else:
         if cfg.format == "kitti" and not cfg.root:
             raise ValueError("data.root is required for KITTI data")

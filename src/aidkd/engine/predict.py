@@ -1,5 +1,5 @@
-"""``aidkd predict``: KITTI-format prediction files (15 fields + score) or a COCO results json and, with
-``--draw``, drawn images.
+"""``aidkd predict``: KITTI-format prediction files (15 fields + score), a COCO results json or YOLO label files
+(``labels/<name>.txt``, ``class cx cy w h conf``) and, with ``--draw``, drawn images.
 
 Images go to the model at their original size; its own transform resizes them -- the same path as ``aidkd eval``
 and the exported ONNX graph, so ``eval``'s metrics are those of what ``predict`` and ``export`` ship."""
@@ -56,9 +56,18 @@ def coco_results(image_id: int, det: dict, category_ids: list[int]) -> list[dict
     return out
 
 
+def yolo_lines(det: dict, class_ids: list[int], image_size: tuple[int, int]) -> list[str]:
+    """YOLO label lines (``class cx cy w h conf``, normalised to ``image_size`` (width, height)) of one image;
+    ``class_ids[label - 1]`` is a label's class index."""
+    from aidkd.data import format_yolo_line
+
+    return [format_yolo_line(class_ids[label - 1], box, image_size, score)
+            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]
+
+
 def default_output_format(cfg: RunConfig) -> str:
-    """``coco`` for COCO data, ``kitti`` otherwise."""
-    return "coco" if cfg.data.format == "coco" else "kitti"
+    """``coco`` for COCO data, ``yolo`` for YOLO data, ``kitti`` otherwise."""
+    return cfg.data.format if cfg.data.format in ("coco", "yolo") else "kitti"
 
 
 def _category_ids(cfg: RunConfig, classes: list[str]) -> list[int]:
@@ -73,6 +82,19 @@ def _category_ids(cfg: RunConfig, classes: list[str]) -> list[int]:
     if missing:
         raise ValueError(f"{ann}: the model's classes {missing} are not categories of this json")
     return [ids[c] for c in classes]
+
+
+def _yolo_class_ids(cfg: RunConfig, classes: list[str]) -> list[int]:
+    """The index of each class in the configured data.yaml's names (YOLO data), or 0..K-1 without one."""
+    if cfg.data.format != "yolo":
+        return list(range(len(classes)))
+    from aidkd.data import read_data_yaml
+
+    data = read_data_yaml(cfg.data.root)
+    missing = [c for c in classes if c not in data.names]
+    if missing:
+        raise ValueError(f"{data.yaml_file}: the model's classes {missing} are not in its names")
+    return [data.names.index(c) for c in classes]
 
 
 def is_video_source(source: str | Path | None) -> bool:
@@ -117,19 +139,22 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
     ``<stem>_<frame:06d>``; whitespace in class names percent-encoded, ``fire%20hydrant``); ``fmt="coco"`` writes
     ``out/predictions.json``, a COCO results list (``image_id``: the COCO id for the configured val set, else the
     0-based index of the image / frame; ``category_id``: the configured json's id of the class, else its label
-    1..K). Default: ``coco`` for COCO data, ``kitti`` otherwise. With ``draw``: ``out/drawn/<name>.png`` for
+    1..K); ``fmt="yolo"`` writes ``out/labels/<name>.txt`` (``class cx cy w h conf``, normalised, as Ultralytics'
+    ``save_txt`` with ``save_conf``; ``class``: the index in the configured data.yaml's names, else the label - 1).
+    Default: the data's format for COCO and YOLO data, ``kitti`` otherwise. With ``draw``: ``out/drawn/<name>.png`` for
     images or ``out/<video stem>_boxes.mp4`` (source frame rate) for a video. Returns the number of images / frames.
     """
     from aidkd.engine.datamodule import load_records, resolve_classes
     from aidkd.eval.kitti_io import write_kitti_predictions
 
     fmt = fmt or default_output_format(cfg)
-    if fmt not in ("kitti", "coco"):
-        raise ValueError(f"unknown prediction format {fmt!r} (expected 'kitti' or 'coco')")
+    if fmt not in ("kitti", "coco", "yolo"):
+        raise ValueError(f"unknown prediction format {fmt!r} (expected 'kitti', 'coco' or 'yolo')")
     thresh = cfg.eval.score_thresh if score_thresh is None else float(score_thresh)
     classes, _ = resolve_classes(cfg.data)
     model, meta = load_detector(checkpoint, classes=classes)
     category_ids = _category_ids(cfg, meta["classes"]) if fmt == "coco" else None
+    class_ids = _yolo_class_ids(cfg, meta["classes"]) if fmt == "yolo" else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
@@ -152,6 +177,10 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
             det = detect(model, image, thresh)
             if fmt == "coco":
                 results += coco_results(image_id, det, category_ids)
+            elif fmt == "yolo":
+                (out / "labels").mkdir(exist_ok=True)
+                (out / "labels" / f"{name}.txt").write_text(
+                    "".join(line + "\n" for line in yolo_lines(det, class_ids, image.size)))
             else:
                 write_kitti_predictions(out / f"{name}.txt", det, meta["classes"])
             if draw:

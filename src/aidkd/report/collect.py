@@ -146,6 +146,8 @@ def _data_root_problem(cfg) -> str | None:
         return None if (root / ".complete").exists() else f"generated data not found at {root}"
     if d.format == "kitti":
         return None if d.root and Path(d.root).is_dir() else f"KITTI root not found: {d.root}"
+    if d.format == "yolo":
+        return None if d.root and Path(d.root).exists() else f"YOLO data.yaml not found: {d.root}"
     ann, images = d.val_ann, d.val_images
     if not ann or not Path(ann).exists():
         return f"COCO val annotations not found: {ann}"
