@@ -20,13 +20,13 @@ DESCRIPTIONS: dict[str, str] = {
     "output_dir": "the run folder; a new run refuses a non-empty one unless `--overwrite` (or `--resume` it)",
     "seed": "seed of the model initialisation, batch order and augmentation",
 
-    "data.format": "`kitti`, `coco` or `synth` (scenes generated on first use); required whenever `data.root` is "
+    "data.format": "`kitti`, `coco`, `yolo` or `synth` (scenes generated on first use); required whenever `data.root` is "
                    "given, and a root that looks like another format is an error naming the format to set",
-    "data.root": "KITTI root (`training/image_2`, `training/label_2`, optional `ImageSets/{train,val}.txt`), or "
-                 "where `synth` scenes are written",
+    "data.root": "KITTI root (`training/image_2`, `training/label_2`, optional `ImageSets/{train,val}.txt`), a "
+                 "YOLO `data.yaml` (or its folder), or where `synth` scenes are written",
     "data.train_split": "KITTI: the training split's name, read from `ROOT/ImageSets/<name>.txt` (`all`: every "
-                        "frame)",
-    "data.val_split": "KITTI: the validation split's name, as `data.train_split`",
+                        "frame); YOLO: the `data.yaml` key of the split (`train`, `val`, `test`)",
+    "data.val_split": "KITTI: the validation split's name, as `data.train_split`; YOLO: its `data.yaml` key",
     "data.train_split_file": "KITTI: a file listing the training frames (one stem per line); overrides `ImageSets`",
     "data.val_split_file": "KITTI: a file listing the validation frames",
     "data.val_fraction": "without split files: the share of frames (sorted, shuffled with `split_seed`) that "
@@ -37,7 +37,7 @@ DESCRIPTIONS: dict[str, str] = {
     "data.val_ann": "COCO: the validation instances json",
     "data.val_images": "COCO: the validation image folder",
     "data.classes": "the positive classes, label i+1 in this order (default: Car, Pedestrian, Cyclist for KITTI / "
-                    "synth; every category for COCO)",
+                    "synth; every category for COCO; `names` for YOLO)",
     "data.ignore_classes": "classes that become ignore regions, never positive nor negative (default for KITTI / "
                            "synth: Van, Truck, Person_sitting, Tram, Misc, DontCare)",
     "data.min_size": "keep-ratio resize: the short side",
