@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from aidkd.eval.evaluator import PRIMARY_METRIC
+from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import save_model_file
 
 log = logging.getLogger("aidkd.engine")
@@ -39,9 +39,9 @@ class ExportModel(L.Callback):
         if value > self.best:
             self.best = value
             save_model_file(self.out_dir / "model_best.pt", pl_module.model, pl_module.meta, metrics)
-            (self.out_dir / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.out_dir / "best_metrics.json").write_text(strict_json(metrics, indent=2))
         with open(self.history, "a") as f:  # one write, synced: a kill leaves whole lines
-            f.write(json.dumps(metrics) + "\n")
+            f.write(strict_json(metrics) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -199,11 +199,12 @@ class DetectionTask(L.LightningModule):
             weights += [round(float(v), 5) for v in w.detach().float().cpu()]
             classes += [self.classes[lab - 1] for lab in labels]
         if weights:
-            import json
             from pathlib import Path
 
+            from aidkd.eval import strict_json
+
             with open(Path(self.cfg.output_dir) / "aid_weights.jsonl", "a") as f:
-                f.write(json.dumps({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
+                f.write(strict_json({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""

@@ -1,7 +1,6 @@
 """Python API behind the CLI: ``train`` (plain or distilled), ``evaluate`` and ``predict``."""
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import warnings
@@ -26,7 +25,7 @@ from aidkd.engine.run_folder import (
     remove_partial_files,
     resolve_resume,
 )
-from aidkd.eval.evaluator import PRIMARY_METRIC
+from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import load_detector
 from aidkd.models.weights import CheckpointError
 
@@ -130,7 +129,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
         metrics = dict(task.last_metrics)
         _ensure_best_checkpoint(trainer, metrics)  # on every rank: saving holds a barrier
         if trainer.is_global_zero:
-            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (out_dir / "final_metrics.json").write_text(strict_json(metrics, indent=2))
     finally:
         lock.release()
     return metrics
