@@ -93,7 +93,8 @@ class DetectionTask(L.LightningModule):
                if d.aid.enabled else None)
         if d.loss_scale > LARGE_LOSS_SCALE:
             log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
-                        "the detection loss (docs/method.md's weights are tuned at 1; small students need ~0.01)",
+                        "the detection loss (docs/method.md's weights are tuned at 1; small from-scratch students need "
+                        "about 1/1000)",
                         d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
@@ -275,6 +276,9 @@ class DetectionTask(L.LightningModule):
         checkpoint["aidkd_config"] = self.cfg.to_dict()
         checkpoint["aidkd_rng"] = rng_state()
         checkpoint["aidkd_bad_steps"] = self.bad_steps
+        cache = self.distiller.cache_state() if self.distiller is not None else None
+        if cache is not None:
+            checkpoint["aidkd_teacher_loss_cache"] = cache
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the state dict. The student once had a second name under the distiller: a
@@ -286,6 +290,8 @@ class DetectionTask(L.LightningModule):
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
+        if self.distiller is not None and "aidkd_teacher_loss_cache" in checkpoint:
+            self.distiller.load_cache_state(checkpoint["aidkd_teacher_loss_cache"], self.device)
         self._resumed_lr = (checkpoint.get("aidkd_config") or {}).get("train", {}).get("lr")
 
     def on_train_start(self) -> None:
