@@ -83,7 +83,7 @@ def test_local_weights_roundtrip_and_prefixes(tmp_path):
 def test_local_weights_mismatch_errors(tmp_path):
     src = build_detector("retinanet", "resnet18", 3, fpn_channels=32)
     save_checkpoint(tmp_path / "model.pt", {"state_dict": src.state_dict(), "meta": src.aidkd_meta})
-    with pytest.raises(ValueError, match="num_classes: checkpoint has 3, expected 5"):
+    with pytest.raises(ValueError, match=r"model.pt: checkpoint is not compatible .*2 classes \(\+ background\) in the checkpoint, 4 expected"):
         build_detector("retinanet", "resnet18", 5, fpn_channels=32, weights=tmp_path / "model.pt")
     save_checkpoint(tmp_path / "plain.pt", src.state_dict())
     with pytest.raises(ValueError, match="shape mismatches"):

@@ -251,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_number_in(0, 10 ** 7, int), default=200, help="number of scenes")
     p.add_argument("--seed", type=_number_in(0, 2 ** 32 - 1, int), default=0,
                    help="random seed (same seed, same scenes)")
-    p.add_argument("--width", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=320, help=f"image width in pixels ({MIN_SIDE}-{MAX_SIDE})")
-    p.add_argument("--height", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=96, help=f"image height in pixels ({MIN_SIDE}-{MAX_SIDE})")
-    p.add_argument("--hard-fraction", type=_number_in(0, 1), default=0.2, help="fraction of hard objects (low contrast, blur, small, occluded)")
+    p.add_argument("--width", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=320,
+                   help=f"image width in pixels ({MIN_SIDE}-{MAX_SIDE})")
+    p.add_argument("--height", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=96,
+                   help=f"image height in pixels ({MIN_SIDE}-{MAX_SIDE})")
+    p.add_argument("--hard-fraction", type=_number_in(0, 1), default=0.2,
+                   help="fraction of hard objects (low contrast, blur, small, occluded)")
     p.add_argument("--mislabel-fraction", type=_number_in(0, 1), default=0.05,
                    help="fraction of deliberately mislabelled objects (listed in synth_meta.json)")
     p.set_defaults(func=cmd_data_synth)
@@ -275,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")
     p.add_argument("checkpoint", help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--onnx", required=True, help="where to write the .onnx file")
-    p.add_argument("--samples", type=_number_in(1, 1000, int), default=4, help="random inputs for the onnxruntime parity check")
+    p.add_argument("--samples", type=_number_in(1, 1000, int), default=4,
+                   help="random inputs for the onnxruntime parity check")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report for a run or benchmark folder")
@@ -292,9 +296,10 @@ def _number_in(lo: float, hi: float, kind: type = float):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
         if not lo <= value <= hi:  # False for NaN
-            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text!r}")
         return value
 
     return read
