@@ -122,7 +122,7 @@ def test_new_classes_loads_all_but_the_class_layers(tmp_path, arch, caplog):
 
 
 def test_torchvision_enum_checked_before_download():
-    with pytest.raises(ValueError, match="91 classes"):
+    with pytest.raises(ValueError, match=r"90 classes \(\+ background\), the detector 3"):
         build_detector("retinanet", "resnet50", 4, weights="RetinaNet_ResNet50_FPN_Weights.COCO_V1")
     with pytest.raises(ValueError, match="different detector"):
         build_detector("fcos", "resnet50", 91, weights="RetinaNet_ResNet50_FPN_Weights.COCO_V1")
