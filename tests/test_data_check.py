@@ -119,5 +119,5 @@ def test_train_reports_every_problem_of_data_check(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(f"output_dir: {tmp_path / 'run2'}\ndata: {{format: kitti, root: {root}}}\n")
     assert main(["train", str(path)]) == 2
-    out = "".join(capsys.readouterr().out.split())  # whitespace-free: rich may wrap long lines
+    out = "".join(capsys.readouterr().err.split())  # errors go to stderr; whitespace-free: rich wraps long lines
     assert [line for line in expected if "".join(line.split()) not in out] == []

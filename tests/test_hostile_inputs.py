@@ -418,6 +418,9 @@ def test_huge_loss_scale_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="aidkd.engine"):
         DetectionTask(cfg, ["Car", "Pedestrian", "Cyclist"])
     assert "distill.loss_scale=10000 multiplies every distillation term" in caplog.text
+    # the advice is the one docs/method.md gives
+    assert "small from-scratch students need about 1/1000" in caplog.text
+    assert "small from-scratch students need about 1/1000" in (Path(__file__).parents[1] / "docs" / "method.md").read_text()
 
 
 def test_utf16_config_error_names_the_file(tmp_path, capsys):
@@ -534,3 +537,266 @@ def test_corrupt_image_message_has_no_python_object_repr(tmp_path):
     with pytest.raises(DatasetError) as err:
         read_image(bad)
     assert str(bad) in str(err.value) and "BytesIO" not in str(err.value) and "0x" not in str(err.value)
+
+
+# ------------------------------------------------------------------ exact resume after Ctrl-C or SIGTERM
+class _SignalAtFirstEpochEnd(__import__("lightning").Callback):
+    def __init__(self, signum):
+        self.signum = signum
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            import os
+
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(synth_root, tmp_path_factory):
+    """An uninterrupted two-epoch run (two steps an epoch), the reference of the interrupted ones."""
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    raw = {"name": "two", "output_dir": str(out), "seed": 0, "data": dict(TINY_DATA, root=str(synth_root)),
+           "model": dict(TINY_MODEL), "train": {"epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1,
+                                                "progress_bar": False, "warmup_steps": 1, "log_every": 1}}
+    torch.set_num_threads(1)
+    metrics = train(config_from_dict(raw))
+    return raw, out, metrics
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_at_an_epoch_end_resumes_exactly(two_epoch_run, tmp_path, signame):
+    import signal
+
+    from aidkd.models import load_detector
+
+    raw, full_dir, full_metrics = two_epoch_run
+    signum = getattr(signal, signame)
+    cfg = dict(raw, output_dir=str(tmp_path / "run"))
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        train(config_from_dict(cfg), extra_callbacks=[_SignalAtFirstEpochEnd(signum)])
+    assert stopped.value.code == 128 + signum
+    assert signal.getsignal(signal.SIGINT) is handler  # the run's Ctrl-C handler is gone
+    interrupted = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    progress = torch.load(interrupted, weights_only=True)["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert progress["completed"] == progress["processed"] == 1  # the epoch is recorded as done
+    resumed = train(config_from_dict(cfg), resume=str(interrupted))
+    assert resumed == pytest.approx(full_metrics, nan_ok=True)
+    a = load_detector(full_dir / "model_last.pt")[0].state_dict()
+    b = load_detector(tmp_path / "run" / "model_last.pt")[0].state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    history = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics_history.jsonl").read_text().splitlines()]
+    assert history == [2, 4]
+
+
+# ------------------------------------------------------------------ one error line, never a traceback
+def test_disk_full_inside_torch_save_is_one_line(tiny_cfg, tmp_path, capsys, monkeypatch):
+    """torch.save's zip writer hides ENOSPC behind its own RuntimeError."""
+    import shutil
+
+    from aidkd.models import weights
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4096 vs 3984")
+
+    monkeypatch.setattr(weights.torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    raw = tiny_cfg("full", train=QUICK)
+    assert main(["train", str(_yaml(raw, tmp_path / "f.yaml"))]) == 2
+    line = _error_line(capsys)
+    assert f"No space left on device (0 MiB free) writing {raw['output_dir']}/" in line and "free some space" in line
+    assert not list(Path(raw["output_dir"]).rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["malicious", "truncated"])
+def test_bad_backbone_weights_file_is_one_line(tiny_cfg, tmp_path, capsys, kind):
+    from torchvision.models import resnet18
+
+    bad = tmp_path / "backbone.pth"
+    if kind == "malicious":
+        torch.save({"conv1.weight": _Boom()}, bad)
+    else:
+        torch.save(resnet18().state_dict(), bad)
+        bad.write_bytes(bad.read_bytes()[:5000])
+    raw = tiny_cfg("bb", train=QUICK, model={"backbone_weights": str(bad)})
+    assert main(["train", str(_yaml(raw, tmp_path / "b.yaml"))]) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "pickle code ran" not in out.out + out.err
+    line = out.err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot read checkpoint") and str(bad) in line
+    assert not Path(raw["output_dir"]).exists()
+
+
+def test_ctrl_c_while_the_final_table_prints_is_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    from aidkd.cli import main as cli
+
+    raw, out = finished_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_print_metrics", interrupted)
+    cfg = _yaml(dict(raw, output_dir=str(tmp_path / "r")), tmp_path / "c.yaml")
+    try:
+        rc = main(["eval", str(cfg), "--checkpoint", str(out / "model_best.pt"), "--json", str(tmp_path / "m.json")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended in a traceback")
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted (Ctrl-C)"]
+
+
+def test_data_synth_of_a_huge_size_is_refused_before_anything_is_written(tmp_path, capsys):
+    from aidkd.data import generate_synth
+
+    with pytest.raises(SystemExit) as refused:
+        main(["data", "synth", str(tmp_path / "s"), "--num-images", "1", "--width", "100000", "--height", "100000"])
+    assert refused.value.code == 2
+    assert "argument --width: must be in [16, 8192], got '100000'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"100000x64: width and height must be in \[16, 8192\]"):
+        generate_synth(tmp_path / "s", 1, width=100000, height=64)
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ YAML aliases cannot explode
+def _alias_bomb(levels: int) -> str:
+    """A YAML flow value of ``levels`` nested anchors, each repeating the one before ten times: 10^levels values."""
+    first = "&a0 [" + ", ".join(["x"] * 10) + "]"
+    return "[" + ", ".join([first] + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]"
+                                      for i in range(1, levels)]) + "]"
+
+
+@pytest.mark.parametrize("where", ["name", "model.kwargs", "--set"])
+def test_yaml_alias_bomb_is_refused_fast(tiny_cfg, tmp_path, capsys, where):
+    import time
+
+    bomb = _alias_bomb(6)  # 10^6 values from 400 characters (9 levels: 10^9, minutes and gigabytes)
+    raw = tiny_cfg("bomb")
+    path = _yaml(raw, tmp_path / "b.yaml")
+    argv = ["train", str(path)]
+    if where == "name":
+        path.write_text(path.read_text().replace("name: bomb", f"name: {bomb}"))
+    elif where == "model.kwargs":
+        path.write_text(path.read_text().replace("model:\n", f"model:\n  kwargs: {{k: {bomb}}}\n"))
+    else:
+        argv += ["--set", f"name={bomb}"]
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 5
+    line = _error_line(capsys)
+    assert "expands to more than 100000 values" in line and len(line) < 1000
+    assert not Path(raw["output_dir"]).exists()
+
+
+def test_recursive_yaml_alias_is_refused(tmp_path):
+    from aidkd.engine.config import ConfigError, load_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: &n [a, *n]\n")
+    with pytest.raises(ConfigError, match="an alias refers to a value that contains it"):
+        load_config(path)
+
+
+# ------------------------------------------------------------------ stdout: results; stderr: errors and warnings
+def test_errors_go_to_stderr_and_stdout_stays_clean(tiny_cfg, tmp_path, capsys):
+    cfg = _yaml(tiny_cfg("e"), tmp_path / "e.yaml")
+    assert main(["eval", str(cfg), "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
+
+
+def test_dataset_symlink_out_of_the_root_is_named_on_stderr(synth_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "kitti"
+    shutil.copytree(synth_root, root)
+    label = root / "training" / "label_2" / "000001.txt"
+    outside = tmp_path / "elsewhere.txt"
+    shutil.move(label, outside)
+    label.symlink_to(outside)
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr()
+    assert "dataset OK" in out.out and "symbolic links" not in out.out
+    assert f"1 file(s) of {root} are symbolic links out of it (read as they are): {label} -> {outside}" in out.err
+
+
+# ------------------------------------------------------------------ smaller ones
+def test_weights_with_another_class_count_name_the_file_and_count_classes(tmp_path):
+    from aidkd.models import build_detector, model_meta, save_model_file
+
+    det = build_detector("retinanet", "resnet18", 4, min_size=64, max_size=192, fpn_channels=16)
+    path = save_model_file(tmp_path / "three.pt", det, model_meta(det, ["Car", "Pedestrian", "Cyclist"], 64, 192, {}))
+    with pytest.raises(ValueError) as err:
+        build_detector("retinanet", "resnet18", 3, fpn_channels=16, weights=path)
+    assert f"weights {path}: " in str(err.value)
+    assert "3 classes (+ background) in the checkpoint, 2 expected" in str(err.value)
+
+
+def test_export_to_a_folder_is_refused_and_leaves_no_tmp(finished_run, tmp_path, capsys):
+    _, out = finished_run
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    assert main(["export", str(out / "model_best.pt"), "--onnx", str(folder)]) == 2
+    line = _error_line(capsys)
+    assert f"--onnx {folder} is a folder" in line and str(folder / "model.onnx") in line
+    assert list(tmp_path.rglob("*.tmp")) == [] and list(folder.iterdir()) == []
+
+
+def test_resume_of_a_finished_run_is_a_no_op_that_says_so(finished_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    raw, out = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = _snapshot(run)
+    with caplog.at_level(logging.INFO, logger="aidkd.engine"):
+        metrics = train(config_from_dict(dict(raw, output_dir=str(run))), resume=True)
+    assert _snapshot(run) == before  # no history line, no new log version, config.yaml untouched
+    assert "the run already finished" in caplog.text and "nothing to resume" in caplog.text
+    stored = json.loads((run / "final_metrics.json").read_text())
+    assert metrics == pytest.approx({k: float("nan") if v is None else v for k, v in stored.items()}, nan_ok=True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "c.yaml", "--checkpoint", "m.pt", "--out", "o", "--score-thresh", "nan"],
+    ["predict", "c.yaml", "--checkpoint", "m.pt", "--out", "o", "--score-thresh", "1.5"],
+    ["analyze", "c.yaml", "--teacher", "m.pt", "--out", "o", "--score-thresh", "inf"],
+    ["data", "synth", "o", "--hard-fraction", "-0.1"],
+    ["data", "synth", "o", "--num-images", "-5"],
+    ["export", "m.pt", "--onnx", "m.onnx", "--samples", "0"],
+], ids=["nan", "above_one", "inf", "negative_fraction", "negative_count", "zero_samples"])
+def test_numeric_cli_arguments_are_range_checked(argv, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    assert f"argument {argv[-2]}: must be in [" in capsys.readouterr().err
+
+
+def test_errors_quote_a_few_hundred_characters_of_input(tiny_cfg, tmp_path, capsys):
+    from aidkd.data import DatasetError
+
+    err = DatasetError(f"a message quoting {'x' * 5_000_000}, then its end", file="x.txt", line=3)
+    assert str(err).startswith("x.txt:3: a message quoting xxx") and str(err).endswith("xxx, then its end")
+    assert "[... 4999" in str(err) and len(str(err)) < 500
+    cfg = _yaml(tiny_cfg("long"), tmp_path / "l.yaml")
+    assert main(["train", str(cfg), "--set", "train.lr=[" + "1, " * 30_000]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: --set train.lr: invalid YAML value") and len(line) < 500
+
+
+def test_json_outputs_are_strict_json(finished_run):
+    from aidkd.eval import strict_json
+
+    assert strict_json({"a": float("nan"), "b": [1.5, float("inf")]}) == '{"a": null, "b": [1.5, null]}'
+    _, out = finished_run
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    final = json.loads((out / "final_metrics.json").read_text(), parse_constant=refuse)
+    assert None in final.values()  # this one-step run has classes without an AP
+    for line in (out / "metrics_history.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    json.loads((out / "best_metrics.json").read_text(), parse_constant=refuse)

@@ -76,13 +76,20 @@ class DetectorForExport(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- export
+def _onnx_file(onnx_path: str | Path) -> Path:
+    """``onnx_path`` as a file path; a folder there is refused before anything is written."""
+    onnx_path = Path(onnx_path)
+    if onnx_path.is_dir():
+        raise ValueError(f"--onnx {onnx_path} is a folder: give the file to write, e.g. {onnx_path / 'model.onnx'}")
+    return onnx_path
+
 
 def export_model(model: nn.Module, onnx_path: str | Path, example: Tensor, opset: int = 17,
                  meta: dict | None = None) -> Path:
     """Trace ``model`` (a torchvision-style detector, eval mode, CPU) on ``example`` (1,3,H,W) and write ONNX."""
     import onnx
 
-    onnx_path = Path(onnx_path)
+    onnx_path = _onnx_file(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = DetectorForExport(model.eval().cpu().float()).eval()
     dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "num_detections"} for name in OUTPUT_NAMES}}
@@ -96,14 +103,18 @@ def export_model(model: nn.Module, onnx_path: str | Path, example: Tensor, opset
         except Exception as e:  # the exporter raises many types
             tmp.unlink(missing_ok=True)
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}") from e
-    proto = onnx.load(str(tmp))
-    if meta is not None:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "aidkd_meta", json.dumps(meta, sort_keys=True, default=str)
-    proto.producer_name = "aidkd"
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, onnx_path)
+    try:  # whatever fails from here on (a check, a full disk, a folder at onnx_path), no .tmp is left behind
+        proto = onnx.load(str(tmp))
+        if meta is not None:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = "aidkd_meta", json.dumps(meta, sort_keys=True, default=str)
+        proto.producer_name = "aidkd"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, onnx_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return onnx_path
 
 
@@ -274,7 +285,7 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, num_samples: int 
 
     if num_samples < 1:
         raise ValueError(f"--samples must be >= 1, got {num_samples}")
-    checkpoint, onnx_path = Path(checkpoint), Path(onnx_path)
+    checkpoint, onnx_path = Path(checkpoint), _onnx_file(onnx_path)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     model, meta = load_detector(checkpoint)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-# soft_wrap: lines are never hard-wrapped at the terminal width (nor at 80 columns when written to a file)
+# soft_wrap: lines are never hard-wrapped at the terminal width (nor at 80 columns when written to a file).
+# Results go to stdout; errors, warnings and progress messages to stderr, so `aidkd ... > out` still shows them.
 console = Console(soft_wrap=True)
+err_console = Console(soft_wrap=True, stderr=True)
 log = logging.getLogger("aidkd")
 
 
@@ -60,12 +62,13 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from aidkd.engine.run import evaluate
+    from aidkd.eval import strict_json
 
     cfg = _load(args)
     metrics = evaluate(cfg, args.checkpoint, split=args.split)
     _print_metrics(metrics, f"{args.checkpoint} on {args.split}")
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.split}_metrics.json")
-    out.write_text(json.dumps(metrics, indent=2))
+    out.write_text(strict_json(metrics, indent=2))
     console.print(f"metrics written to {out}", markup=False)
     return 0
 
@@ -81,6 +84,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_eval_kitti(args) -> int:
+    from aidkd.eval import strict_json
     from aidkd.eval.kitti_io import evaluate_kitti_dirs, format_kitti_table
 
     stems = None
@@ -91,7 +95,7 @@ def cmd_eval_kitti(args) -> int:
     result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir, stems=stems)
     console.print(format_kitti_table(result), markup=False, highlight=False)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(strict_json(result, indent=2))
         console.print(f"written to {args.json}", markup=False)
     return 0
 
@@ -189,6 +193,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from aidkd import __version__
+    from aidkd.data.synth import MAX_SIDE, MIN_SIDE
 
     ap = argparse.ArgumentParser(prog="aidkd", description="Adaptive Instance Distillation for object detectors")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback for every error")
@@ -223,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", help="optional student checkpoint: adds its loss and detections per instance")
     p.add_argument("--split", default="val", choices=["train", "val"], help="dataset split to analyse")
     p.add_argument("--out", required=True, help="output folder (RUN_DIR/analysis shows up in 'aidkd report')")
-    p.add_argument("--score-thresh", type=float, default=0.3,
+    p.add_argument("--score-thresh", type=_number_in(0, 1), default=0.3,
                    help="a matching teacher detection counts as found from this score")
     p.set_defaults(func=cmd_analyze)
 
@@ -234,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the prediction files (and drawings)")
     p.add_argument("--input", help="a folder of images or a video file (default: the configured val set)")
     p.add_argument("--draw", action="store_true", help="also write images (or a video) with boxes drawn")
-    p.add_argument("--score-thresh", type=float, default=None,
+    p.add_argument("--score-thresh", type=_number_in(0, 1), default=None,
                    help="keep detections scoring at least this (default: the config's eval.score_thresh, 0.05 "
                         "unless set: the threshold eval scores with)")
     p.add_argument("--format", choices=["kitti", "coco", "yolo"], default=None,
@@ -260,12 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
     p.add_argument("out", help="output folder (KITTI layout)")
-    p.add_argument("--num-images", type=int, default=200, help="number of scenes")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same scenes)")
-    p.add_argument("--width", type=int, default=320, help="image width in pixels")
-    p.add_argument("--height", type=int, default=96, help="image height in pixels")
-    p.add_argument("--hard-fraction", type=float, default=0.2, help="fraction of hard objects (low contrast, blur, small, occluded)")
-    p.add_argument("--mislabel-fraction", type=float, default=0.05,
+    p.add_argument("--num-images", type=_number_in(0, 10 ** 7, int), default=200, help="number of scenes")
+    p.add_argument("--seed", type=_number_in(0, 2 ** 32 - 1, int), default=0,
+                   help="random seed (same seed, same scenes)")
+    p.add_argument("--width", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=320,
+                   help=f"image width in pixels ({MIN_SIDE}-{MAX_SIDE})")
+    p.add_argument("--height", type=_number_in(MIN_SIDE, MAX_SIDE, int), default=96,
+                   help=f"image height in pixels ({MIN_SIDE}-{MAX_SIDE})")
+    p.add_argument("--hard-fraction", type=_number_in(0, 1), default=0.2,
+                   help="fraction of hard objects (low contrast, blur, small, occluded)")
+    p.add_argument("--mislabel-fraction", type=_number_in(0, 1), default=0.05,
                    help="fraction of deliberately mislabelled objects (listed in synth_meta.json)")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("coco-traffic", help="build the COCO-traffic subset from a COCO instances json")
@@ -297,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")
     p.add_argument("checkpoint", help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--onnx", required=True, help="where to write the .onnx file")
-    p.add_argument("--samples", type=int, default=4, help="random inputs for the onnxruntime parity check")
+    p.add_argument("--samples", type=_number_in(1, 1000, int), default=4,
+                   help="random inputs for the onnxruntime parity check")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report for a run or benchmark folder")
@@ -305,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
     return ap
+
+
+def _number_in(lo: float, hi: float, kind: type = float):
+    """An argparse ``type`` that reads a ``kind`` number in [lo, hi] (NaN and infinities are outside every range)."""
+
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+        if not lo <= value <= hi:  # False for NaN
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text!r}")
+        return value
+
+    return read
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -329,14 +355,21 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
+def _cut_lines(message: str) -> str:
+    """``message`` with every over-long line shortened: an error may quote user input of any size."""
+    from aidkd.data.structures import shorten
+
+    return "\n".join(shorten(line) for line in message.splitlines())
+
+
 def _setup_logging(verbose: bool) -> logging.Handler:
     # Our messages through rich on a terminal, plain unwrapped lines into a file or pipe; Lightning keeps its own
     # handler (attaching to the root logger would print twice).
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
     else:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     log.handlers = [handler]
     log.propagate = False
@@ -350,11 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (training stops at a step's end: engine/run.py)
+        if args.verbose:
+            raise
+        err_console.print("[red]error:[/red] interrupted (Ctrl-C)", highlight=False)
+        return 128 + signal.SIGINT
     except Exception as e:
         message = _user_error(e)
         if message is None or args.verbose:
             raise
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(_cut_lines(message))}", highlight=False)
         return 2
     finally:
         log.removeHandler(handler)

@@ -12,7 +12,7 @@ import logging
 import math
 from pathlib import Path
 
-from .scan import ScanResult, combine_errors
+from .scan import ScanResult, combine_errors, warn_links_out
 from .structures import BOX_TOLERANCE, DatasetError, ImageRecord, ObjectAnnotation
 
 __all__ = [
@@ -223,6 +223,8 @@ def scan_coco(ann_file: str | Path, image_dir: str | Path | None = None, categor
         result.records.append(ImageRecord(image_path=image_dir / fname, image_id=iid, objects=[],
                                           width=size["width"], height=size["height"], source=str(ann_file),
                                           stem=Path(fname).stem))
+
+    warn_links_out(image_dir, [r.image_path for r in result.records])
 
     # --- annotations
     ann_ids: dict[int, int] = {}

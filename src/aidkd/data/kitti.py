@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 from .images import read_image_size
-from .scan import ScanResult, combine_errors, sort_errors, stem_image_ids
+from .scan import ScanResult, combine_errors, sort_errors, stem_image_ids, warn_links_out
 from .structures import BOX_TOLERANCE, DatasetError, ImageRecord, ObjectAnnotation
 
 __all__ = [
@@ -304,6 +304,7 @@ def scan_kitti(root: str | Path, split: str = "all", split_file: str | Path | No
         images[p.stem] = p
     labels: dict[str, Path] = {p.stem: p for p in sorted(label_dir.glob("*.txt"))
                                if not p.name.startswith(".") and p.is_file()}
+    warn_links_out(root, [*images.values(), *labels.values()])
     all_stems = sorted(set(images) | set(labels))
     image_ids = dict(zip(all_stems, stem_image_ids(all_stems)))
 

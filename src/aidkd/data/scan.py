@@ -5,14 +5,29 @@ built on top, so nothing here imports a reader.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .structures import DatasetError, ImageRecord
 
-__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors", "stem_image_ids"]
+__all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors", "stem_image_ids", "warn_links_out"]
 
 MAX_LISTED_ERRORS = 20
+log = logging.getLogger("aidkd.data")
+
+
+def warn_links_out(root: Path, files: list[Path], limit: int = 5) -> list[Path]:
+    """Warn naming the ``files`` under ``root`` that are symbolic links (or lie in linked folders) leading out of
+    it: they are read, but what they show is not in the dataset's folder. Returns them."""
+    base = root.resolve()
+    out = [p for p in files if not p.resolve().is_relative_to(base)]
+    if out:
+        names = ", ".join(f"{p} -> {p.resolve()}" for p in out[:limit])
+        more = f" and {len(out) - limit} more" if len(out) > limit else ""
+        log.warning("%d file(s) of %s are symbolic links out of it (read as they are): %s%s", len(out), root, names,
+                    more)
+    return out
 
 
 @dataclass

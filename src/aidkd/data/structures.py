@@ -12,6 +12,18 @@ from pathlib import Path
 BOX_TOLERANCE = 1.0
 
 
+#: the longest line an error message quotes whole; longer ones (a 5 MB label field) keep their start and end
+MAX_LINE = 400
+
+
+def shorten(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut in the middle to about ``limit`` characters, saying how many were left out."""
+    if len(text) <= limit:
+        return text
+    head, tail = text[:limit * 3 // 4], text[-(limit // 4):]
+    return f"{head} [... {len(text) - len(head) - len(tail)} characters ...] {tail}"
+
+
 class DatasetError(ValueError):
     """A problem in a dataset, located precisely: ``file`` and, where it applies, ``line`` (1-based) or a json path.
 
@@ -32,7 +44,7 @@ class DatasetError(ValueError):
             where += f":{self.line}"
         if self.location:
             where += f" [{self.location}]"
-        return f"{where}: {self.message}"
+        return "\n".join(shorten(line) for line in f"{where}: {self.message}".splitlines())
 
 
 @dataclass

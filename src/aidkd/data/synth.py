@@ -741,6 +741,10 @@ def render_scene(rng: np.random.Generator | int, width: int = 320, height: int =
     return image, labels, {"objects": metas, "occluders": occluders, "horizon": geo["yh"]}
 
 
+#: the image sides generate_synth accepts: an 8192 x 8192 scene is ~200 MB in memory, 100000 x 100000 would be 30 GB
+MIN_SIDE, MAX_SIDE = 16, 8192
+
+
 def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: int = 320, height: int = 96,
                    hard_fraction: float = 0.2, mislabel_fraction: float = 0.05, val_fraction: float = 0.2,
                    min_objects: int = 1, max_objects: int = 10, dontcare: bool = True, clutter: int = 5,
@@ -758,8 +762,8 @@ def generate_synth(out_dir: str | Path, num_images: int, seed: int = 0, width: i
     """
     if num_images < 0:
         raise ValueError("num_images must be >= 0")
-    if width < 16 or height < 16:
-        raise ValueError(f"image size too small: {width}x{height}")
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise ValueError(f"image size {width}x{height}: width and height must be in [{MIN_SIDE}, {MAX_SIDE}] pixels")
     for name, v in (("hard_fraction", hard_fraction), ("mislabel_fraction", mislabel_fraction)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")

@@ -102,7 +102,7 @@ class Distiller(nn.Module):
         self._last_per_instance: list[Tensor] | None = None
         self._last_per_level: Tensor | None = None
         self._cache_counts_at_epoch_start = (0, 0)
-        self._cache_epochs = 0  # epochs this cache has seen: a resumed run starts with an empty one at epoch N
+        self._cache_epochs = 0  # epochs this cache has seen (a checkpoint without the cache: 0 at epoch N)
         self._warned_low_hit_rate = False
         self.last_inputs: DistillInputs | None = None
 
@@ -207,12 +207,29 @@ class Distiller(nn.Module):
         own = tuple(int(math.ceil(int(x) / d) * d) for x in image_size)
         return own if all(o <= p for o, p in zip(own, batch_padded)) else batch_padded
 
+    def cache_state(self) -> dict | None:
+        """The teacher-loss cache and its epoch counters (None without a cache), for checkpoints: a run resumed
+        with it uses the very losses an uninterrupted run would (recomputing them in other batches can round
+        differently)."""
+        if self.loss_cache is None:
+            return None
+        return {"cache": self.loss_cache.state_dict(), "epochs": self._cache_epochs,
+                "counts_at_epoch_start": list(self._cache_counts_at_epoch_start)}
+
+    def load_cache_state(self, state: dict, device: torch.device | str = "cpu") -> None:
+        if self.loss_cache is None:
+            return
+        self.loss_cache.load_state_dict(state["cache"], device)
+        self._cache_epochs = int(state["epochs"])
+        self._cache_counts_at_epoch_start = tuple(int(x) for x in state["counts_at_epoch_start"])
+
     def end_epoch(self, epoch: int) -> float | None:
         """The teacher-loss cache's hit rate over the epoch just finished (None without a cache or lookups).
 
         A sample's key includes its flip, so with ``hflip`` 0.5 its second epoch meets an unseen flip state half the
         time (~50 % hits is normal there) and its third a quarter of the time. From the cache's third epoch on (a
-        resumed run's cache starts empty, whatever ``epoch`` it resumes at; ``epoch`` only names it) a rate below
+        resumed run's cache is the checkpoint's, and one from a checkpoint without it starts empty, whatever
+        ``epoch`` it resumes at; ``epoch`` only names it) a rate below
         ``LOW_HIT_RATE`` therefore means the keys do not repeat (random augmentations other than the flip, or more
         samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:

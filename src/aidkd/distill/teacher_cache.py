@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -62,6 +63,22 @@ class TeacherLossCache:
         if self.max_items > 0:
             while len(self._items) > self.max_items:
                 self._items.popitem(last=False)
+
+    def state_dict(self) -> dict:
+        """The entries (oldest first) and counters as plain types and two CPU tensors (``weights_only``-loadable,
+        compact for hundreds of thousands of entries): a resumed run continues with the cache it stopped with."""
+        values = list(self._items.values())
+        return {"keys": [[k[0], k[1], list(k[2])] for k in self._items],
+                "lengths": torch.tensor([len(v) for v in values], dtype=torch.int64),
+                "values": torch.cat([v.detach().float().cpu() for v in values]) if values else torch.zeros(0),
+                "hits": self.hits, "misses": self.misses}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.clear()
+        parts = torch.split(state["values"].to(device), state["lengths"].tolist())
+        for (image_id, flipped, size), v in zip(state["keys"], parts):
+            self._items[(image_id, bool(flipped), tuple(int(x) for x in size))] = v
+        self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
     def clear(self) -> None:
         self._items.clear()

@@ -1,9 +1,12 @@
 """Callbacks that watch a run: model export, last / interrupt checkpoints, instance-weight and attention images."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +16,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from aidkd.eval.evaluator import PRIMARY_METRIC
+from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import save_model_file
 
 log = logging.getLogger("aidkd.engine")
@@ -39,9 +42,9 @@ class ExportModel(L.Callback):
         if value > self.best:
             self.best = value
             save_model_file(self.out_dir / "model_best.pt", pl_module.model, pl_module.meta, metrics)
-            (self.out_dir / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.out_dir / "best_metrics.json").write_text(strict_json(metrics, indent=2))
         with open(self.history, "a") as f:  # one write, synced: a kill leaves whole lines
-            f.write(json.dumps(metrics) + "\n")
+            f.write(strict_json(metrics) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -126,16 +129,47 @@ class LastCheckpoint(Checkpoint):
 
 class InterruptCheckpoint(L.Callback):
     """On Ctrl-C (SIGINT) or SIGTERM save ``checkpoints/interrupted.ckpt`` before Lightning shuts the run down.
-    Lightning turns a SIGTERM into ``SIGTERMException`` after the current batch (on every rank)."""
+
+    Lightning turns a SIGTERM into ``SIGTERMException`` at the next safe point: after the current batch, or after
+    the epoch's bookkeeping at its end (on every rank). A Ctrl-C takes the same way (``stop_at_step_end``), so the
+    checkpoint holds a finished step or epoch and a resumed run continues exactly as an uninterrupted one. A second
+    Ctrl-C stops at once, without interrupted.ckpt (its state would be mid-step); last.ckpt stays.
+    """
 
     def __init__(self, ckpt_dir: str | Path):
         self.ckpt_dir = Path(ckpt_dir)
+        self.signal: int | None = None  # the signal that stopped the run
+
+    @contextlib.contextmanager
+    def stop_at_step_end(self, trainer: L.Trainer):
+        """Within: the first Ctrl-C asks Lightning to stop as a SIGTERM does; a second one raises KeyboardInterrupt."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def on_sigint(signum, frame) -> None:
+            if self.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signal.SIGINT
+            trainer._signal_connector.received_sigterm = True  # Lightning's own flag: its safe points raise
+            log.warning("Ctrl-C: stopping after the current step, saving %s (Ctrl-C again: stop at once, "
+                        "without it)", self.ckpt_dir / "interrupted.ckpt")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        if isinstance(exception, KeyboardInterrupt):
+            log.warning("stopped at once at step %d: no interrupted.ckpt (resume from checkpoints/last.ckpt)",
+                        trainer.global_step)
+        elif isinstance(exception, SIGTERMException):
+            self.signal = self.signal or signal.SIGTERM
             path = self.ckpt_dir / "interrupted.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
-            why = "interrupted" if isinstance(exception, KeyboardInterrupt) else "terminated (SIGTERM)"
+            why = "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else "terminated (SIGTERM)"
             log.warning("%s at step %d: checkpoint saved to %s (resume with --resume %s)", why, trainer.global_step,
                         path, path)
 

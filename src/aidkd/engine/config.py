@@ -269,8 +269,51 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: the most values a YAML config may expand to, aliases counted as often as they are used: a config has a few
+#: hundred; nine nested aliases of ten (a "billion laughs") would build 10^9 objects and exhaust memory
+MAX_YAML_VALUES = 100_000
+
+
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-4`` and ``1e6`` as floats (YAML 1.2; YAML 1.1 wants ``1.0e-4``)."""
+    """``yaml.SafeLoader`` that also reads ``1e-4`` and ``1e6`` as floats (YAML 1.2; YAML 1.1 wants ``1.0e-4``),
+    and refuses a document expanding to more than ``MAX_YAML_VALUES`` values before building any of them."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values ``root`` expands to (an alias's node counts once per use) in time linear in the composed
+    graph: each node's size is computed once. A node inside itself (``&a [*a]``) expands without end."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise yaml.YAMLError(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it")
+        total = 1
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            open_.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            for child in children:
+                total += size(child)
+                if total > MAX_YAML_VALUES:
+                    raise yaml.YAMLError(f"line {node.start_mark.line + 1}: the document expands to more than "
+                                         f"{MAX_YAML_VALUES} values (are aliases '*name' repeating large anchors?)")
+            open_.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(root)
+    except RecursionError:
+        raise yaml.YAMLError("values nested too deeply") from None
 
 
 _Loader.add_implicit_resolver(
@@ -284,8 +327,12 @@ _Loader.add_implicit_resolver(
 
 
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` (no python tags, no objects) with YAML 1.2 exponent floats."""
-    return yaml.load(text, Loader=_Loader)
+    """``yaml.safe_load`` (no python tags, no objects) with YAML 1.2 exponent floats, refusing documents that
+    expand past ``MAX_YAML_VALUES`` values (``yaml.YAMLError``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("values nested too deeply") from None
 
 
 def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:

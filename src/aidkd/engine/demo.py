@@ -19,7 +19,14 @@ import yaml
 from rich.console import Console
 
 from aidkd.engine.config import config_from_dict
-from aidkd.eval.evaluator import KITTI_METRIC, PRIMARY_METRIC, VOC_METRIC, coco_class_key, coco_key
+from aidkd.eval.evaluator import (
+    KITTI_METRIC,
+    PRIMARY_METRIC,
+    VOC_METRIC,
+    coco_class_key,
+    coco_key,
+    strict_json,
+)
 
 console = Console(soft_wrap=True)  # lines stay whole in a log file or pipe, as in the CLI
 
@@ -259,7 +266,7 @@ def run_demo(out: Path, quick: bool = False, arch: str = "gfl", fresh: bool = Fa
     table = results_table(results, row_names(cfgs), DEMO_CLASSES)
     aid_text = (aid_summary_text(results["kd_aid"]["aid_weights"]) + "\n"
                 + teacher_analysis_text(results["kd_aid"]["teacher_analysis"]))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(strict_json(results, indent=2))
     (out / "results.md").write_text(table + "\n\n" + aid_text + "\n")
     console.rule("[bold]aidkd demo results (validation split of the generated set)")
     console.print(f"classes: {', '.join(DEMO_CLASSES)} (the demo generates only cars: the class a teacher learns "

@@ -93,7 +93,8 @@ class DetectionTask(L.LightningModule):
                if d.aid.enabled else None)
         if d.loss_scale > LARGE_LOSS_SCALE:
             log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
-                        "the detection loss (docs/method.md's weights are tuned at 1; small students need ~0.01)",
+                        "the detection loss (docs/method.md's weights are tuned at 1; small from-scratch students need "
+                        "about 1/1000)",
                         d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
@@ -199,11 +200,12 @@ class DetectionTask(L.LightningModule):
             weights += [round(float(v), 5) for v in w.detach().float().cpu()]
             classes += [self.classes[lab - 1] for lab in labels]
         if weights:
-            import json
             from pathlib import Path
 
+            from aidkd.eval import strict_json
+
             with open(Path(self.cfg.output_dir) / "aid_weights.jsonl", "a") as f:
-                f.write(json.dumps({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
+                f.write(strict_json({"step": int(self.global_step), "weights": weights, "classes": classes}) + "\n")
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logged values (every ``log_every_n_steps``)."""
@@ -274,6 +276,9 @@ class DetectionTask(L.LightningModule):
         checkpoint["aidkd_config"] = self.cfg.to_dict()
         checkpoint["aidkd_rng"] = rng_state()
         checkpoint["aidkd_bad_steps"] = self.bad_steps
+        cache = self.distiller.cache_state() if self.distiller is not None else None
+        if cache is not None:
+            checkpoint["aidkd_teacher_loss_cache"] = cache
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the state dict. The student once had a second name under the distiller: a
@@ -285,6 +290,8 @@ class DetectionTask(L.LightningModule):
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
+        if self.distiller is not None and "aidkd_teacher_loss_cache" in checkpoint:
+            self.distiller.load_cache_state(checkpoint["aidkd_teacher_loss_cache"], self.device)
         self._resumed_lr = (checkpoint.get("aidkd_config") or {}).get("train", {}).get("lr")
 
     def on_train_start(self) -> None:

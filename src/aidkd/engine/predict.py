@@ -6,7 +6,6 @@ and the exported ONNX graph, so ``eval``'s metrics are those of what ``predict``
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from aidkd.engine.config import RunConfig
+from aidkd.eval import strict_json
 from aidkd.models import load_detector
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -198,7 +198,7 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
     if writer is not None:
         writer.close()
     if fmt == "coco":
-        (out / "predictions.json").write_text(json.dumps(results))
+        (out / "predictions.json").write_text(strict_json(results))
     return n
 
 

@@ -26,9 +26,9 @@ from aidkd.engine.run_folder import (
     remove_partial_files,
     resolve_resume,
 )
-from aidkd.eval.evaluator import PRIMARY_METRIC
+from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import load_detector
-from aidkd.models.weights import CheckpointError
+from aidkd.models.weights import CheckpointError, load_checkpoint
 
 log = logging.getLogger("aidkd.engine")
 
@@ -90,6 +90,9 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     """
     out_dir, ckpt = resolve_resume(cfg.output_dir, resume, missing_ok=resume_missing_ok)
     cfg.output_dir = str(out_dir)
+    finished = _finished_run_metrics(ckpt, cfg) if ckpt is not None else None
+    if finished is not None:
+        return finished
     owner = is_rank_zero_process()  # a distributed run's other processes re-run this: rank 0 owns the folder
     if owner:
         check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite)
@@ -112,12 +115,14 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
             remove_partial_files(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
         trainer = build_trainer(cfg, out_dir, extra_callbacks)
+        interrupt = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
         try:
-            trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+            with interrupt.stop_at_step_end(trainer):
+                trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         except SIGTERMException:
             # Lightning's SystemExit carries no code, so a terminated run would exit 0 as if it had finished: exit
-            # 128 + 15 as a process the signal killed (InterruptCheckpoint saved interrupted.ckpt)
-            raise SystemExit(128 + signal.SIGTERM) from None
+            # 128 + the signal as a process the signal killed (InterruptCheckpoint saved interrupted.ckpt)
+            raise SystemExit(128 + (interrupt.signal or signal.SIGTERM)) from None
         except RuntimeError as e:
             if ckpt is None or "Error(s) in loading state_dict" not in str(e):
                 raise
@@ -130,10 +135,30 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
         metrics = dict(task.last_metrics)
         _ensure_best_checkpoint(trainer, metrics)  # on every rank: saving holds a barrier
         if trainer.is_global_zero:
-            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (out_dir / "final_metrics.json").write_text(strict_json(metrics, indent=2))
     finally:
         lock.release()
     return metrics
+
+
+def _finished_run_metrics(ckpt: Path, cfg: RunConfig) -> dict | None:
+    """The stored final metrics when ``ckpt`` ends a run that already trained as far as ``cfg`` says (its
+    ``train.epochs``, or ``train.max_steps``): resuming it is a no-op that writes nothing. None otherwise."""
+    final = ckpt.parent.parent / "final_metrics.json"
+    if not final.is_file():  # stopped before its final metrics: resuming finishes it
+        return None
+    state = load_checkpoint(ckpt)
+    epochs = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    step, t = int(state.get("global_step", -1)), cfg.train
+    if not (epochs == t.epochs or 0 < t.max_steps <= step):
+        return None
+    try:
+        metrics = json.loads(final.read_text())
+    except (OSError, ValueError):
+        return None
+    log.info("%s: the run already finished (epoch %s of train.epochs %d, step %d); nothing to resume, nothing "
+             "written (raise train.epochs to train on)", ckpt, epochs, t.epochs, step)
+    return {k: float("nan") if v is None else v for k, v in metrics.items()}
 
 
 def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:

@@ -7,7 +7,7 @@ from aidkd.eval.coco_map import (
     records_to_coco,
     split_objects,
 )
-from aidkd.eval.evaluator import DetectionEvaluator, format_metrics_table
+from aidkd.eval.evaluator import DetectionEvaluator, format_metrics_table, strict_json
 from aidkd.eval.kitti_ap import (
     DIFFICULTIES,
     KITTI_CLASSES,
@@ -53,6 +53,7 @@ __all__ = [
     "read_kitti_predictions",
     "records_to_coco",
     "split_objects",
+    "strict_json",
     "voc_ap",
     "voc_map",
     "write_kitti_predictions",

@@ -15,6 +15,23 @@ from aidkd.eval.voc import voc_map
 __all__ = ["DetectionEvaluator", "format_metrics_table"]
 
 
+def strict_json(obj: Any, **kwargs) -> str:
+    """``json.dumps`` writing strict JSON: NaN and infinities (an AP without ground truth, a diverged loss) become
+    ``null``, which every JSON reader accepts (bare ``NaN`` is not JSON)."""
+    import json
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, Mapping):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def _to_np(x: Any, dtype) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()

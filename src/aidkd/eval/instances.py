@@ -376,10 +376,12 @@ def write_analysis(rows: list[dict], out_dir: str | Path, alpha: float, info: di
     ``instances.csv``, ``summary.json`` and ``weights.png`` into ``out_dir`` and return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from aidkd.eval.evaluator import strict_json
+
     summary = summarize(rows, alpha)
     summary.update(info)
     write_csv(rows, out / "instances.csv")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n", encoding="utf-8")
     plot_weights(rows, summary, out / "weights.png")
     return summary
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision.models import (
     get_weight,
@@ -21,6 +20,8 @@ from torchvision.models import (
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from aidkd.models.weights import read_weights
 
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
 MOBILENETS = {"mobilenet_v3_large": mobilenet_v3_large, "mobilenet_v3_small": mobilenet_v3_small}
@@ -39,12 +40,7 @@ def load_backbone_weights(net: nn.Module, weights: str | Path | None) -> None:
     if path.suffix in {".pth", ".pt", ".bin", ".safetensors"} or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"backbone weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights(path).state  # the one reader: weights_only, one-line errors for bad files
     else:
         state = get_weight(str(weights)).get_state_dict(progress=True)
     missing, unexpected = net.load_state_dict(state, strict=False)

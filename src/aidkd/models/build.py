@@ -100,7 +100,7 @@ def build_detector(
     if local is not None and local.meta is not None:  # refused before anything is built
         expected = {"arch": arch, "backbone": backbone, "fpn_channels": fpn_channels}
         check_compatible(local.meta, expected if new_classes else {**expected, "num_classes": num_classes},
-                         None, None)
+                         None, None, source=f"weights {local.source}")
     if frozen_bn is None:
         if local is not None:  # follow the checkpoint
             frozen_bn = frozen_bn_in(local.state)

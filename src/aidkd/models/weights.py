@@ -13,8 +13,10 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,10 @@ STATE_PREFIXES = ("distiller.student.", "student.", "model.", "module.", "detect
 #: file suffixes that mark ``weights`` as a local file even before it exists (a missing file is then an error,
 #: not a torchvision enum look-up)
 LOCAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin", ".safetensors"}
+
+
+#: free bytes below which a failed checkpoint write is reported as a full disk
+_NEARLY_FULL = 64 * 2 ** 20
 
 
 class CheckpointError(RuntimeError):
@@ -93,8 +99,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict, finite_keys: Sequence[
             pass
         if isinstance(e, OSError) and e.errno is not None and not e.filename:  # e.g. ENOSPC: say which file
             raise OSError(e.errno, e.strerror, str(path)) from e
-        if isinstance(e, RuntimeError) and "write" in str(e):  # torch.save's own I/O errors
-            raise CheckpointError(f"cannot write checkpoint {path}: {str(e).splitlines()[0]}") from e
+        if isinstance(e, RuntimeError) and any(w in str(e) for w in ("write", "inline_container", "enforce fail")):
+            # torch.save's own I/O errors (its zip writer hides the errno: a full disk reads "unexpected pos")
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            free = shutil.disk_usage(path.parent).free
+            if free < _NEARLY_FULL:
+                raise OSError(errno.ENOSPC, f"No space left on device ({free // 2 ** 20} MiB free)",
+                              str(path)) from e
+            raise CheckpointError(f"cannot write checkpoint {path}: {first}") from e
         raise
     try:  # make the rename itself durable (best effort; not possible on every platform)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -143,7 +155,11 @@ def check_compatible(meta_in_ckpt: Mapping | None, expected_meta: Mapping | None
     if meta_in_ckpt is not None and expected_meta is not None:
         for key in META_KEYS:
             if key in meta_in_ckpt and key in expected_meta and meta_in_ckpt[key] != expected_meta[key]:
-                problems.append(f"{key}: checkpoint has {meta_in_ckpt[key]!r}, expected {expected_meta[key]!r}")
+                if key == "num_classes":  # users count their classes, not the background
+                    problems.append(f"{meta_in_ckpt[key] - 1} classes (+ background) in the checkpoint, "
+                                    f"{expected_meta[key] - 1} expected")
+                else:
+                    problems.append(f"{key}: checkpoint has {meta_in_ckpt[key]!r}, expected {expected_meta[key]!r}")
     if classes_in_ckpt is not None and expected_classes is not None:
         got, want = list(classes_in_ckpt), list(expected_classes)
         if got != want:
@@ -184,7 +200,10 @@ def read_weights(path: str | os.PathLike) -> DetectorWeights:
             raise FileNotFoundError(f"detector weights not found: {path}")
         from safetensors.torch import load_file
 
-        return DetectorWeights(load_file(str(path)), None, str(path))
+        try:
+            return DetectorWeights(load_file(str(path)), None, str(path))
+        except Exception as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     ckpt = load_checkpoint(path)
     meta = next((ckpt[k] for k in ("meta", "aidkd_meta") if isinstance(ckpt.get(k), dict)), None)
     state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
@@ -261,8 +280,8 @@ def check_enum(name: str, arch: str, backbone: str, num_classes: int | None, fpn
                          f"(torchvision's {type(w).__name__}); use a local checkpoint instead")
     n = len(w.meta.get("categories", []))
     if num_classes is not None and n != num_classes:
-        raise ValueError(f"torchvision weights {name} have {n} classes (incl. background); num_classes is "
-                         f"{num_classes}")
+        raise ValueError(f"torchvision weights {name} have {n - 1} classes (+ background), the detector "
+                         f"{num_classes - 1}")
     if fpn_channels != 256:
         raise ValueError(f"torchvision weights {name} need fpn_channels=256, got {fpn_channels}")
 

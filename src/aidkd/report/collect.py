@@ -126,7 +126,9 @@ def load_run(path: Path, root: Path, seconds: dict[str, float]) -> Run:
     for fname in ("best_metrics.json", "final_metrics.json"):
         data = read_json(path / fname)
         if data:
-            run.metrics = {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
+            # null: a metric without a value (aidkd writes NaN as null)
+            run.metrics = {k: float("nan") if v is None else float(v) for k, v in data.items()
+                           if v is None or isinstance(v, (int, float))}
             run.metrics_source = fname
             break
     for fname in ("model_best.pt", "model_last.pt"):
@@ -323,7 +325,7 @@ def training_series(run: Run) -> dict[str, list[tuple[float, float]]]:
                     continue
                 for key, label in ((PRIMARY_METRIC, "val COCO AP (epoch)"),
                                    (KITTI_METRIC, "val KITTI moderate mAP (epoch)")):
-                    if key in m and "epoch" in m and not math.isnan(float(m[key])):
+                    if m.get(key) is not None and "epoch" in m and not math.isnan(float(m[key])):
                         series.setdefault(label, []).append((float(m["epoch"]), float(m[key])))
     return series
 
