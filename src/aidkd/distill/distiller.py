@@ -222,7 +222,13 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ one step
     def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
-                        ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
+                        ) -> tuple[list[Tensor], Tensor | None]:
+        """Per-instance teacher losses (and per-level ones for level AID): :meth:`_teacher_terms` without the
+        decoupled parts."""
+        return self._teacher_terms(image_list, t_feats, targets, t_out)[:2]
+
+    def _teacher_terms(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
+                       ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
 
         Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
@@ -333,7 +339,7 @@ class Distiller(nn.Module):
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
             with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
-                per_instance, per_level, parts = self._teacher_losses(image_list, t_feats, targets, t_out)
+                per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
