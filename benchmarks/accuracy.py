@@ -9,8 +9,9 @@ profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):
    non-local), ``kd_aid_instance``, ``kd_aid_level`` and ``self_kd_aid`` (KD + AID (instance) from the
    self-distillation teacher). Optional variants (a profile's ``variants`` or ``--variants``): ``pkd``, ``pkd_aid``
    and the head methods (``aidkd.distill.head``) ``ld``, ``ld_aid``, ``ld_aid_decoupled`` (GFL only), ``logit_kd``,
-   ``logit_kd_aid``, ``pkd_ld``, ``pkd_logit_kd``, at the profile's ``head_scale`` (default 1), with a family's
-   ``head_params: {method: {param: value}}``.
+   ``logit_kd_aid``, ``cross_head``, ``cross_head_aid`` (one-stage only), ``pkd_ld``, ``pkd_logit_kd``,
+   ``pkd_cross_head``, at the profile's ``head_scale`` (default 1), with a family's ``head_params: {method:
+   {param: value}}``.
 
 Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd train`` / ``aidkd distill``) and leaves
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
@@ -64,8 +65,10 @@ FAMILIES = ("one-stage", "two-stage")
 # head distillation (aidkd.distill.head): variant -> (head method, AID granularity or None, decoupled AID, with PKD)
 HEAD_VARIANTS = {"ld": ("ld", None, False, False), "ld_aid": ("ld", "instance", False, False),
                  "ld_aid_decoupled": ("ld", "instance", True, False), "logit_kd": ("logit_kd", None, False, False),
-                 "logit_kd_aid": ("logit_kd", "instance", False, False), "pkd_ld": ("ld", None, False, True),
-                 "pkd_logit_kd": ("logit_kd", None, False, True)}
+                 "logit_kd_aid": ("logit_kd", "instance", False, False),
+                 "cross_head": ("cross_head", None, False, False),
+                 "cross_head_aid": ("cross_head", "instance", False, False), "pkd_ld": ("ld", None, False, True),
+                 "pkd_logit_kd": ("logit_kd", None, False, True), "pkd_cross_head": ("cross_head", None, False, True)}
 SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid", "pkd", "pkd_aid", *HEAD_VARIANTS)
 # what a profile without ``variants`` trains (the committed results were made with these)
 DEFAULT_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid")
@@ -80,12 +83,16 @@ LABELS = {"teacher": "teacher", "self_teacher": "self-distillation teacher (stud
           "pkd": "PKD (Pearson, per-channel standardised MSE)", "pkd_aid": "PKD + AID (instance)",
           "ld": "LD (box-edge distributions)", "ld_aid": "LD + AID (instance)",
           "ld_aid_decoupled": "LD + AID (instance, decoupled cls / box)", "logit_kd": "logit KD (scores + boxes)",
-          "logit_kd_aid": "logit KD + AID (instance)", "pkd_ld": "PKD + LD", "pkd_logit_kd": "PKD + logit KD"}
+          "logit_kd_aid": "logit KD + AID (instance)", "cross_head": "cross-head KD (student tower -> teacher head)",
+          "cross_head_aid": "cross-head KD + AID (instance)", "pkd_ld": "PKD + LD", "pkd_logit_kd": "PKD + logit KD",
+          "pkd_cross_head": "PKD + cross-head KD"}
 
 SHORT = {"teacher": "teacher", "self_teacher": "self-distil. teacher", "student": "student", "kd": "KD",
          "kd_aid_instance": "KD+AID (instance)", "kd_aid_level": "KD+AID (level)", "self_kd_aid": "self-distil. KD+AID",
          "pkd": "PKD", "pkd_aid": "PKD+AID", "ld": "LD", "ld_aid": "LD+AID", "ld_aid_decoupled": "LD+AID (dec.)",
-         "logit_kd": "logit KD", "logit_kd_aid": "logit KD+AID", "pkd_ld": "PKD+LD", "pkd_logit_kd": "PKD+logit KD"}
+         "logit_kd": "logit KD", "logit_kd_aid": "logit KD+AID", "cross_head": "cross-head",
+         "cross_head_aid": "cross-head+AID", "pkd_ld": "PKD+LD", "pkd_logit_kd": "PKD+logit KD",
+         "pkd_cross_head": "PKD+cross-head"}
 
 log = logging.getLogger("aidkd.bench")
 

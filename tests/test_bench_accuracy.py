@@ -65,16 +65,18 @@ def test_pkd_variants_distil_with_pkd_alone_and_with_aid(acc, tmp_path):
 
 
 def test_head_variants_distil_with_their_head_method_where_it_applies(acc, tmp_path):
-    """ld / logit_kd alone, + AID (instance; decoupled for ld) and + PKD, at head_scale (not distill_scale); ld is
-    planned for the GFL family only."""
+    """ld / logit_kd / cross_head alone, + AID (instance; decoupled for ld) and + PKD, at head_scale (not
+    distill_scale); ld and cross_head are planned for the one-stage family (GFL) only."""
     prof = dict(acc.load_profile("synth_cpu"), distill_scale="1/1000", head_scale="1/2")
     prof["variants"] = ["student", *acc.HEAD_VARIANTS]
     plan = acc.plan_runs(prof, tmp_path, ["one-stage", "two-stage"], [0])
     by_key = {r["key"]: r for r in plan}
     expected = {"ld": (["ld"], False, None), "ld_aid": (["ld"], True, None),
                 "ld_aid_decoupled": (["ld"], True, True), "logit_kd": (["logit_kd"], False, None),
-                "logit_kd_aid": (["logit_kd"], True, None), "pkd_ld": (["pkd", "ld"], False, None),
-                "pkd_logit_kd": (["pkd", "logit_kd"], False, None)}
+                "logit_kd_aid": (["logit_kd"], True, None), "cross_head": (["cross_head"], False, None),
+                "cross_head_aid": (["cross_head"], True, None), "pkd_ld": (["pkd", "ld"], False, None),
+                "pkd_logit_kd": (["pkd", "logit_kd"], False, None),
+                "pkd_cross_head": (["pkd", "cross_head"], False, None)}
     for variant, (methods, aid, decoupled) in expected.items():
         d = by_key[f"one-stage/{variant}_div2_seed0"]["cfg"]["distill"]
         assert [m["name"] for m in d["methods"]] == methods, variant

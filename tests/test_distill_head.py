@@ -13,7 +13,7 @@ from aidkd.models.ops import prepare_inputs, teacher_loss_parts
 
 H, W = 64, 192
 CASES = [("gfl", "logit_kd"), ("gfl", "ld"), ("retinanet", "logit_kd"), ("fcos", "logit_kd"),
-         ("fasterrcnn", "logit_kd")]
+         ("fasterrcnn", "logit_kd"), ("gfl", "cross_head"), ("retinanet", "cross_head"), ("fcos", "cross_head")]
 
 
 def make_distiller(arch, methods, aid=None, cache=True, teacher_kw=None):
@@ -149,6 +149,46 @@ def test_pairs_that_cannot_be_compared_location_by_location_are_refused():
         Distiller(student, teacher, {"logit_kd": {}}, None, sample_shape=(H, W))
     with pytest.raises(ValueError, match="temperature"):
         build_method("ld", 8, 16, 5, temperature=0)
+
+
+@pytest.mark.parametrize("arch", ["gfl", "retinanet", "fcos"])
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_cross_head_through_an_identical_teacher_gives_the_students_own_predictions(arch, layer):
+    """Teacher = a copy of the student: whichever layer the teacher takes over at, the cross-head predictions are
+    the student's own, in the same layout (and the cross-head loss is 0 there)."""
+    import copy
+
+    torch.manual_seed(0)
+    student = build_detector(arch, "resnet18", 3, min_size=H, max_size=W, fpn_channels=8)
+    d = Distiller(student, copy.deepcopy(student), {"cross_head": {"layer": layer}}, None,
+                  sample_shape=(H, W)).eval()
+    images, targets = make_batch()
+    losses = d(images, targets)
+    head = d.last_inputs.head
+    cross = d.methods["cross_head"].cross_outputs(head)
+    assert cross.keys() <= head.student.keys() and "cls_logits" in cross
+    for key, value in cross.items():
+        torch.testing.assert_close(value, head.student[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert abs(float(losses["distill/cross_head/cls"])) < 1e-5
+    if arch != "fcos":  # FCOS's untrained regression is ReLU-clipped to 0 in places: empty boxes, GIoU loss 1
+        assert abs(float(losses["distill/cross_head/box"])) < 1e-5
+    # the teacher's first `layer` blocks are not used, its block `layer` is
+    from aidkd.distill.head import _head_branches
+
+    method = d.methods["cross_head"]
+    for block, used in ((layer - 1, False), (layer, True)):
+        if not 0 <= block < 4:
+            continue
+        conv = next(m for m in _head_branches(arch, d.teacher.model)["cls"][0][block].modules()
+                    if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            conv.weight.add_(0.5)
+        moved = not torch.allclose(method.cross_outputs(head)["cls_logits"], head.student["cls_logits"], atol=1e-5)
+        assert moved is used, f"teacher cls block {block} {'unused' if used else 'used'}"
+        with torch.no_grad():
+            conv.weight.sub_(0.5)
+    with pytest.raises(ValueError, match="layer 5 but the student's cls tower has 4 blocks"):
+        Distiller(student, copy.deepcopy(student), {"cross_head": {"layer": 5}}, None, sample_shape=(H, W))
 
 
 def test_valuable_region_adds_near_best_locations_of_a_box():

@@ -26,6 +26,7 @@ from .fgd import (
 )
 from .fitnet import FitNetDistill, fitnet_loss
 from .head import (
+    CrossHeadKD,
     HeadDistillMethod,
     HeadInputs,
     LocalizationDistill,
@@ -50,6 +51,7 @@ __all__ = [
     "AIDWeighting",
     "AIDWeights",
     "AttentionDistill",
+    "CrossHeadKD",
     "DistillInputs",
     "DistillMethod",
     "FGDDistill",

@@ -188,6 +188,7 @@ class Distiller(nn.Module):
         for method in self.methods.values():
             if method.uses_head:
                 method.check_family(s_ops.family)
+                method.check_pair(s_ops.family, self.student, self.teacher.model)
         if s_ops.family == "fasterrcnn":
             s_cls = self.student.roi_heads.box_predictor.cls_score.out_features
             t_cls = self.teacher.model.roi_heads.box_predictor.cls_score.out_features

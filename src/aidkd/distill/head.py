@@ -34,7 +34,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from aidkd.models.ops import decode_boxes
 
-from .base import DistillInputs, DistillMethod
+from .base import DistillInputs, DistillMethod, make_adapter
 
 
 @dataclass
@@ -128,6 +128,9 @@ class HeadDistillMethod(DistillMethod):
         if family not in self.families:
             raise ValueError(f"distillation method {self.name!r} applies to {', '.join(self.families)} detectors; "
                              f"the student is a {family} detector")
+
+    def check_pair(self, family: str, student: nn.Module, teacher: nn.Module) -> None:
+        """Refuse a student / teacher pair this method cannot distil (called when the distiller is built)."""
 
     def _head(self, inputs: DistillInputs) -> HeadInputs:
         if inputs.head is None:
@@ -265,3 +268,132 @@ class LocalizationDistill(HeadDistillMethod):
         inside = torch.stack(region) >= 0
         w = inside.to(edges.dtype) if weights is None else torch.stack(weights) * inside
         return {"ld": self.ld_weight * (edges * w).sum() / max(1, num_pos)}
+
+
+# ---------------------------------------------------------------------------------------------------- cross-head
+def _tower_blocks(tower: nn.Sequential) -> list[nn.Module]:
+    """A head tower's conv blocks: each conv with the norm / activation after it (GFL and FCOS list them flat,
+    torchvision's RetinaNet as ``Conv2dNormActivation`` blocks)."""
+    blocks: list[list[nn.Module]] = []
+    for module in tower:
+        if isinstance(module, (nn.Conv2d, nn.Sequential)) or not blocks:
+            blocks.append([module])
+        else:
+            blocks[-1].append(module)
+    return [nn.Sequential(*b) if len(b) > 1 else b[0] for b in blocks]
+
+
+def _head_branches(family: str, model: nn.Module) -> dict[str, tuple[list[nn.Module], object]]:
+    """``{"cls": (tower blocks, predict), "box": (tower blocks, predict)}`` of a one-stage head: the tower's
+    conv blocks in order, and ``predict(features, level) -> {output name: (B, C, H, W)}`` of the layers after it."""
+    head = model.head
+    if family == "gfl":
+        return {"cls": (_tower_blocks(head.cls_convs), lambda x, level: {"cls_logits": head.cls_logits(x)}),
+                "box": (_tower_blocks(head.reg_convs),
+                        lambda x, level: {"bbox_regression": head.scales[level](head.bbox_reg(x))})}
+    cls_head, reg_head = head.classification_head, head.regression_head
+    if family == "retinanet":
+        box = {"bbox_regression": lambda x: reg_head.bbox_reg(x)}
+    elif family == "fcos":
+        box = {"bbox_regression": lambda x: F.relu(reg_head.bbox_reg(x)), "bbox_ctrness": reg_head.bbox_ctrness}
+    else:
+        raise ValueError(f"cross_head: no head tower for the {family} family")
+    return {"cls": (_tower_blocks(cls_head.conv), lambda x, level: {"cls_logits": cls_head.cls_logits(x)}),
+            "box": (_tower_blocks(reg_head.conv), lambda x, level: {k: f(x) for k, f in box.items()})}
+
+
+def _flatten_locations(maps: list[Tensor], per_location: int) -> Tensor:
+    """Per level (B, A_l * per_location, H, W) -> (B, sum of H W A_l, per_location), torchvision's layout (anchor
+    fastest, then x, then y), levels concatenated."""
+    out = []
+    for m in maps:
+        b, _, h, w = m.shape
+        out.append(m.view(b, -1, per_location, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, per_location))
+    return torch.cat(out, dim=1)
+
+
+class CrossHeadKD(HeadDistillMethod):
+    """``cross_head`` (GFL, RetinaNet, FCOS): CrossKD's idea (Wang et al., CVPR 2024), written from the paper's
+    description: the student's head-tower features after its first ``layer`` blocks go, through a 1x1 adapter when
+    the widths differ, into the *teacher's* remaining tower blocks and predictors (frozen; the gradient flows through
+    them to the student), and these cross-head predictions imitate the teacher's own:
+    ``{"cls": cls_weight * L_cls, "box": box_weight * L_box}``; classification: the binary KL to the teacher's
+    scores on all locations; boxes on the positives: the edge-distribution KL at ``box_temperature`` (GFL, as ``ld``)
+    or the GIoU loss of the decoded boxes (+ centre-ness binary KL for FCOS). Both / the number of positives.
+
+    Parameters
+        layer: tower blocks of the student run before the teacher's take over (3 of GFL's / torchvision's 4).
+        cls_weight, box_weight: 1, 1. box_temperature: GFL's edge distributions (10).
+    """
+
+    name = "cross_head"
+    families = ("gfl", "retinanet", "fcos")
+
+    def __init__(self, student_channels: int, teacher_channels: int, num_levels: int, *, layer: int = 3,
+                 cls_weight: float = 1.0, box_weight: float = 1.0, box_temperature: float = 10.0) -> None:
+        super().__init__(student_channels, teacher_channels, num_levels)
+        if int(layer) < 0:
+            raise ValueError(f"cross_head: layer must be >= 0, got {layer}")
+        self.layer, self.cls_weight, self.box_weight = int(layer), float(cls_weight), float(box_weight)
+        self.box_temperature = float(box_temperature)
+        # the towers are as wide as the FPN: one adapter per branch, shared by the levels as the towers are
+        self.adapters = nn.ModuleDict({branch: make_adapter(student_channels, teacher_channels)
+                                       if student_channels != teacher_channels else nn.Identity()
+                                       for branch in ("cls", "box")})
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", layer={self.layer}, cls_weight={self.cls_weight}, "
+                f"box_weight={self.box_weight}, box_temperature={self.box_temperature}")
+
+    def check_pair(self, family: str, student: nn.Module, teacher: nn.Module) -> None:
+        for who, model in (("student", student), ("teacher", teacher)):
+            for branch, (blocks, _) in _head_branches(family, model).items():
+                if self.layer > len(blocks):
+                    raise ValueError(f"cross_head: layer {self.layer} but the {who}'s {branch} tower has "
+                                     f"{len(blocks)} blocks")
+
+    def cross_outputs(self, head: HeadInputs) -> dict[str, Tensor]:
+        """The cross-head predictions in the head's output layout (``cls_logits``, ``bbox_regression``, ...)."""
+        s_branches = _head_branches(head.family, head.student_model)
+        t_branches = _head_branches(head.family, head.teacher_model)
+        feats = list(head.student_features.values())
+        maps: dict[str, list[Tensor]] = {}
+        for branch in ("cls", "box"):
+            s_blocks, _ = s_branches[branch]
+            t_blocks, predict = t_branches[branch]
+            for level, x in enumerate(feats):
+                for block in s_blocks[:self.layer]:
+                    x = block(x)
+                x = self.adapters[branch](x)
+                for block in t_blocks[self.layer:]:
+                    x = block(x)
+                for key, value in predict(x, level).items():
+                    maps.setdefault(key, []).append(value)
+        width = {k: head.teacher[k].shape[-1] for k in maps}
+        return {k: _flatten_locations(v, width[k]) for k, v in maps.items()}
+
+    def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
+        head = self._head(inputs)
+        cross, t = self.cross_outputs(head), head.teacher
+        matched = torch.stack(head.matched)
+        pos = matched >= 0
+        num_pos = pos.sum().clamp(min=1).to(torch.float32)
+        cls_w = location_weights(head.matched, head.cls_weights, head.background_weights)
+        box_w = location_weights(head.matched, head.box_weights, head.background_weights)
+        kl = binary_kl(cross["cls_logits"].float(), t["cls_logits"].float()).sum(dim=-1)
+        cls = _weighted_sum(kl, None if cls_w is None else torch.stack(cls_w)) / num_pos
+        if head.family == "gfl":
+            c_reg, t_reg = cross["bbox_regression"][pos].float(), t["bbox_regression"][pos].float()
+            box_terms = softmax_kl(c_reg.reshape(-1, 4, c_reg.shape[-1] // 4),
+                                   t_reg.reshape(-1, 4, t_reg.shape[-1] // 4), self.box_temperature).mean(dim=-1)
+        else:
+            with torch.no_grad():
+                teacher_boxes = decode_boxes(head.teacher_model, t)[pos]
+            outputs = {**cross, "anchors": head.student["anchors"], "num_per_level": head.student["num_per_level"]}
+            box_terms = generalized_box_iou_loss(decode_boxes(head.teacher_model, outputs)[pos], teacher_boxes,
+                                                 reduction="none")
+            if "bbox_ctrness" in cross:
+                box_terms = box_terms + binary_kl(cross["bbox_ctrness"][pos][:, 0].float(),
+                                                  t["bbox_ctrness"][pos][:, 0].float())
+        box = _weighted_sum(box_terms, None if box_w is None else torch.stack(box_w)[pos]) / num_pos
+        return {"cls": self.cls_weight * cls, "box": self.box_weight * box}

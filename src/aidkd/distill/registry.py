@@ -8,7 +8,7 @@ from .attention import AttentionDistill
 from .base import DistillMethod
 from .fgd import FGDDistill
 from .fitnet import FitNetDistill
-from .head import LocalizationDistill, LogitKD
+from .head import CrossHeadKD, LocalizationDistill, LogitKD
 from .nonlocal_kd import NonLocalDistill
 from .pkd import PKDDistill
 
@@ -24,6 +24,7 @@ METHODS: dict[str, type[DistillMethod]] = {
 HEAD_METHODS: dict[str, type[DistillMethod]] = {
     "logit_kd": LogitKD,
     "ld": LocalizationDistill,
+    "cross_head": CrossHeadKD,
 }
 """The head methods (``aidkd.distill.head``: they read ``DistillInputs.head``); ``distill.methods`` may mix both."""
 
