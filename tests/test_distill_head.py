@@ -212,18 +212,21 @@ def gfl_teacher_file(tmp_path):
 
 
 def test_a_negligible_head_distillation_trains_the_same_student_as_training_alone(tiny_cfg, gfl_teacher_file):
-    """ld + logit_kd with decoupled AID at loss_scale 1e-30: the same student as training alone (the head methods
-    and the teacher's head use no random numbers), and its model file holds the student's keys only."""
+    """ld + logit_kd + cross_head with decoupled AID at loss_scale 1e-30: the same student as training alone (the
+    head methods and the teacher's head use no random numbers), and its model file holds the student's keys only
+    (cross_head's adapters are in the training checkpoint, not in the model file)."""
     from aidkd.engine.run import train
 
     common = {"train": {"epochs": 1, "progress_bar": False, "limit_train_batches": 3, "limit_val_batches": 1},
               "data": {"hflip": 0.5}, "model": {"arch": "gfl", "backbone": "resnet18", "fpn_channels": 16}}
     train(config_from_dict(tiny_cfg("alone", **common)))
     train(config_from_dict(tiny_cfg("kd", **common, distill={
-        "teacher": {"checkpoint": str(gfl_teacher_file)}, "methods": [{"name": "ld"}, {"name": "logit_kd"}],
+        "teacher": {"checkpoint": str(gfl_teacher_file)}, "methods": [{"name": "ld"}, {"name": "logit_kd"}, {"name": "cross_head"}],
         "aid": {"enabled": True, "decoupled": True}, "loss_scale": 1e-30})))
     a = load_detector(Path(tiny_cfg("alone")["output_dir"]) / "model_last.pt")[0].state_dict()
     b = load_detector(Path(tiny_cfg("kd")["output_dir"]) / "model_last.pt")[0].state_dict()
     assert a.keys() == b.keys()
+    state = torch.load(Path(tiny_cfg("kd")["output_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("distiller.methods.cross_head.adapters.") for k in state["state_dict"])
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-6, f"the distillation run trained another student (max weight difference {worst:.3g})"

@@ -17,6 +17,8 @@ Methods (``distill.methods`` names):
 - ``ld`` (GFL): localization distillation (Zheng et al., CVPR 2022): the KL divergence between the teacher's and the
   student's box-edge distributions, softmax at temperature T (10), times T^2, averaged over the four edges, on the
   positives and the valuable localization region (``valuable_region``), / the number of positives, weight 0.25.
+- ``cross_head`` (GFL, RetinaNet, FCOS): CrossKD's idea (Wang et al., CVPR 2024): the student's head-tower features
+  run through the teacher's remaining head layers, and those predictions imitate the teacher's (``CrossHeadKD``).
 
 AID weights enter linearly: a location (RoI) of weight w gets w times the gradient of the same location at weight 1.
 """
