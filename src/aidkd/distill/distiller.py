@@ -1,4 +1,5 @@
-"""The distiller: a frozen teacher, a trainable student and the distillation methods between their FPN features.
+"""The distiller: a frozen teacher, a trainable student and the distillation methods between their FPN features
+and, for the head methods (``head.py``), their head outputs.
 
 The teacher is held *outside* the module tree (`FrozenTeacher` is a plain object, not an ``nn.Module`` attribute),
 so it is never in ``state_dict()``, never handed to the optimizer and never wrapped for gradient sync — no
@@ -115,6 +116,11 @@ class Distiller(nn.Module):
         if self.uses_head and aid is not None and aid.granularity == "level":
             raise ValueError("head methods (" + ", ".join(k for k, m in self.methods.items() if m.uses_head)
                              + ") take instance or image AID weights; set distill.aid.granularity to instance or image")
+        # decoupled AID splits D^T for the head methods' cls / box terms; feature methods use the total
+        self.decoupled = bool(aid is not None and aid.decoupled and self.uses_head)
+        if aid is not None and aid.decoupled and not self.uses_head:
+            log.warning("distill.aid.decoupled applies to head methods (ld, logit_kd, cross_head) only; the feature "
+                        "methods %s use exp(-alpha D^T)", sorted(self.methods))
         # instance / image AID: the teacher's per-instance losses of a sample seen before (teacher_cache.py)
         self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
@@ -243,11 +249,11 @@ class Distiller(nn.Module):
 
     def _instance_losses(self, images: ImageList, feats, targets: list[dict], outputs: dict | None
                          ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
-        if outputs is None and self.aid is not None and self.aid.decoupled:
+        if outputs is None and self.decoupled:
             outputs = self.teacher.head_outputs(images, feats)  # once for both reductions
         tl = teacher_losses(self.teacher.model, images, feats, targets, outputs)
         parts = (teacher_loss_parts(self.teacher.model, images, feats, targets, outputs)
-                 if self.aid is not None and self.aid.decoupled else None)
+                 if self.decoupled else None)
         return tl.per_instance, tl.per_level, parts
 
     def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
@@ -284,7 +290,7 @@ class Distiller(nn.Module):
                     losses = torch.stack([losses, parts["cls"][j], parts["box"][j]], dim=1)
                 found[i] = losses
                 self.loss_cache.put(keys[i], losses)
-        if self.aid is not None and self.aid.decoupled:
+        if self.decoupled:
             return ([v[:, 0] for v in found], None,
                     {"cls": [v[:, 1] for v in found], "box": [v[:, 2] for v in found]})
         return found, None, None
