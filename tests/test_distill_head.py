@@ -77,9 +77,9 @@ def test_batch_repetition_gives_the_same_head_terms(arch, name):
     once = {k: v for k, v in d(images, targets).items() if k.startswith("distill/")}
     many = {k: v for k, v in d(images * 3, targets * 3).items() if k.startswith("distill/")}
     assert once.keys() == many.keys() and once
-    for k in once:
-        assert float(once[k]) != 0.0
-        torch.testing.assert_close(many[k], once[k], rtol=2e-4, atol=1e-7, msg=k)
+    for k, value in once.items():
+        assert float(value) != 0.0
+        torch.testing.assert_close(many[k], value, rtol=2e-4, atol=1e-7, msg=k)
 
 
 def test_location_weights_follow_the_students_assignment_and_decoupled_parts():
