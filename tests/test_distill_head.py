@@ -191,6 +191,38 @@ def test_cross_head_through_an_identical_teacher_gives_the_students_own_predicti
         Distiller(student, copy.deepcopy(student), {"cross_head": {"layer": 5}}, None, sample_shape=(H, W))
 
 
+def test_ld_does_not_move_with_resolution():
+    """A finer input adds locations away from the boxes (outside the positives and the valuable region): LD, a mean
+    over the positives' region normalised by the positives, keeps its value and its gradient."""
+    g = torch.Generator().manual_seed(0)
+    reg_max = 4
+
+    def inputs(extra: int) -> tuple[HeadInputs, torch.Tensor]:
+        near = torch.tensor([[0.0, 0, 16, 16], [4, 0, 20, 16], [8, 0, 24, 16]])
+        far = torch.tensor([[100.0, 100, 116, 116]]).repeat(extra, 1) + torch.arange(extra)[:, None] * 20
+        anchors = torch.cat([near, far])
+        student = torch.cat([base_s, torch.randn(extra, 4 * (reg_max + 1), generator=g)]).requires_grad_(True)
+        teacher = torch.cat([base_t, torch.randn(extra, 4 * (reg_max + 1), generator=g)])
+        matched = torch.cat([torch.tensor([0, -1, -1]), torch.full((extra,), -1)])
+        head = HeadInputs(family="gfl", student={"bbox_regression": student[None], "anchors": [anchors]},
+                          teacher={"bbox_regression": teacher[None]}, matched=[matched],
+                          targets=[{"boxes": torch.tensor([[0.0, 0, 16, 16]])}], student_model=None,
+                          teacher_model=None, images=None, student_features=None, teacher_features=None)
+        return head, student
+
+    base_s = torch.randn(3, 4 * (reg_max + 1), generator=g)
+    base_t = torch.randn(3, 4 * (reg_max + 1), generator=g)
+    method = build_method("ld", 8, 8, 1, vlr_fraction=0.5)
+    results = []
+    for extra in (1, 12):
+        head, leaf = inputs(extra)
+        loss = head_terms(method, head)["ld"]
+        results.append((loss, torch.autograd.grad(loss, leaf)[0][:3]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+    assert results[0][1][1].abs().sum() > 0 and results[0][1][2].abs().sum() == 0  # IoU 0.6 joins, 1/3 does not
+
+
 def test_valuable_region_adds_near_best_locations_of_a_box():
     anchors = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [5, 0, 15, 10], [30, 30, 40, 40]])
     boxes = torch.tensor([[0.0, 0, 10, 10]])
