@@ -119,6 +119,39 @@ def valuable_region(anchors: Tensor, boxes: Tensor, matched: Tensor, fraction: f
     return torch.where(matched >= 0, matched, region)
 
 
+def dense_head_kd(head: HeadInputs, predictions: dict[str, Tensor], decoder: nn.Module, *, temperature: float = 1.0,
+                  edge_temperature: float | None = None) -> tuple[Tensor, Tensor]:
+    """(L_cls, L_box) of one-stage ``predictions`` (the student's, or cross-head ones) against the teacher's outputs.
+
+    L_cls: the binary KL to the teacher's scores, summed over classes and all locations; L_box, on the student's
+    positives: the GIoU loss between the boxes ``decoder`` (a detector of the family) decodes from ``predictions``
+    and the teacher's boxes (+ FCOS's centre-ness binary KL), or with ``edge_temperature`` (GFL) the edge-distribution
+    KL (mean over the four edges). Both weighted per location (AID) and divided by the number of positives."""
+    t = head.teacher
+    matched = torch.stack(head.matched)  # [B, A]
+    pos = matched >= 0
+    num_pos = pos.sum().clamp(min=1).to(torch.float32)
+    cls_w = location_weights(head.matched, head.cls_weights, head.background_weights)
+    box_w = location_weights(head.matched, head.box_weights, head.background_weights)
+    kl = binary_kl(predictions["cls_logits"].float(), t["cls_logits"].float(), temperature).sum(dim=-1)  # [B, A]
+    cls = _weighted_sum(kl, None if cls_w is None else torch.stack(cls_w)) / num_pos
+    if edge_temperature is not None:
+        p_reg, t_reg = predictions["bbox_regression"][pos].float(), t["bbox_regression"][pos].float()
+        box_terms = softmax_kl(p_reg.reshape(-1, 4, p_reg.shape[-1] // 4), t_reg.reshape(-1, 4, t_reg.shape[-1] // 4),
+                               edge_temperature).mean(dim=-1)
+    else:
+        with torch.no_grad():
+            teacher_boxes = decode_boxes(head.teacher_model, t)[pos]
+        layout = {"anchors": head.student["anchors"], "num_per_level": head.student["num_per_level"]}
+        box_terms = generalized_box_iou_loss(decode_boxes(decoder, {**predictions, **layout})[pos], teacher_boxes,
+                                             reduction="none")
+        if "bbox_ctrness" in predictions:  # FCOS: the centre-ness rates the box, so it is distilled with it
+            box_terms = box_terms + binary_kl(predictions["bbox_ctrness"][pos][:, 0].float(),
+                                              t["bbox_ctrness"][pos][:, 0].float())
+    box = _weighted_sum(box_terms, None if box_w is None else torch.stack(box_w)[pos]) / num_pos
+    return cls, box
+
+
 class HeadDistillMethod(DistillMethod):
     """Base of the head methods: ``families`` lists the detector families it applies to (checked when the
     distiller is built); ``forward`` reads ``inputs.head``."""
@@ -171,26 +204,9 @@ class LogitKD(HeadDistillMethod):
 
     def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
         head = self._head(inputs)
-        cls, box = self._roi_terms(head) if head.family == "fasterrcnn" else self._dense_terms(head)
+        cls, box = (self._roi_terms(head) if head.family == "fasterrcnn"
+                    else dense_head_kd(head, head.student, head.student_model, temperature=self.temperature))
         return {"cls": self.cls_weight * cls, "box": self.box_weight * box}
-
-    def _dense_terms(self, head: HeadInputs) -> tuple[Tensor, Tensor]:
-        s, t = head.student, head.teacher
-        matched = torch.stack(head.matched)  # [B, A]
-        pos = matched >= 0
-        num_pos = pos.sum().clamp(min=1).to(torch.float32)
-        cls_w = location_weights(head.matched, head.cls_weights, head.background_weights)
-        box_w = location_weights(head.matched, head.box_weights, head.background_weights)
-        kl = binary_kl(s["cls_logits"].float(), t["cls_logits"].float(), self.temperature).sum(dim=-1)  # [B, A]
-        cls = _weighted_sum(kl, None if cls_w is None else torch.stack(cls_w)) / num_pos
-        with torch.no_grad():
-            teacher_boxes = decode_boxes(head.teacher_model, t)[pos]
-        box_terms = generalized_box_iou_loss(decode_boxes(head.student_model, s)[pos], teacher_boxes,
-                                             reduction="none")
-        if "bbox_ctrness" in s:  # FCOS: the centre-ness rates the box, so it is distilled with it
-            box_terms = box_terms + binary_kl(s["bbox_ctrness"][pos][:, 0].float(), t["bbox_ctrness"][pos][:, 0].float())
-        box = _weighted_sum(box_terms, None if box_w is None else torch.stack(box_w)[pos]) / num_pos
-        return cls, box
 
     def _roi_terms(self, head: HeadInputs) -> tuple[Tensor, Tensor]:
         """Faster R-CNN: the student's top ``num_rois`` proposals per image through both RoI heads (each on its own
@@ -376,26 +392,6 @@ class CrossHeadKD(HeadDistillMethod):
 
     def forward(self, inputs: DistillInputs) -> dict[str, Tensor]:
         head = self._head(inputs)
-        cross, t = self.cross_outputs(head), head.teacher
-        matched = torch.stack(head.matched)
-        pos = matched >= 0
-        num_pos = pos.sum().clamp(min=1).to(torch.float32)
-        cls_w = location_weights(head.matched, head.cls_weights, head.background_weights)
-        box_w = location_weights(head.matched, head.box_weights, head.background_weights)
-        kl = binary_kl(cross["cls_logits"].float(), t["cls_logits"].float()).sum(dim=-1)
-        cls = _weighted_sum(kl, None if cls_w is None else torch.stack(cls_w)) / num_pos
-        if head.family == "gfl":
-            c_reg, t_reg = cross["bbox_regression"][pos].float(), t["bbox_regression"][pos].float()
-            box_terms = softmax_kl(c_reg.reshape(-1, 4, c_reg.shape[-1] // 4),
-                                   t_reg.reshape(-1, 4, t_reg.shape[-1] // 4), self.box_temperature).mean(dim=-1)
-        else:
-            with torch.no_grad():
-                teacher_boxes = decode_boxes(head.teacher_model, t)[pos]
-            outputs = {**cross, "anchors": head.student["anchors"], "num_per_level": head.student["num_per_level"]}
-            box_terms = generalized_box_iou_loss(decode_boxes(head.teacher_model, outputs)[pos], teacher_boxes,
-                                                 reduction="none")
-            if "bbox_ctrness" in cross:
-                box_terms = box_terms + binary_kl(cross["bbox_ctrness"][pos][:, 0].float(),
-                                                  t["bbox_ctrness"][pos][:, 0].float())
-        box = _weighted_sum(box_terms, None if box_w is None else torch.stack(box_w)[pos]) / num_pos
+        cls, box = dense_head_kd(head, self.cross_outputs(head), head.teacher_model,
+                                 edge_temperature=self.box_temperature if head.family == "gfl" else None)
         return {"cls": self.cls_weight * cls, "box": self.box_weight * box}
