@@ -106,6 +106,18 @@ def test_location_weights_follow_the_students_assignment_and_decoupled_parts():
         assert torch.all(w[m < 0] == 1)
 
 
+def test_image_granularity_weights_every_location_of_an_image_alike():
+    from aidkd.distill import location_weights
+
+    d = make_distiller("gfl", {"logit_kd": {}}, aid=AIDWeighting("image", alpha=0.5))
+    images, targets = make_batch()
+    d(images, targets)
+    head, image_w = d.last_inputs.head, d.last_inputs.image_weights
+    assert torch.all(image_w < 1)
+    for b, w in enumerate(location_weights(head.matched, head.cls_weights, head.background_weights)):
+        torch.testing.assert_close(w, image_w[b].expand_as(w))
+
+
 def test_the_teacher_loss_cache_stays_exact_with_head_methods():
     """A cache hit (the second step on the same samples) gives the same weights and terms as recomputing."""
     methods = {"logit_kd": {}, "ld": {}}
