@@ -7,7 +7,11 @@ profile (``one-stage``: RetinaNet or GFL; ``two-stage``: Faster R-CNN):
 2. the self-distillation teacher -- a copy of the *student* architecture -- is trained once on the teacher schedule;
 3. for every seed, on the student schedule (same epochs and lr for all): ``student`` alone, ``kd`` (attention +
    non-local), ``kd_aid_instance``, ``kd_aid_level`` and ``self_kd_aid`` (KD + AID (instance) from the
-   self-distillation teacher).
+   self-distillation teacher). Optional variants (a profile's ``variants`` or ``--variants``): ``pkd``, ``pkd_aid``
+   and the head methods (``aidkd.distill.head``) ``ld``, ``ld_aid``, ``ld_aid_decoupled`` (GFL only), ``logit_kd``,
+   ``logit_kd_aid``, ``cross_head``, ``cross_head_aid`` (one-stage only), ``pkd_ld``, ``pkd_logit_kd``,
+   ``pkd_cross_head``, at the profile's ``head_scale`` (default 1), with a family's ``head_params: {method:
+   {param: value}}``.
 
 Every run goes through ``aidkd.engine.run.train`` (the same code as ``aidkd train`` / ``aidkd distill``) and leaves
 its folder under ``--runs-dir`` (checkpoints, TensorBoard/CSV logs, ``final_metrics.json``). A run whose
@@ -58,7 +62,14 @@ PROFILES_DIR = HERE / "profiles"
 RESULTS = HERE / "results"
 
 FAMILIES = ("one-stage", "two-stage")
-SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid", "pkd", "pkd_aid")
+# head distillation (aidkd.distill.head): variant -> (head method, AID granularity or None, decoupled AID, with PKD)
+HEAD_VARIANTS = {"ld": ("ld", None, False, False), "ld_aid": ("ld", "instance", False, False),
+                 "ld_aid_decoupled": ("ld", "instance", True, False), "logit_kd": ("logit_kd", None, False, False),
+                 "logit_kd_aid": ("logit_kd", "instance", False, False),
+                 "cross_head": ("cross_head", None, False, False),
+                 "cross_head_aid": ("cross_head", "instance", False, False), "pkd_ld": ("ld", None, False, True),
+                 "pkd_logit_kd": ("logit_kd", None, False, True), "pkd_cross_head": ("cross_head", None, False, True)}
+SEED_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid", "pkd", "pkd_aid", *HEAD_VARIANTS)
 # what a profile without ``variants`` trains (the committed results were made with these)
 DEFAULT_VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "self_kd_aid")
 PAIRED_REFS = ("student", "kd", "pkd")  # paired differences are given against each of these
@@ -69,11 +80,19 @@ METRICS = [("coco/AP", "COCO AP"), ("coco/AP50", "AP50"), ("voc/mAP50", "VOC mAP
 LABELS = {"teacher": "teacher", "self_teacher": "self-distillation teacher (student arch, teacher schedule)",
           "student": "student alone", "kd": "KD (attention + non-local)", "kd_aid_instance": "KD + AID (instance)",
           "kd_aid_level": "KD + AID (level)", "self_kd_aid": "self-distillation, KD + AID (instance)",
-          "pkd": "PKD (Pearson, per-channel standardised MSE)", "pkd_aid": "PKD + AID (instance)"}
+          "pkd": "PKD (Pearson, per-channel standardised MSE)", "pkd_aid": "PKD + AID (instance)",
+          "ld": "LD (box-edge distributions)", "ld_aid": "LD + AID (instance)",
+          "ld_aid_decoupled": "LD + AID (instance, decoupled cls / box)", "logit_kd": "logit KD (scores + boxes)",
+          "logit_kd_aid": "logit KD + AID (instance)", "cross_head": "cross-head KD (student tower -> teacher head)",
+          "cross_head_aid": "cross-head KD + AID (instance)", "pkd_ld": "PKD + LD", "pkd_logit_kd": "PKD + logit KD",
+          "pkd_cross_head": "PKD + cross-head KD"}
 
 SHORT = {"teacher": "teacher", "self_teacher": "self-distil. teacher", "student": "student", "kd": "KD",
          "kd_aid_instance": "KD+AID (instance)", "kd_aid_level": "KD+AID (level)", "self_kd_aid": "self-distil. KD+AID",
-         "pkd": "PKD", "pkd_aid": "PKD+AID"}
+         "pkd": "PKD", "pkd_aid": "PKD+AID", "ld": "LD", "ld_aid": "LD+AID", "ld_aid_decoupled": "LD+AID (dec.)",
+         "logit_kd": "logit KD", "logit_kd_aid": "logit KD+AID", "cross_head": "cross-head",
+         "cross_head_aid": "cross-head+AID", "pkd_ld": "PKD+LD", "pkd_logit_kd": "PKD+logit KD",
+         "pkd_cross_head": "PKD+cross-head"}
 
 log = logging.getLogger("aidkd.bench")
 
@@ -89,7 +108,7 @@ def load_profile(name_or_path: str) -> dict:
     prof = yaml.safe_load(p.read_text())
     prof.setdefault("name", p.stem)
     unknown = set(prof) - {"name", "description", "data", "split", "families", "schedule", "train", "eval", "seeds",
-                           "teacher_seed", "aid_alpha", "variants", "distill_scale", "pkd_scale", "smoke"}
+                           "teacher_seed", "aid_alpha", "variants", "distill_scale", "pkd_scale", "head_scale", "smoke"}
     if unknown:
         raise SystemExit(f"{p}: unknown profile key(s) {sorted(unknown)}")
     return prof
@@ -159,10 +178,14 @@ def scale_tag(scale: float) -> str:
     return f"div{round(inv)}" if math.isclose(inv, round(inv), rel_tol=1e-6) else f"x{scale:g}"
 
 
-def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float, scale: float = 1.0) -> dict:
+def kd_section(methods: list[dict], teacher_ckpt: str, aid: str | None, alpha: float, scale: float = 1.0,
+               decoupled: bool = False) -> dict:
+    aid_section = {"enabled": aid is not None, "granularity": aid or "instance", "alpha": alpha}
+    if decoupled:
+        aid_section["decoupled"] = True
     return {"teacher": {"checkpoint": teacher_ckpt},
             "methods": [{"name": m["name"], "params": {k: v for k, v in m.items() if k != "name"}} for m in methods],
-            "aid": {"enabled": aid is not None, "granularity": aid or "instance", "alpha": alpha},
+            "aid": aid_section,
             "loss_scale": scale, "image_log_every": 0}
 
 
@@ -175,6 +198,9 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
     # PKD standardises the features, so its weight needs no per-setting scaling: distill_scale (for the attention /
     # non-local weights tuned at 256 channels and 1333x800) does not apply to it; pkd_scale (default 1) does
     pkd_scale = parse_scale(prof.get("pkd_scale", 1))
+    # The head methods are normalised like the detection loss (docs/method.md §6): head_scale (default 1), not
+    # distill_scale; PKD + a head method runs at head_scale, with PKD's weight from pkd_methods.
+    head_scale = parse_scale(prof.get("head_scale", 1))
     data = resolve_paths(prof["data"])
     common_train = {"progress_bar": False, "log_every": 10, **prof.get("train", {})}
     sched = prof["schedule"]
@@ -220,6 +246,13 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
                     distill = None
                 elif v == "self_kd_aid":
                     distill = kd_section(fam["methods"], self_ckpt, "instance", alpha, scale)
+                elif v in HEAD_VARIANTS:
+                    method, aid, decoupled, with_pkd = HEAD_VARIANTS[v]
+                    if not head_method_applies(method, arch):
+                        continue  # e.g. ld is GFL's only
+                    head = [{"name": method, **fam.get("head_params", {}).get(method, {})}]
+                    pkd = list(fam.get("pkd_methods", DEFAULT_PKD_METHODS)) if with_pkd else []
+                    distill = kd_section(pkd + head, teacher_ckpt, aid, alpha, head_scale, decoupled)
                 elif v in ("pkd", "pkd_aid"):
                     distill = kd_section(fam.get("pkd_methods", DEFAULT_PKD_METHODS), teacher_ckpt,
                                          "instance" if v == "pkd_aid" else None, alpha, pkd_scale)
@@ -233,6 +266,14 @@ def plan_runs(prof: dict, runs_dir: Path, families: list[str], seeds: list[int],
                              "kind": "distill" if distill else "student",
                              "cfg": cfg(name, "student", "student", seed, distill)})
     return runs
+
+
+def head_method_applies(method: str, arch: str) -> bool:
+    """Whether head method ``method`` distils detector ``arch`` (its ``families``; the arch names are the ops'
+    family names)."""
+    from aidkd.distill.registry import HEAD_METHODS
+
+    return arch in HEAD_METHODS[method].families
 
 
 # ------------------------------------------------------------------------------------------------ provenance

@@ -64,6 +64,33 @@ def test_pkd_variants_distil_with_pkd_alone_and_with_aid(acc, tmp_path):
     assert pkd["cfg"]["distill"]["methods"] == [{"name": "pkd", "params": {"pkd_weight": 2.0}}]
 
 
+def test_head_variants_distil_with_their_head_method_where_it_applies(acc, tmp_path):
+    """ld / logit_kd / cross_head alone, + AID (instance; decoupled for ld) and + PKD, at head_scale (not
+    distill_scale); ld and cross_head are planned for the one-stage family (GFL) only."""
+    prof = dict(acc.load_profile("synth_cpu"), distill_scale="1/1000", head_scale="1/2")
+    prof["variants"] = ["student", *acc.HEAD_VARIANTS]
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage", "two-stage"], [0])
+    by_key = {r["key"]: r for r in plan}
+    expected = {"ld": (["ld"], False, None), "ld_aid": (["ld"], True, None),
+                "ld_aid_decoupled": (["ld"], True, True), "logit_kd": (["logit_kd"], False, None),
+                "logit_kd_aid": (["logit_kd"], True, None), "cross_head": (["cross_head"], False, None),
+                "cross_head_aid": (["cross_head"], True, None), "pkd_ld": (["pkd", "ld"], False, None),
+                "pkd_logit_kd": (["pkd", "logit_kd"], False, None),
+                "pkd_cross_head": (["pkd", "cross_head"], False, None)}
+    for variant, (methods, aid, decoupled) in expected.items():
+        d = by_key[f"one-stage/{variant}_div2_seed0"]["cfg"]["distill"]
+        assert [m["name"] for m in d["methods"]] == methods, variant
+        assert d["aid"]["enabled"] is aid and d["aid"].get("decoupled") is decoupled and d["loss_scale"] == 0.5
+        cfg = config_from_dict(by_key[f"one-stage/{variant}_div2_seed0"]["cfg"])  # a valid run config
+        assert cfg.distill.aid.decoupled is bool(decoupled)
+    two_stage = {r["variant"] for r in plan if r["family"] == "two-stage"}
+    assert two_stage == {"teacher", "student", "logit_kd", "logit_kd_aid", "pkd_logit_kd"}
+    prof["families"]["one-stage"]["head_params"] = {"ld": {"ld_weight": 1.0}}
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0])
+    ld = next(r for r in plan if r["key"] == "one-stage/ld_div2_seed0")
+    assert ld["cfg"]["distill"]["methods"] == [{"name": "ld", "params": {"ld_weight": 1.0}}]
+
+
 def test_scheduler_starts_teachers_first_and_waits_for_them(acc, plan):
     pending = list(plan)
     first, blocked = acc.next_ready(pending, {}, {})

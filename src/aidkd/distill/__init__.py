@@ -25,12 +25,25 @@ from .fgd import (
     fgd_masks,
 )
 from .fitnet import FitNetDistill, fitnet_loss
+from .head import (
+    CrossHeadKD,
+    HeadDistillMethod,
+    HeadInputs,
+    LocalizationDistill,
+    LogitKD,
+    binary_kl,
+    dense_head_kd,
+    location_weights,
+    softmax_kl,
+    valuable_region,
+)
 from .nonlocal_kd import NonLocalBlock2d, NonLocalDistill, default_nonlocal_plan, nonlocal_loss
 from .pkd import PKDDistill, channel_standardise, pkd_loss
-from .registry import METHODS, build_method, method_params, register_method
+from .registry import HEAD_METHODS, METHODS, build_method, method_params, register_method
 
 __all__ = [
     "GRANULARITIES",
+    "HEAD_METHODS",
     "METHODS",
     "REDUCTIONS",
     "REFERENCE_BATCH",
@@ -39,28 +52,36 @@ __all__ = [
     "AIDWeighting",
     "AIDWeights",
     "AttentionDistill",
+    "CrossHeadKD",
     "DistillInputs",
     "DistillMethod",
     "FGDDistill",
     "FitNetDistill",
     "GlobalContextBlock",
+    "HeadDistillMethod",
+    "HeadInputs",
+    "LocalizationDistill",
+    "LogitKD",
     "NonLocalBlock2d",
     "NonLocalDistill",
     "PKDDistill",
     "aid_weights",
     "attention_masks",
     "attention_transfer_loss",
+    "binary_kl",
     "box_cell_membership",
     "box_cell_owner",
     "build_method",
     "channel_standardise",
     "default_nonlocal_plan",
+    "dense_head_kd",
     "fgd_attention_loss",
     "fgd_feature_loss",
     "fgd_global_loss",
     "fgd_masks",
     "fitnet_loss",
     "instance_pixel_weights",
+    "location_weights",
     "make_adapter",
     "masked_feature_loss",
     "method_params",
@@ -69,6 +90,8 @@ __all__ = [
     "reference_cells",
     "register_method",
     "root_sum_squares",
+    "softmax_kl",
+    "valuable_region",
     "weighted_batch_mean",
     "weighted_norm",
 ]

@@ -105,6 +105,9 @@ class AIDWeighting:
     alpha: float = 0.1
     #: divide each batch's weights by their mean (module docstring)
     normalize: bool = False
+    #: head methods: classification terms weighted by exp(-alpha D^T_cls), box terms by exp(-alpha D^T_box)
+    #: (``aidkd.distill.head``); feature methods keep exp(-alpha D^T)
+    decoupled: bool = False
     #: instance weights (per image (N_i,)) of the last ``make`` call, for logging/visualisation; not configuration
     last_instance_weights: list[Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 

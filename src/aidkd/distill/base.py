@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,8 @@ class DistillInputs:
     pixel_weights: per level (B, H, W): AID weight inside boxes, 1 elsewhere; ``None`` = all ones.
     image_weights: (B,) weights of the global terms; ``None`` = all ones.
     level_weights: (L,) one weight per level for all its terms; ``None`` = all ones.
+    head: the head outputs of both detectors and the student's assignment (``aidkd.distill.head.HeadInputs``),
+        set when a head method is among the methods; ``None`` otherwise.
     """
 
     student: list[Tensor]
@@ -87,6 +89,7 @@ class DistillInputs:
     pixel_weights: list[Tensor] | None = None
     image_weights: Tensor | None = None
     level_weights: Tensor | None = None
+    head: Any = None
 
 
 class DistillMethod(nn.Module):
@@ -99,6 +102,7 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str] = "base"
     uses_boxes: ClassVar[bool] = False
+    uses_head: ClassVar[bool] = False  #: reads ``DistillInputs.head`` (``aidkd.distill.head``)
 
     def __init__(self, student_channels: int, teacher_channels: int, num_levels: int) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""The distiller: a frozen teacher, a trainable student and the distillation methods between their FPN features.
+"""The distiller: a frozen teacher, a trainable student and the distillation methods between their FPN features
+and, for the head methods (``head.py``), their head outputs.
 
 The teacher is held *outside* the module tree (`FrozenTeacher` is a plain object, not an ``nn.Module`` attribute),
 so it is never in ``state_dict()``, never handed to the optimizer and never wrapped for gradient sync — no
@@ -18,13 +19,18 @@ from torchvision.models.detection.image_list import ImageList
 
 from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
+from aidkd.distill.head import HeadInputs
 from aidkd.distill.registry import build_method
 from aidkd.distill.teacher_cache import TeacherLossCache
 from aidkd.models.ops import (
+    assign_locations,
     detection_losses,
     extract_features,
     feature_strides,
+    get_ops,
+    head_outputs,
     prepare_inputs,
+    teacher_loss_parts,
     teacher_losses,
 )
 
@@ -49,6 +55,15 @@ class FrozenTeacher:
     def features(self, images):
         self.model.eval()  # stays in eval even if someone called .train() on it
         return extract_features(self.model, images)
+
+    @torch.no_grad()
+    def head_outputs(self, images: ImageList, features):
+        """The head's outputs on ``features`` in float32 with autocast off, as the teacher's losses compute them
+        (so the two can share them)."""
+        self.model.eval()
+        with torch.autocast(images.tensors.device.type, enabled=False):
+            return head_outputs(self.model, ImageList(images.tensors.float(), images.image_sizes),
+                                OrderedDict((k, v.float()) for k, v in features.items()))
 
 
 @dataclass
@@ -96,6 +111,16 @@ class Distiller(nn.Module):
                                       for name, params in ((k, dict(v)) for k, v in methods.items())})
         if not self.methods:
             raise ValueError("distillation needs at least one method (e.g. attention, nonlocal, fitnet, fgd)")
+        self.uses_head = any(m.uses_head for m in self.methods.values())
+        self.family = self._check_heads(sample_shape) if self.uses_head else None
+        if self.uses_head and aid is not None and aid.granularity == "level":
+            raise ValueError("head methods (" + ", ".join(k for k, m in self.methods.items() if m.uses_head)
+                             + ") take instance or image AID weights; set distill.aid.granularity to instance or image")
+        # decoupled AID splits D^T for the head methods' cls / box terms; feature methods use the total
+        self.decoupled = bool(aid is not None and aid.decoupled and self.uses_head)
+        if aid is not None and aid.decoupled and not self.uses_head:
+            log.warning("distill.aid.decoupled applies to head methods (ld, logit_kd, cross_head) only; the feature "
+                        "methods %s use exp(-alpha D^T)", sorted(self.methods))
         # instance / image AID: the teacher's per-instance losses of a sample seen before (teacher_cache.py)
         self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
@@ -152,6 +177,50 @@ class Distiller(nn.Module):
         log.info("distiller wired: strides %s, student %d ch -> teacher %d ch", match.strides, *s_ch, *t_ch)
         return match, s_ch.pop(), t_ch.pop()
 
+    @torch.no_grad()
+    def _check_heads(self, shape: tuple[int, int]) -> str:
+        """Head distillation compares the two heads location by location: the same family, the same anchors /
+        locations (strides, sizes, aspect ratios), classes and box coding. Returns the family."""
+        s_ops, t_ops = get_ops(self.student), get_ops(self.teacher.model)
+        if s_ops.family != t_ops.family:
+            raise ValueError(f"head distillation needs a teacher of the student's family; the student is a "
+                             f"{s_ops.family} detector, the teacher a {t_ops.family} detector")
+        was_training = self.student.training
+        self.student.eval()
+        images, _ = self.student.transform([torch.zeros(3, *shape)])
+        s_out = head_outputs(self.student, images, extract_features(self.student, images))
+        t_out = head_outputs(self.teacher.model, images, self.teacher.features(images))
+        self.student.train(was_training)
+        for method in self.methods.values():
+            if method.uses_head:
+                method.check_family(s_ops.family)
+                method.check_pair(s_ops.family, self.student, self.teacher.model)
+        if s_ops.family == "fasterrcnn":
+            s_cls = self.student.roi_heads.box_predictor.cls_score.out_features
+            t_cls = self.teacher.model.roi_heads.box_predictor.cls_score.out_features
+            if s_cls != t_cls:
+                raise ValueError(f"head distillation: the student's RoI head has {s_cls} classes, the teacher's {t_cls}")
+            s_w, t_w = self.student.roi_heads.box_coder.weights, self.teacher.model.roi_heads.box_coder.weights
+            if tuple(s_w) != tuple(t_w):
+                raise ValueError(f"head distillation: RoI box coder weights differ: student {s_w}, teacher {t_w}")
+            return s_ops.family
+        if s_out["num_per_level"] != t_out["num_per_level"]:
+            raise ValueError(f"head distillation needs the same anchors / locations per level; a {shape[0]}x{shape[1]}"
+                             f" input gives the student {s_out['num_per_level']}, the teacher "
+                             f"{t_out['num_per_level']} (strides or anchors per location differ)")
+        start = 0
+        for level, n in enumerate(s_out["num_per_level"]):
+            a, b = s_out["anchors"][0][start:start + n], t_out["anchors"][0][start:start + n]
+            if not torch.allclose(a, b):
+                raise ValueError(f"head distillation needs the same anchors; level {level} differs: student anchor "
+                                 f"{a[0].tolist()}, teacher anchor {b[0].tolist()} (sizes, aspect ratios or strides)")
+            start += n
+        for key, what in (("cls_logits", "classes"), ("bbox_regression", "box outputs (GFL: reg_max)")):
+            if s_out[key].shape[-1] != t_out[key].shape[-1]:
+                raise ValueError(f"head distillation: the student's head has {s_out[key].shape[-1]} {what} per "
+                                 f"location, the teacher's {t_out[key].shape[-1]}")
+        return s_ops.family
+
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.student.train(mode)  # not a submodule (see the class doc), but it trains with the distiller
@@ -159,23 +228,40 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------ one step
-    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict]
+    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
                         ) -> tuple[list[Tensor], Tensor | None]:
+        """Per-instance teacher losses (and per-level ones for level AID): :meth:`_teacher_terms` without the
+        decoupled parts."""
+        return self._teacher_terms(image_list, t_feats, targets, t_out)[:2]
+
+    def _teacher_terms(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
+                       ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
 
         Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
         teacher's loss would be rounded (Faster R-CNN's D^T moved by up to 0.4). The teacher's features come in as
-        computed (possibly half precision) and are cast up."""
+        computed (possibly half precision) and are cast up. ``t_out``: the head's outputs on the whole batch
+        (``FrozenTeacher.head_outputs``, computed so), reused instead of running the head again. With decoupled AID
+        also the cls / box parts of the per-instance losses (else ``None``)."""
         with torch.autocast(image_list.tensors.device.type, enabled=False):
             return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
-                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets)
+                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets, t_out)
 
-    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict]
-                             ) -> tuple[list[Tensor], Tensor | None]:
+    def _instance_losses(self, images: ImageList, feats, targets: list[dict], outputs: dict | None
+                         ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
+        if outputs is None and self.decoupled:
+            outputs = self.teacher.head_outputs(images, feats)  # once for both reductions
+        tl = teacher_losses(self.teacher.model, images, feats, targets, outputs)
+        parts = (teacher_loss_parts(self.teacher.model, images, feats, targets, outputs)
+                 if self.decoupled else None)
+        return tl.per_instance, tl.per_level, parts
+
+    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
+                             ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         if self.loss_cache is None:
-            tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
-            per_level = tl.per_level[self.levels.teacher_idx] if tl.per_level is not None else None
-            return tl.per_instance, per_level
+            per_instance, per_level, parts = self._instance_losses(image_list, t_feats, targets, t_out)
+            per_level = per_level[self.levels.teacher_idx] if per_level is not None else None
+            return per_instance, per_level, parts
         padded = tuple(image_list.tensors.shape[-2:])
         keys = [self.loss_cache.key(t, size) for t, size in zip(targets, image_list.image_sizes)]
         found = [self.loss_cache.get(k, t["boxes"].shape[0]) for k, t in zip(keys, targets)]
@@ -186,20 +272,28 @@ class Distiller(nn.Module):
         for i, value in enumerate(found):
             if value is None:
                 groups.setdefault(self._own_padded_shape(image_list.image_sizes[i], padded), []).append(i)
+        # An entry holds the total per instance, or with decoupled AID (N, 3): total, cls, box.
         for shape, idx in groups.items():
             sizes = [image_list.image_sizes[i] for i in idx]
+            sub_out = None
             if shape == padded:
-                sub_images = image_list if len(idx) == len(targets) else ImageList(image_list.tensors[idx], sizes)
-                sub_feats = t_feats if len(idx) == len(targets) else OrderedDict(
-                    (k, v[idx]) for k, v in t_feats.items())
+                whole = len(idx) == len(targets)
+                sub_images = image_list if whole else ImageList(image_list.tensors[idx], sizes)
+                sub_feats = t_feats if whole else OrderedDict((k, v[idx]) for k, v in t_feats.items())
+                sub_out = t_out if whole else None
             else:
                 sub_images = ImageList(image_list.tensors[idx, :, :shape[0], :shape[1]].contiguous(), sizes)
                 sub_feats = self.teacher.features(sub_images)
-            tl = teacher_losses(self.teacher.model, sub_images, sub_feats, [targets[i] for i in idx])
-            for i, losses in zip(idx, tl.per_instance):
+            per_instance, _, parts = self._instance_losses(sub_images, sub_feats, [targets[i] for i in idx], sub_out)
+            for j, (i, losses) in enumerate(zip(idx, per_instance)):
+                if parts is not None:
+                    losses = torch.stack([losses, parts["cls"][j], parts["box"][j]], dim=1)
                 found[i] = losses
                 self.loss_cache.put(keys[i], losses)
-        return found, None
+        if self.decoupled:
+            return ([v[:, 0] for v in found], None,
+                    {"cls": [v[:, 1] for v in found], "box": [v[:, 2] for v in found]})
+        return found, None, None
 
     def _own_padded_shape(self, image_size, batch_padded: tuple[int, int]) -> tuple[int, int]:
         """The shape the teacher's transform pads this image to when it is alone in its batch."""
@@ -254,27 +348,53 @@ class Distiller(nn.Module):
         student = self.student
         image_list, targets = prepare_inputs(student, images, targets)
         s_feats = extract_features(student, image_list)
-        losses = detection_losses(student, image_list, s_feats, targets)
+        # head methods: the student's head runs once, for its loss and the distillation
+        s_out = head_outputs(student, image_list, s_feats) if self.uses_head else None
+        losses = detection_losses(student, image_list, s_feats, targets, s_out)
 
         t_feats = self.teacher.features(image_list)
+        t_out = self.teacher.head_outputs(image_list, t_feats) if self.uses_head else None
         s_all, t_all = list(s_feats.values()), list(t_feats.values())
         s_sel = [s_all[i] for i in self.levels.student_idx]
         t_sel = [t_all[i].detach() for i in self.levels.teacher_idx]
         boxes = [t["boxes"] for t in targets]
 
-        pixel_w = image_w = level_w = None
+        pixel_w = image_w = level_w = parts = None
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
             with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
-                per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
+                per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
                 self._last_per_instance, self._last_per_level = per_instance, per_level
+        head = (self._head_inputs(image_list, targets, s_feats, t_feats, s_out, t_out, parts, image_w)
+                if self.uses_head else None)
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
-                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
+                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w, head=head)
         self.last_inputs = inputs
         for name, method in self.methods.items():
             for term, value in method(inputs).items():
                 losses[f"distill/{name}/{term}"] = value * self.loss_scale
         return losses
+
+    @torch.no_grad()
+    def _head_inputs(self, image_list: ImageList, targets: list[dict], s_feats, t_feats, s_out: dict, t_out: dict,
+                     parts: dict[str, list[Tensor]] | None, image_w: Tensor | None) -> HeadInputs:
+        """The head methods' inputs: both heads' outputs, the student's assignment and the instance weights
+        (instance AID: each box's weight, background 1; image AID: the image's weight everywhere; decoupled:
+        separate cls / box weights)."""
+        matched = None if self.family == "fasterrcnn" else assign_locations(self.student, s_out, targets)
+        cls_w = box_w = background = None
+        if self.aid is not None:
+            if self.aid.granularity == "image":
+                background = image_w
+                cls_w = box_w = [image_w[b].expand(t["boxes"].shape[0]) for b, t in enumerate(targets)]
+            elif parts is not None:
+                cls_w, box_w = self.aid.instance_weights(parts["cls"]), self.aid.instance_weights(parts["box"])
+            else:
+                cls_w = box_w = self.aid.last_instance_weights
+        return HeadInputs(family=self.family, student=s_out, teacher=t_out, matched=matched, targets=targets,
+                          student_model=self.student, teacher_model=self.teacher.model, images=image_list,
+                          student_features=s_feats, teacher_features=t_feats, cls_weights=cls_w, box_weights=box_w,
+                          background_weights=background)

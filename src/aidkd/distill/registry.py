@@ -8,6 +8,7 @@ from .attention import AttentionDistill
 from .base import DistillMethod
 from .fgd import FGDDistill
 from .fitnet import FitNetDistill
+from .head import CrossHeadKD, LocalizationDistill, LogitKD
 from .nonlocal_kd import NonLocalDistill
 from .pkd import PKDDistill
 
@@ -18,6 +19,14 @@ METHODS: dict[str, type[DistillMethod]] = {
     "fgd": FGDDistill,
     "pkd": PKDDistill,
 }
+"""The feature methods (FPN features in, ``DistillInputs`` without ``head``)."""
+
+HEAD_METHODS: dict[str, type[DistillMethod]] = {
+    "logit_kd": LogitKD,
+    "ld": LocalizationDistill,
+    "cross_head": CrossHeadKD,
+}
+"""The head methods (``aidkd.distill.head``: they read ``DistillInputs.head``); ``distill.methods`` may mix both."""
 
 _POSITIONAL = ("self", "student_channels", "teacher_channels", "num_levels")
 
@@ -47,13 +56,15 @@ def register_method(name: str, cls: type[DistillMethod]) -> None:
     **params)``) under ``name``."""
     if not (isinstance(cls, type) and issubclass(cls, DistillMethod)):
         raise TypeError(f"register_method: {cls!r} is not a DistillMethod subclass")
-    if name in METHODS and METHODS[name] is not cls:
-        raise ValueError(f"distillation method {name!r} is already registered as {METHODS[name].__name__}")
-    METHODS[name] = cls
+    known = {**METHODS, **HEAD_METHODS}
+    if name in known and known[name] is not cls:
+        raise ValueError(f"distillation method {name!r} is already registered as {known[name].__name__}")
+    (HEAD_METHODS if cls.uses_head else METHODS)[name] = cls
 
 
 def _lookup(name: str) -> type[DistillMethod]:
+    known = {**METHODS, **HEAD_METHODS}
     try:
-        return METHODS[name]
+        return known[name]
     except KeyError:
-        raise ValueError(f"unknown distillation method {name!r}; available: {sorted(METHODS)}") from None
+        raise ValueError(f"unknown distillation method {name!r}; available: {sorted(known)}") from None

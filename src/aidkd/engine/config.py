@@ -132,6 +132,9 @@ class AIDConfig:
     # Divide each batch's weights by their mean (not in the paper): only their contrast acts, KD's overall strength
     # stays (distill/aid.py).
     normalize: bool = False
+    # Head methods (ld, logit_kd): weight their classification terms by exp(-alpha D^T_cls) and their box terms by
+    # exp(-alpha D^T_box), the teacher's loss split in two (distill/head.py); feature methods keep exp(-alpha D^T).
+    decoupled: bool = False
     # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True

@@ -53,10 +53,10 @@ from aidkd.models.targets import (
 
 __all__ = [
     "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "DetectorOps", "FCOSOps", "FasterRCNNOps", "GFLOps", "RetinaNetOps",
-    "TeacherLosses", "anchor_focal_terms", "box_centres", "centres_in_boxes", "check_targets", "detection_losses",
-    "extract_features", "feature_strides", "get_ops", "head_outputs", "ignore_background", "ignore_boxes_of",
-    "level_index", "per_instance_mean", "predict", "prepare_inputs", "register_family", "teacher_loss_parts",
-    "teacher_losses", "unwrap_model",
+    "TeacherLosses", "anchor_focal_terms", "assign_locations", "box_centres", "centres_in_boxes", "check_targets",
+    "decode_boxes", "detection_losses", "extract_features", "feature_strides", "get_ops", "head_outputs",
+    "ignore_background", "ignore_boxes_of", "level_index", "per_instance_mean", "predict", "prepare_inputs",
+    "register_family", "teacher_loss_parts", "teacher_losses", "unwrap_model",
 ]
 
 _REGISTRY: dict[type, DetectorOps] = {}
@@ -135,6 +135,19 @@ def teacher_loss_parts(model: nn.Module, images: ImageList, features, targets: l
     check_targets(targets)
     with torch.no_grad():
         return _call(get_ops(model).teacher_loss_parts, unwrap_model(model), images, features, targets, outputs=outputs)
+
+
+def assign_locations(model: nn.Module, outputs: dict, targets: list[dict]) -> list[Tensor]:
+    """The model's own assignment of its anchors / locations (``outputs`` from :func:`head_outputs`) to the boxes
+    of ``targets``: per image Int64[A], box index, -1 background, -2 ignored (one-stage families)."""
+    check_targets(targets)
+    with torch.no_grad():
+        return get_ops(model).assign(unwrap_model(model), outputs, targets)
+
+
+def decode_boxes(model: nn.Module, outputs: dict) -> Tensor:
+    """[B, A, 4] xyxy input-tensor pixels: the box predicted at every anchor / location (one-stage families)."""
+    return get_ops(model).decode_boxes(unwrap_model(model), outputs)
 
 
 def predict(model: nn.Module, images: ImageList, features, outputs: dict | None = None) -> list[dict[str, Tensor]]:

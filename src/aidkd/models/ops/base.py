@@ -88,6 +88,17 @@ class DetectorOps:
                 outputs: dict | None = None) -> list[dict[str, Tensor]]:
         raise NotImplementedError
 
+    # Head distillation (``aidkd.distill.head``): the one-stage families provide both; Faster R-CNN's RoI head is
+    # distilled on proposals, not on a dense layout.
+    def assign(self, model: nn.Module, outputs: dict, targets: list[dict]) -> list[Tensor]:
+        """The model's own assignment of its anchors / locations to the boxes of ``targets`` (the one its training
+        loss uses): per image Int64[A], the box index, -1 background, -2 ignored background."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense assignment of locations to boxes")
+
+    def decode_boxes(self, model: nn.Module, outputs: dict) -> Tensor:
+        """[B, A, 4]: the box (xyxy, input-tensor pixels) the head predicts at every anchor / location."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense box predictions")
+
     def _postprocess_by_level(self, model: nn.Module, images: ImageList, features, outputs: dict | None,
                               keys: tuple[str, ...]) -> list[dict[str, Tensor]]:
         """``model.postprocess_detections`` on head outputs ``keys`` and anchors split per level (torchvision's

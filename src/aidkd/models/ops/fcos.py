@@ -80,6 +80,12 @@ class FCOSOps(DetectorOps):
             matched.append(ignore_background(m, anchors_i, ignore_boxes_of(t)))
         return matched
 
+    def assign(self, model, outputs: dict, targets) -> list[Tensor]:
+        return self.match(model, outputs["anchors"], targets, outputs["num_per_level"])
+
+    def decode_boxes(self, model, outputs: dict) -> Tensor:
+        return model.head.box_coder.decode(outputs["bbox_regression"].float(), torch.stack(outputs["anchors"]))
+
     @staticmethod
     def _match_image(model, anchors: Tensor, gt_boxes: Tensor, num_per_level: list[int]) -> Tensor:
         # Same arithmetic as torchvision.models.detection.FCOS.compute_loss.

@@ -16,6 +16,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
 from aidkd.models.gfl import GFL, GFLLossTerms
+from aidkd.models.gfl_losses import distance2bbox, integral
 from aidkd.models.ops.base import DetectorOps, TeacherLosses, per_instance_parts, per_instance_totals
 
 
@@ -55,6 +56,15 @@ class GFLOps(DetectorOps):
 
     def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))
+
+    def assign(self, model: GFL, outputs: dict, targets) -> list[Tensor]:
+        return model.assign(targets, outputs["anchors"], outputs["num_per_level"])
+
+    def decode_boxes(self, model: GFL, outputs: dict) -> Tensor:
+        anchors = torch.stack(outputs["anchors"])
+        _, strides = model._anchor_strides(outputs["num_per_level"], anchors.device)
+        distances = integral(outputs["bbox_regression"].float(), model.reg_max) * strides[None, :, None]
+        return distance2bbox((anchors[..., :2] + anchors[..., 2:]) / 2, distances)
 
     # ------------------------------------------------------------------ teacher-loss reductions
     @staticmethod

@@ -95,6 +95,15 @@ class RetinaNetOps(DetectorOps):
             matched.append(ignore_background(m, anchors_i, ignore_boxes_of(t)))
         return matched
 
+    def assign(self, model, outputs: dict, targets) -> list[Tensor]:
+        return self.match(model, outputs["anchors"], targets)
+
+    def decode_boxes(self, model, outputs: dict) -> Tensor:
+        regression = outputs["bbox_regression"].float()
+        anchors = torch.stack(outputs["anchors"]).to(regression.dtype)
+        coder = model.head.regression_head.box_coder
+        return coder.decode_single(regression.reshape(-1, 4), anchors.reshape(-1, 4)).reshape(regression.shape)
+
     # ------------------------------------------------------------------ per-anchor terms
     def loss_terms(self, model, images, features, targets, outputs=None) -> tuple[RetinaNetTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
