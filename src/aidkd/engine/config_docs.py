@@ -115,6 +115,9 @@ DESCRIPTIONS: dict[str, str] = {
     "distill.aid.normalize": "divide each batch's weights by their mean (not in the paper): only their contrast "
                              "acts, KD's overall strength stays; the logged `aid/instance_w_*` are then the "
                              "normalised weights",
+    "distill.aid.decoupled": "head methods weight their classification terms by exp(-alpha * D^T_cls) and their box "
+                             "terms by exp(-alpha * D^T_box) (the AID + LD form); feature methods keep exp(-alpha * "
+                             "D^T); `instance` granularity only",
     "distill.aid.cache": "keep each sample's teacher losses (key: image, flip, resized size) so the teacher's head "
                          "runs once per sample, not every step; exact when the flip is the only random "
                          "augmentation; warns when fewer than half the samples hit from the third epoch on; "
