@@ -236,25 +236,19 @@ def test_empty_split_file_is_a_data_check_error(synth_root, tiny_cfg, tmp_path, 
 
 
 # ------------------------------------------------------------------ --resume: check first, write after
-@pytest.fixture(scope="module")
-def two_epoch_run(finished_run, tmp_path_factory):
-    raw, _ = finished_run
-    out = tmp_path_factory.mktemp("two") / "run"
-    raw = dict(raw, name="two", output_dir=str(out), train=dict(raw["train"], epochs=2))
-    train(config_from_dict(raw))
-    return raw, out
-
-
 @pytest.mark.parametrize("change,expected", [
     ({"model": {"fpn_channels": 32}}, "its weights do not fit this config's model"),
     ({"train": {"epochs": 1}}, "the run is at epoch 2; train.epochs=1 would end it before that"),
     ({"data": {"batch_size": 2}, "train": {"momentum": 0.5}},
      "the config differs from the run's in data.batch_size (4 -> 2), train.momentum (0.9 -> 0.5)"),
 ], ids=["other_model", "fewer_epochs", "other_settings"])
-def test_refused_resume_leaves_the_run_folder_as_it_was(two_epoch_run, tmp_path, capsys, change, expected):
-    raw, out = two_epoch_run
+def test_refused_resume_leaves_the_run_folder_as_it_was(finished_run, tmp_path, capsys, change, expected):
+    raw, out = finished_run
     run = _copy(out, tmp_path / "run")
-    raw = dict(raw, output_dir=str(run))
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    torch.save(dict(state, epoch=1), last)  # as if saved at the end of epoch 2 (of train.epochs: 2)
+    raw = dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=2))
     for section, values in change.items():
         raw[section] = dict(raw[section], **values)
     before = _snapshot(run)
