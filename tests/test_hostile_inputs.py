@@ -17,8 +17,7 @@ from aidkd.cli.main import main
 from aidkd.engine.config import config_from_dict, dump_config
 from aidkd.engine.run import train
 from aidkd.engine.run_folder import RunFolderError, RunFolderLock
-
-QUICK = {"epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1}
+from tests.conftest import QUICK
 
 
 def _yaml(cfg_dict: dict, path: Path) -> Path:
@@ -31,18 +30,6 @@ def _error_line(capsys) -> str:
     text = (out.out + out.err).strip()
     assert "Traceback" not in text
     return text.splitlines()[-1] if text else ""
-
-
-@pytest.fixture(scope="module")
-def finished_run(synth_root, tmp_path_factory):
-    """One quick run (one step, one validation), shared by the run-folder tests that need an existing run."""
-    from tests.conftest import TINY_DATA, TINY_MODEL
-
-    out = tmp_path_factory.mktemp("finished") / "run"
-    raw = {"name": "finished", "output_dir": str(out), "data": dict(TINY_DATA, root=str(synth_root)),
-           "model": dict(TINY_MODEL), "train": dict(QUICK, progress_bar=False, warmup_steps=1, log_every=1)}
-    train(config_from_dict(raw))
-    return raw, out
 
 
 def _snapshot(folder: Path) -> dict[str, int]:

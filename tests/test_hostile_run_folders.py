@@ -1,7 +1,7 @@
 """What aidkd promises about the files it writes (README "Failure behaviour"): nothing a user owns is overwritten or
 deleted, a refused command leaves every folder as it was, and no model file is written from a diverged state.
 
-Helpers and the shared finished run come from test_hostile_inputs.py. To add a case: put it under its section, make
+Helpers come from test_hostile_inputs.py, the shared finished run from conftest.py. To add a case: put it under its section, make
 it fail on the code you are fixing, and assert on the message and on the files.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import yaml
 from aidkd.cli.main import main
 from aidkd.engine.config import config_from_dict
 from aidkd.engine.run import train
-from tests.test_hostile_inputs import QUICK, _diverging, _error_line, _snapshot, _yaml, finished_run  # noqa: F401
+from tests.conftest import QUICK
+from tests.test_hostile_inputs import _diverging, _error_line, _snapshot, _yaml
 
 
 def _raw_yaml(raw: dict, path: Path) -> Path:
@@ -171,7 +172,9 @@ def test_model_files_are_never_written_from_a_diverged_state(tiny_cfg, tmp_path,
     out = Path(raw["output_dir"])
 
     def steps() -> dict[str, int]:
-        load = lambda p: torch.load(out / p, weights_only=True)  # noqa: E731
+        def load(name: str) -> dict:
+            return torch.load(out / name, weights_only=True)
+
         return {"model_last.pt": int(load("model_last.pt")["metrics"]["step"]),
                 "model_best.pt": int(load("model_best.pt")["metrics"]["step"]),
                 "best.ckpt": load("checkpoints/best.ckpt")["global_step"],
