@@ -188,7 +188,9 @@ def check_resume(cfg: RunConfig, task: DetectionTask, ckpt: Path) -> None:
     if not isinstance(saved, dict):
         return
     changed = config_differences(saved, cfg.to_dict())
-    allowed = [c for c in changed if c.split(" ")[0] in RESUME_MAY_CHANGE]
+    fewer_epochs = cfg.train.epochs < int((saved.get("train") or {}).get("epochs", 0))
+    allowed = [c for c in changed if c.split(" ")[0] in RESUME_MAY_CHANGE
+               and not (fewer_epochs and c.startswith("train.epochs "))]
     refused = [c for c in changed if c not in allowed]
     if refused:
         raise ValueError(f"--resume {ckpt}: the config differs from the run's in {', '.join(refused)}; a resumed run "
