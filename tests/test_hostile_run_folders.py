@@ -242,16 +242,18 @@ def test_empty_split_file_is_a_data_check_error(synth_root, tiny_cfg, tmp_path, 
 @pytest.mark.parametrize("change,expected", [
     ({"model": {"fpn_channels": 32}}, "its weights do not fit this config's model"),
     ({"train": {"epochs": 1}}, "the run is at epoch 2; train.epochs=1 would end it before that"),
+    ({"train": {"epochs": 3}}, "the config differs from the run's in train.epochs (4 -> 3)"),
     ({"data": {"batch_size": 2}, "train": {"momentum": 0.5}},
      "the config differs from the run's in data.batch_size (4 -> 2), train.momentum (0.9 -> 0.5)"),
-], ids=["other_model", "fewer_epochs", "other_settings"])
+], ids=["other_model", "fewer_epochs_than_done", "fewer_epochs_than_planned", "other_settings"])
 def test_refused_resume_leaves_the_run_folder_as_it_was(finished_run, tmp_path, capsys, change, expected):
     raw, out = finished_run
     run = _copy(out, tmp_path / "run")
     last = run / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
-    torch.save(dict(state, epoch=1), last)  # as if saved at the end of epoch 2 (of train.epochs: 2)
-    raw = dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=2))
+    saved = dict(state["aidkd_config"], train=dict(state["aidkd_config"]["train"], epochs=4))
+    torch.save(dict(state, epoch=1, aidkd_config=saved), last)  # as if saved at the end of epoch 2 of 4
+    raw = dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=4))
     for section, values in change.items():
         raw[section] = dict(raw[section], **values)
     before = _snapshot(run)
