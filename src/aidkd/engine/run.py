@@ -147,7 +147,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     return metrics
 
 
-# What a resumed run may change: the schedule's length (up) and step size (the advice after a non-finite stop), and
+# What a resumed run may change: the schedule's length (not below the epochs done) and step size (the advice after a non-finite stop), and
 # what only names, places or logs the run. Anything else would make the resumed run another experiment.
 RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.lr", "distill.loss_scale", "train.log_every",
                      "train.progress_bar", "distill.image_log_every", "data.num_workers")
@@ -188,13 +188,11 @@ def check_resume(cfg: RunConfig, task: DetectionTask, ckpt: Path) -> None:
     if not isinstance(saved, dict):
         return
     changed = config_differences(saved, cfg.to_dict())
-    fewer_epochs = cfg.train.epochs < int((saved.get("train") or {}).get("epochs", 0))
-    allowed = [c for c in changed if c.split(" ")[0] in RESUME_MAY_CHANGE
-               and not (fewer_epochs and c.startswith("train.epochs "))]
+    allowed = [c for c in changed if c.split(" ")[0] in RESUME_MAY_CHANGE]
     refused = [c for c in changed if c not in allowed]
     if refused:
         raise ValueError(f"--resume {ckpt}: the config differs from the run's in {', '.join(refused)}; a resumed run "
-                         f"may change only {', '.join(RESUME_MAY_CHANGE)} (train.epochs up): start a new run "
+                         f"may change only {', '.join(RESUME_MAY_CHANGE)}: start a new run "
                          "(another output_dir, or --overwrite) to change the others")
     if allowed:
         log.info("resuming %s with changed %s", ckpt, ", ".join(allowed))
