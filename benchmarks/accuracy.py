@@ -53,6 +53,8 @@ from pathlib import Path
 
 import yaml
 
+from aidkd.engine.run_folder import record_run_file
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the benchmarks' shared helpers, also when this file is imported by path (tests)
 from _common import portable
@@ -384,6 +386,20 @@ def stale_runs(plan: list[dict]) -> dict[str, str]:
 def record_provenance(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    record_run_file(out, PROVENANCE)  # a file of the run folder that --overwrite may remove with the run
+
+
+def _provenance_at_start(out: Path, record: dict):
+    """A callback recording the provenance once the new run owns its folder (a fresh start clears the folder of
+    a run killed early, with its record)."""
+    import lightning as L
+
+    class RecordProvenance(L.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            if trainer.is_global_zero:
+                record_provenance(out, record)
+
+    return RecordProvenance()
 
 
 # ------------------------------------------------------------------------------------------------ execution
@@ -402,11 +418,13 @@ def run_one(run: dict) -> dict:
     resume = "auto" if any((ckpts / n).exists() for n in ("last.ckpt", "interrupted.ckpt")) else None
     if resume:
         log.info("%s: resuming from %s", run["key"], ckpts)
-    else:  # recorded now, when its teacher exists (a resumed run's record was checked by stale_runs)
-        record_provenance(out, provenance(run))
-    metrics = train(cfg, resume=resume, overwrite=not resume)  # a fresh start replaces a run killed early
+    # a fresh start replaces a run killed early, and records its provenance now, when its teacher exists (a resumed
+    # run's record was checked by stale_runs)
+    extra = () if resume else (_provenance_at_start(out, provenance(run)),)
+    metrics = train(cfg, resume=resume, overwrite=not resume, extra_callbacks=extra)
     secs = time.time() - t0
     timing.write_text(json.dumps({"seconds": secs}) + "\n")
+    record_run_file(out, timing.name)
     history = out / "metrics_history.jsonl"
     if not metrics and resume and history.exists():  # killed after its last validation: nothing left to train
         last = json.loads(history.read_text().splitlines()[-1])

@@ -57,6 +57,22 @@ def tiny_cfg(synth_root, tmp_path):
     return make
 
 
+QUICK = {"epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_root, tmp_path_factory):
+    """One quick run (one step, one validation), shared by the run-folder tests that need an existing run."""
+    from aidkd.engine.config import config_from_dict
+    from aidkd.engine.run import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    raw = {"name": "finished", "output_dir": str(out), "data": dict(TINY_DATA, root=str(synth_root)),
+           "model": dict(TINY_MODEL), "train": dict(QUICK, progress_bar=False, warmup_steps=1, log_every=1)}
+    train(config_from_dict(raw))
+    return raw, out
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Two threads on two shared cores are slower than one for these tiny models."""

@@ -99,9 +99,10 @@ def test_predict_on_image_folder(tmp_path, model_file):
     # a single image file, without drawing
     out2 = tmp_path / "out2"
     assert predict_command(_cfg(), model_file, out2, source=str(folder / "img1.png")) == 1
-    assert [p.name for p in out2.iterdir()] == ["img1.txt"]
+    assert [p.name for p in out2.iterdir() if p.name != ".aidkd-output"] == ["img1.txt"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
-        predict_command(_cfg(), model_file, out2, source=str(tmp_path / "out2"))
+        predict_command(_cfg(), model_file, out2, source=str(tmp_path / "empty"))
 
 
 def _folder(tmp_path, n=3):
@@ -170,7 +171,7 @@ def test_predict_on_coco_writes_a_coco_results_json(tmp_path, coco_setup):
     cfg, model_path, ann = coco_setup
     out = tmp_path / "out"
     assert predict_command(cfg, model_path, out) == 3  # the default for COCO data: --format coco
-    assert [p.name for p in out.iterdir()] == ["predictions.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".aidkd-output", "predictions.json"]
     results = json.loads((out / "predictions.json").read_text())
     assert results and {r["image_id"] for r in results} <= {100, 101, 102}
     assert {r["category_id"] for r in results} == {3, 11} and min(r["score"] for r in results) >= 0.05

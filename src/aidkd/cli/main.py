@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from aidkd.engine.run_folder import check_output_file
+
 # soft_wrap: lines are never hard-wrapped at the terminal width (nor at 80 columns when written to a file).
 # Results go to stdout; errors, warnings and progress messages to stderr, so `aidkd ... > out` still shows them.
 console = Console(soft_wrap=True)
@@ -65,6 +67,8 @@ def cmd_eval(args) -> int:
     from aidkd.eval import strict_json
 
     cfg = _load(args)
+    if args.json:
+        check_output_file(args.json, "--json", args.force, inputs=(args.checkpoint, args.config))
     metrics = evaluate(cfg, args.checkpoint, split=args.split)
     _print_metrics(metrics, f"{args.checkpoint} on {args.split}")
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.split}_metrics.json")
@@ -87,6 +91,8 @@ def cmd_eval_kitti(args) -> int:
     from aidkd.eval import strict_json
     from aidkd.eval.kitti_io import evaluate_kitti_dirs, format_kitti_table
 
+    if args.json:
+        check_output_file(args.json, "--json", args.force, inputs=(args.split,))
     stems = None
     if args.split:
         from aidkd.data import read_split_file
@@ -129,6 +135,7 @@ def cmd_data_synth(args) -> int:
 def cmd_data_coco_traffic(args) -> int:
     from aidkd.data import make_coco_traffic
 
+    check_output_file(args.out_json, "out_json", args.force, inputs=(args.instances_json,))
     summary = make_coco_traffic(args.instances_json, args.out_json, variant=args.variant)
     console.print(f"wrote {args.out_json}" + (f": {summary}" if summary else ""), markup=False)
     return 0
@@ -159,6 +166,7 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from aidkd.export import export_onnx
 
+    check_output_file(args.onnx, "--onnx", args.force, inputs=(args.checkpoint,))
     report = export_onnx(args.checkpoint, args.onnx, num_samples=args.samples)
     console.print(report, markup=False, highlight=False, soft_wrap=True)
     return 0
@@ -167,6 +175,8 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     from aidkd.report import build_report
 
+    if args.out:
+        check_output_file(args.out, "--out", args.force)
     out = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
     console.print(f"report: {out}", markup=False)
     return 0
@@ -182,6 +192,10 @@ def cmd_analyze(args) -> int:
     console.print(format_summary(summary), markup=False, highlight=False, soft_wrap=True)
     console.print(f"instances.csv, summary.json and weights.png written to {args.out}", markup=False)
     return 0
+
+
+def _add_force_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} if it exists (default: refuse)")
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -219,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model file (model_best.pt) or Lightning .ckpt")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split of the config's data")
     p.add_argument("--json", help="where to write the metrics (default: beside the checkpoint)")
+    _add_force_arg(p, "the --json file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="per-instance teacher losses, AID weights and whether the teacher detects "
@@ -255,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt); "
                         "default: every label file (a label file without prediction file counts as no detections)")
     p.add_argument("--json", help="also write the AP table as json here")
+    _add_force_arg(p, "the --json file")
     p.set_defaults(func=cmd_eval_kitti)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -281,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("instances_json", help="a COCO instances json (e.g. instances_train2017.json)")
     p.add_argument("out_json", help="where to write the subset")
     p.add_argument("--variant", type=int, choices=[11, 13], default=11, help="the 11- or 13-class subset")
+    _add_force_arg(p, "out_json")
     p.set_defaults(func=cmd_data_coco_traffic)
 
     p = data.add_parser("convert", help="write a KITTI, COCO or YOLO dataset in another of these layouts")
@@ -308,11 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="where to write the .onnx file")
     p.add_argument("--samples", type=_number_in(1, 1000, int), default=4,
                    help="random inputs for the onnxruntime parity check")
+    _add_force_arg(p, "the --onnx file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report for a run or benchmark folder")
     p.add_argument("run_dir", help="a run folder, or a folder of runs (e.g. the demo's)")
     p.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
+    _add_force_arg(p, "the --out file")
     p.set_defaults(func=cmd_report)
     return ap
 

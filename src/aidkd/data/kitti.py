@@ -339,7 +339,8 @@ def scan_kitti(root: str | Path, split: str = "all", split_file: str | Path | No
         members: dict[str, dict[str, int]] = {}
         for p in sorted(sdir.glob("*.txt")):
             members[p.stem] = {}
-            listed(p, members[p.stem])
+            if not listed(p, members[p.stem]) and not _split_entries(p, []):
+                errors.append(DatasetError("split file lists no frame (a split needs at least one image)", file=p))
         if "train" in members and "val" in members:
             for s in sorted(set(members["train"]) & set(members["val"])):
                 errors.append(DatasetError(f"frame {s!r} is in both train.txt (line {members['train'][s]}) and val.txt",

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -37,9 +37,11 @@ class ExportModel(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not pl_module.last_metrics:
             return
         metrics = dict(pl_module.last_metrics, epoch=trainer.current_epoch, step=trainer.global_step)
-        save_model_file(self.out_dir / "model_last.pt", pl_module.model, pl_module.meta, metrics)
+        finite = finite_state(pl_module, "model_last.pt / model_best.pt")
+        if finite:
+            save_model_file(self.out_dir / "model_last.pt", pl_module.model, pl_module.meta, metrics)
         value = metrics.get(self.monitor, -float("inf"))
-        if value > self.best:
+        if finite and value > self.best:
             self.best = value
             save_model_file(self.out_dir / "model_best.pt", pl_module.model, pl_module.meta, metrics)
             (self.out_dir / "best_metrics.json").write_text(strict_json(metrics, indent=2))
@@ -80,6 +82,25 @@ class ExportModel(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best", self.best)
+
+
+def finite_state(pl_module, what: str) -> bool:
+    """Whether the model may be saved now (no non-finite loss in the last ``train.max_bad_steps`` steps, finite
+    weights: ``is_finite_state``); says so in the log when not."""
+    check = getattr(pl_module, "is_finite_state", None)
+    if check is None or check():
+        return True
+    log.warning("step %d: not writing %s (non-finite losses in the last steps, or non-finite weights)",
+                pl_module.global_step, what)
+    return False
+
+
+class FiniteBestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (``best.ckpt``) that never saves a diverged state: the rule of ``last.ckpt``."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or finite_state(pl_module, Path(self.dirpath or ".") / f"{self.filename}.ckpt"):
+            super().on_validation_end(trainer, pl_module)
 
 
 class LastCheckpoint(Checkpoint):

@@ -7,6 +7,7 @@ An unknown key or a value of the wrong type is an error that names the dotted ke
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -167,6 +168,82 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------- value ranges
+
+_SEED = (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")
+_POSITIVE = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_ABOVE_ZERO = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+#: The valid range of every numeric config field (``Class.field``: (test, what it says)). Floats must also be
+#: finite. A list's test applies to each item; ``None`` (where the type allows it) is always valid.
+NUMERIC_RANGES: dict[str, tuple[Any, str]] = {
+    "SynthConfig.num_images": _POSITIVE,
+    "SynthConfig.seed": _SEED,
+    "SynthConfig.width": (lambda v: v >= 16, ">= 16"),
+    "SynthConfig.height": (lambda v: v >= 16, ">= 16"),
+    "SynthConfig.hard_fraction": _FRACTION,
+    "SynthConfig.mislabel_fraction": _FRACTION,
+    "SynthConfig.min_t": _FRACTION,
+    "SynthConfig.max_objects": _POSITIVE,
+    "SynthConfig.clutter": _NON_NEGATIVE,
+    "DataConfig.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "DataConfig.split_seed": _SEED,
+    "DataConfig.min_size": (lambda v: v >= 16, ">= 16"),
+    "DataConfig.max_size": (lambda v: v >= 16, ">= 16"),
+    "DataConfig.hflip": _FRACTION,
+    "DataConfig.batch_size": _POSITIVE,
+    "DataConfig.val_batch_size": _POSITIVE,
+    "DataConfig.num_workers": _NON_NEGATIVE,
+    "ModelConfig.fpn_channels": _POSITIVE,
+    "ModelConfig.trainable_backbone_layers": (lambda v: 0 <= v <= 5, "in [0, 5]"),
+    "TrainConfig.epochs": _POSITIVE,
+    "TrainConfig.max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or >= 1"),
+    "TrainConfig.lr": _ABOVE_ZERO,
+    "TrainConfig.momentum": _FRACTION,
+    "TrainConfig.weight_decay": _NON_NEGATIVE,
+    "TrainConfig.warmup_steps": _NON_NEGATIVE,
+    "TrainConfig.warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "TrainConfig.milestones": _ABOVE_ZERO,
+    "TrainConfig.gamma": _ABOVE_ZERO,
+    "TrainConfig.grad_clip": _ABOVE_ZERO,
+    "TrainConfig.num_nodes": _POSITIVE,
+    "TrainConfig.val_every": _POSITIVE,
+    "TrainConfig.log_every": _POSITIVE,
+    "TrainConfig.max_bad_steps": _POSITIVE,
+    "TrainConfig.limit_train_batches": (lambda v: 0 < v <= 1 if isinstance(v, float) else v >= 1,
+                                        "a fraction in (0, 1] or a number of batches >= 1"),
+    "TrainConfig.limit_val_batches": (lambda v: 0 <= v <= 1 if isinstance(v, float) else v >= 0,
+                                      "a fraction in [0, 1] or a number of batches >= 0"),
+    "EvalConfig.score_thresh": _FRACTION,
+    "AIDConfig.alpha": _NON_NEGATIVE,
+    "DistillConfig.loss_scale": _NON_NEGATIVE,
+    "DistillConfig.image_log_every": _NON_NEGATIVE,
+    "RunConfig.seed": _SEED,
+}
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Refuse a numeric value outside its ``NUMERIC_RANGES`` range (or a non-finite float), naming the dotted key."""
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        rule = NUMERIC_RANGES.get(f"{type(cfg).__name__}.{f.name}")
+        if rule is None or value is None:
+            continue
+        test, text = rule
+        for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            where = key if i is None else f"{key}[{i}]"
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # a type error, reported by _coerce
+            if not math.isfinite(v) or not test(v):
+                raise ConfigError(f"config key '{where}': must be {'finite and ' if isinstance(v, float) else ''}"
+                                  f"{text}, got {v!r}")
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -243,7 +320,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 def config_from_dict(data: dict) -> RunConfig:
     _require_format_with_root(data)
-    return _build(RunConfig, data)
+    cfg = _build(RunConfig, data)
+    check_ranges(cfg)
+    return cfg
 
 
 def _require_format_with_root(data: dict) -> None:

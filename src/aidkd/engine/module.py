@@ -182,7 +182,8 @@ class DetectionTask(L.LightningModule):
                     None)
         path = good.good_checkpoint() if good is not None else None
         if path is None:
-            return f"{head} No checkpoint from finite steps exists: start again with {change}, or check the data."
+            return (f"{head} No checkpoint from finite steps exists: start again in this folder with --overwrite "
+                    f"{change}, or check the data.")
         return (f"{head} The last checkpoint from finite steps is {path} (step {good.saved_step}); resume from it "
                 f"with a lower learning rate: --resume {path} {change}")
 
@@ -280,19 +281,19 @@ class DetectionTask(L.LightningModule):
         cache = self.distiller.cache_state() if self.distiller is not None else None
         if cache is not None:
             checkpoint["aidkd_teacher_loss_cache"] = cache
+        checkpoint["aidkd_last_bad_step"] = self.last_bad_step  # a resumed run keeps the divergence rule's window
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before Lightning loads the state dict. The student once had a second name under the distiller: a
         # checkpoint holding tensors under it loads them as the "model.*" ones they are.
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for k in [k for k in state if k.startswith(_OLD_STUDENT_ALIAS)]:
-                state.setdefault("model." + k.removeprefix(_OLD_STUDENT_ALIAS), state.pop(k))
+        if checkpoint.get("state_dict") is not None:
+            checkpoint["state_dict"] = renamed_state(checkpoint["state_dict"])
         if "aidkd_rng" in checkpoint:
             set_rng_state(checkpoint["aidkd_rng"])
         self.bad_steps = int(checkpoint.get("aidkd_bad_steps", 0))
         if self.distiller is not None and "aidkd_teacher_loss_cache" in checkpoint:
             self.distiller.load_cache_state(checkpoint["aidkd_teacher_loss_cache"], self.device)
+        self.last_bad_step = int(checkpoint.get("aidkd_last_bad_step", self.last_bad_step))
         self._resumed_lr = (checkpoint.get("aidkd_config") or {}).get("train", {}).get("lr")
 
     def on_train_start(self) -> None:
@@ -311,6 +312,14 @@ class DetectionTask(L.LightningModule):
 
 
 _OLD_STUDENT_ALIAS = "distiller.student."
+
+
+def renamed_state(state: dict) -> dict:
+    """A checkpoint's state dict under today's names (tensors under the student's old second name as ``model.*``)."""
+    state = dict(state)
+    for k in [k for k in state if k.startswith(_OLD_STUDENT_ALIAS)]:
+        state.setdefault("model." + k.removeprefix(_OLD_STUDENT_ALIAS), state.pop(k))
+    return state
 
 
 def rng_state() -> dict:

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from aidkd.engine.config import RunConfig
 from aidkd.eval import strict_json
+from aidkd.engine.run_folder import claim_output_folder
 from aidkd.models import load_detector
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -155,8 +156,7 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
     model, meta = load_detector(checkpoint, classes=classes)
     category_ids = _category_ids(cfg, meta["classes"]) if fmt == "coco" else None
     class_ids = _yolo_class_ids(cfg, meta["classes"]) if fmt == "yolo" else None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_folder(out, "--out", inputs=(source, checkpoint))
     if source is None:
         records = load_records(cfg.data, "val", classes)
         items = ((r.stem or Path(r.image_path).stem, _load(r.image_path)) for r in records)

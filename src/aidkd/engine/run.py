@@ -13,11 +13,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
+from aidkd.engine.callbacks import (
+    DistillImages,
+    ExportModel,
+    FiniteBestCheckpoint,
+    InterruptCheckpoint,
+    LastCheckpoint,
+    finite_state,
+)
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
-from aidkd.engine.config import RunConfig, dump_config
+from aidkd.engine.config import RunConfig, check_ranges, dump_config
 from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
-from aidkd.engine.module import VAL_PREFIX, DetectionTask
+from aidkd.engine.module import VAL_PREFIX, DetectionTask, renamed_state
 from aidkd.engine.run_folder import (
     RunFolderLock,
     check_run_folder,
@@ -25,6 +32,7 @@ from aidkd.engine.run_folder import (
     is_rank_zero_process,
     remove_partial_files,
     resolve_resume,
+    start_run_record,
 )
 from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import load_detector
@@ -56,8 +64,8 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
     ckpt_dir = out_dir / "checkpoints"
     callbacks = [
         # only after a validation (saving at a train epoch end without one warns that val/coco/AP is missing)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=VAL_PREFIX + PRIMARY_METRIC, mode="max", save_top_k=1,
-                        every_n_epochs=1, save_on_train_epoch_end=False),
+        FiniteBestCheckpoint(dirpath=ckpt_dir, filename="best", monitor=VAL_PREFIX + PRIMARY_METRIC, mode="max",
+                             save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=False),
         LastCheckpoint(ckpt_dir),
         ExportModel(out_dir),
         InterruptCheckpoint(ckpt_dir),
@@ -88,14 +96,15 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     ``resume_missing_ok``). A new run needs an empty ``output_dir`` unless ``overwrite``. Nothing is written before
     the data, model and teacher checks pass; the run holds an exclusive lock on its folder (run_folder.py).
     """
+    check_ranges(cfg)  # (a config from load_config is checked already; this one may have been edited since)
     out_dir, ckpt = resolve_resume(cfg.output_dir, resume, missing_ok=resume_missing_ok)
     cfg.output_dir = str(out_dir)
     finished = _finished_run_metrics(ckpt, cfg) if ckpt is not None else None
     if finished is not None:
         return finished
     owner = is_rank_zero_process()  # a distributed run's other processes re-run this: rank 0 owns the folder
-    if owner:
-        check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite)
+    if owner:  # --resume-or-new that found no checkpoint may start anew over a run killed before its first one
+        check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite, restart=resume_missing_ok)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -103,16 +112,24 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     dm.prepare_data()
     check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
     dm.setup("fit")
+    if len(dm.train_set) == 0:  # (with data.skip_invalid, or a split the data check does not see)
+        raise ValueError(f"data: the training split ({cfg.data.train_split_file or cfg.data.train_ann or cfg.data.root}) "
+                         "holds no image: check the split files, or data.val_fraction")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
+    if ckpt is not None:
+        check_resume(cfg, task, ckpt)
     lock = RunFolderLock(out_dir)
     if owner:
         lock.acquire()
     try:
         if owner:
-            check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite)  # again, under the lock
-            if overwrite and ckpt is None:
-                clear_previous_run(out_dir)
             remove_partial_files(out_dir)
+            # again, under the lock
+            stale = check_run_folder(out_dir, resuming=ckpt is not None, overwrite=overwrite,
+                                     restart=resume_missing_ok)
+            clear_previous_run(out_dir, stale, "--overwrite" if overwrite else "--resume-or-new")
+            if ckpt is None:
+                start_run_record(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
         trainer = build_trainer(cfg, out_dir, extra_callbacks)
         interrupt = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
@@ -123,12 +140,6 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
             # Lightning's SystemExit carries no code, so a terminated run would exit 0 as if it had finished: exit
             # 128 + the signal as a process the signal killed (InterruptCheckpoint saved interrupted.ckpt)
             raise SystemExit(128 + (interrupt.signal or signal.SIGTERM)) from None
-        except RuntimeError as e:
-            if ckpt is None or "Error(s) in loading state_dict" not in str(e):
-                raise
-            detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-            raise CheckpointError(f"--resume {ckpt}: its weights do not fit this config's model (another arch, "
-                                  f"backbone, fpn_channels or class list?): {detail}") from None
         if not trainer.interrupted and task.validated_step != trainer.global_step:
             # train.max_steps stopped the run between validations: the final metrics must be of the final weights.
             trainer.validate(task, datamodule=dm, verbose=False)
@@ -161,11 +172,64 @@ def _finished_run_metrics(ckpt: Path, cfg: RunConfig) -> dict | None:
     return {k: float("nan") if v is None else v for k, v in metrics.items()}
 
 
+# What a resumed run may change: the schedule's length (not below the epochs done) and step size (the advice after a non-finite stop), and
+# what only names, places or logs the run. Anything else would make the resumed run another experiment.
+RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.lr", "distill.loss_scale", "train.log_every",
+                     "train.progress_bar", "distill.image_log_every", "data.num_workers")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict) and d:
+        return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): d}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys where two configs (``RunConfig.to_dict()``) differ, as ``key (old -> new)``."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+def check_resume(cfg: RunConfig, task: DetectionTask, ckpt: Path) -> None:
+    """Refuse a resume that cannot continue the run in ``ckpt``, before anything is written: an unreadable file,
+    weights of another model, ``train.epochs`` below the epochs already done, or config changes beyond
+    ``RESUME_MAY_CHANGE`` (the allowed ones are listed in the log)."""
+    state = load_checkpoint(ckpt)
+    got = renamed_state(state.get("state_dict") or {})
+    want = task.state_dict()
+    problems = [f"size mismatch for {k}: checkpoint {list(got[k].shape)}, model {list(v.shape)}"
+                for k, v in want.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    problems += [f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
+    if problems:
+        raise CheckpointError(f"--resume {ckpt}: its weights do not fit this config's model (another arch, backbone, "
+                              f"fpn_channels or class list?): {'; '.join(problems[:3])}"
+                              + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+    done = int(state.get("epoch", 0)) + 1  # the epoch a checkpoint is saved in, counting from 1
+    if cfg.train.epochs < done:
+        raise ValueError(f"--resume {ckpt}: the run is at epoch {done}; train.epochs={cfg.train.epochs} would end "
+                         f"it before that: set train.epochs >= {done} (--set train.epochs={done})")
+    saved = state.get("aidkd_config")
+    if not isinstance(saved, dict):
+        return
+    changed = config_differences(saved, cfg.to_dict())
+    allowed = [c for c in changed if c.split(" ")[0] in RESUME_MAY_CHANGE]
+    refused = [c for c in changed if c not in allowed]
+    if refused:
+        raise ValueError(f"--resume {ckpt}: the config differs from the run's in {', '.join(refused)}; a resumed run "
+                         f"may change only {', '.join(RESUME_MAY_CHANGE)}: start a new run "
+                         "(another output_dir, or --overwrite) to change the others")
+    if allowed:
+        log.info("resuming %s with changed %s", ckpt, ", ".join(allowed))
+
+
 def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:
     """Write checkpoints/best.ckpt after a run whose only validation came after training (a short train.max_steps
     run), or whose final validation beats the best one: the run folder always holds a best.ckpt."""
     mc = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     if mc is None or PRIMARY_METRIC not in metrics or trainer.interrupted:
+        return
+    if not finite_state(trainer.lightning_module, Path(mc.dirpath) / f"{mc.filename}.ckpt"):
         return
     best = Path(mc.dirpath) / f"{mc.filename}.ckpt"
     score = mc.best_model_score  # the same on every rank, unlike a look at the file system

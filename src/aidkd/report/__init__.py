@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from aidkd.engine.run_folder import record_run_file, recorded_entries
 from aidkd.report.collect import (
     DISTILL_IMAGE_TAGS,
     EvalResult,
@@ -77,4 +78,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, max_eval
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out_path)
+    if out is None and recorded_entries(root) is not None:  # a run folder: --overwrite may remove its report
+        record_run_file(root, out_path.name)
     return out_path
