@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from aidkd.engine.config import RunConfig
-from aidkd.eval import strict_json
 from aidkd.engine.run_folder import claim_output_folder
+from aidkd.eval import strict_json
 from aidkd.models import load_detector
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
