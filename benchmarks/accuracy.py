@@ -54,6 +54,7 @@ from pathlib import Path
 import yaml
 
 from aidkd.engine.run_folder import record_run_file
+from aidkd.eval import read_metrics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the benchmarks' shared helpers, also when this file is imported by path (tests)
@@ -427,7 +428,7 @@ def run_one(run: dict) -> dict:
     record_run_file(out, timing.name)
     history = out / "metrics_history.jsonl"
     if not metrics and resume and history.exists():  # killed after its last validation: nothing left to train
-        last = json.loads(history.read_text().splitlines()[-1])
+        last = read_metrics(history.read_text().splitlines()[-1])
         metrics = {k: v for k, v in last.items() if k not in ("epoch", "step")}
         done.write_text(json.dumps(metrics, indent=2))
     if not metrics:
@@ -453,7 +454,7 @@ def load_done(run: dict) -> dict | None:
     if not done.exists():
         return None
     secs = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-    return {"metrics": json.loads(done.read_text()), "seconds": secs, "skipped": True, "resumed": _resumed(out)}
+    return {"metrics": read_metrics(done.read_text()), "seconds": secs, "skipped": True, "resumed": _resumed(out)}
 
 
 def _resumed(out: Path) -> bool:

@@ -1,5 +1,4 @@
 """A 2-process DDP run on the CPU (gloo) through the same Lightning path as multi-GPU and multi-node runs."""
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from aidkd.engine.config import config_from_dict, dump_config
+from aidkd.eval import read_metrics
 from aidkd.models import build_detector, model_meta, save_model_file
 
 DDP = ["--set", "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu", "train.max_steps=4",
@@ -45,7 +45,7 @@ def test_ddp_train_and_distill_two_processes(tiny_cfg, tmp_path):
     assert all(k.startswith(("model.", "distiller.methods.")) for k in ckpt["state_dict"]), "student saved once"
     assert not any(k.startswith("distiller.teacher") for k in ckpt["state_dict"]), "teacher must not be saved"
     assert any(k.startswith("distiller.methods.") for k in ckpt["state_dict"])
-    metrics = json.loads(Path(dcfg.output_dir, "final_metrics.json").read_text())
+    metrics = read_metrics(Path(dcfg.output_dir, "final_metrics.json").read_text())
     assert "coco/AP" in metrics
 
 

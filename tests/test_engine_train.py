@@ -9,6 +9,7 @@ import torch
 from aidkd.engine.config import config_from_dict
 from aidkd.engine.module import NonFiniteLossError
 from aidkd.engine.run import evaluate, train
+from aidkd.eval import read_metrics
 from aidkd.models import load_detector
 
 
@@ -79,7 +80,7 @@ def test_max_steps_mid_epoch_validates_and_checkpoints_the_final_weights(tiny_cf
     cfg = config_from_dict(tiny_cfg("steps", train={"epochs": 5, "max_steps": 11, "limit_train_batches": 4}))
     metrics = train(cfg)
     out = Path(cfg.output_dir)
-    history = [json.loads(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
+    history = [read_metrics(line) for line in (out / "metrics_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [4, 8, 11]
     assert history[-1] == pytest.approx(dict(metrics, epoch=history[-1]["epoch"], step=11), nan_ok=True)
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
@@ -87,9 +88,14 @@ def test_max_steps_mid_epoch_validates_and_checkpoints_the_final_weights(tiny_cf
 
 
 class _CtrlCAtStep2(__import__("lightning").Callback):
+    """A real Ctrl-C (SIGINT to this process) after step 2: the run stops at that step's end."""
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:
-            raise KeyboardInterrupt
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ctrl_c_before_the_first_validation_still_saves(tiny_cfg):
@@ -172,7 +178,7 @@ def test_sigkill_mid_training_then_resume(deterministic_run):
     done = subprocess.run(cmd[:-1] + [str(yaml_path), "--resume", "--set", "train.epochs=2"], env=env, check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    final = json.loads((out / "killed" / "final_metrics.json").read_text())
+    final = read_metrics((out / "killed" / "final_metrics.json").read_text())
     assert final == pytest.approx(metrics, nan_ok=True)
     assert _same_weights(out / "full" / "model_last.pt", out / "killed" / "model_last.pt")
 

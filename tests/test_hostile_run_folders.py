@@ -234,7 +234,7 @@ def test_empty_split_file_is_a_data_check_error(synth_root, tiny_cfg, tmp_path, 
     assert any(str(root / "ImageSets" / "train.txt") in p and "lists no frame" in p for p in problems), problems
     raw = tiny_cfg("empty_split", data={"format": "kitti", "root": str(root)}, train=QUICK)
     assert main(["train", str(_yaml(raw, tmp_path / "e.yaml"))]) == 2
-    assert "lists no frame" in capsys.readouterr().out
+    assert "lists no frame" in capsys.readouterr().err
     assert not Path(raw["output_dir"]).exists()
 
 
@@ -251,6 +251,7 @@ def test_refused_resume_leaves_the_run_folder_as_it_was(finished_run, tmp_path, 
     last = run / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     saved = dict(state["aidkd_config"], train=dict(state["aidkd_config"]["train"], epochs=4))
+    state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] = 2
     torch.save(dict(state, epoch=1, aidkd_config=saved), last)  # as if saved at the end of epoch 2 of 4
     raw = dict(raw, output_dir=str(run), train=dict(raw["train"], epochs=4))
     for section, values in change.items():

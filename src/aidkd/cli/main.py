@@ -166,7 +166,7 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from aidkd.export import export_onnx
 
-    check_output_file(args.onnx, "--onnx", args.force, inputs=(args.checkpoint,))
+    check_output_file(args.onnx, "--onnx", args.force, inputs=(args.checkpoint,), example="model.onnx")
     report = export_onnx(args.checkpoint, args.onnx, num_samples=args.samples)
     console.print(report, markup=False, highlight=False, soft_wrap=True)
     return 0
@@ -176,7 +176,7 @@ def cmd_report(args) -> int:
     from aidkd.report import build_report
 
     if args.out:
-        check_output_file(args.out, "--out", args.force)
+        check_output_file(args.out, "--out", args.force, example="report.html")
     out = build_report(Path(args.run_dir), Path(args.out) if args.out else None)
     console.print(f"report: {out}", markup=False)
     return 0
@@ -375,10 +375,12 @@ def _user_error(e: BaseException) -> str | None:
 
 
 def _cut_lines(message: str) -> str:
-    """``message`` with every over-long line shortened: an error may quote user input of any size."""
+    """``message`` with every over-long line shortened: an error may quote user input of any size. The bound is
+    looser than a data error's quote (``MAX_LINE``) so that a message naming long paths and a command to run
+    again keeps them whole."""
     from aidkd.data.structures import shorten
 
-    return "\n".join(shorten(line) for line in message.splitlines())
+    return "\n".join(shorten(line, limit=1000) for line in message.splitlines())
 
 
 def _setup_logging(verbose: bool) -> logging.Handler:

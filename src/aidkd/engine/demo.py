@@ -25,6 +25,7 @@ from aidkd.eval.evaluator import (
     VOC_METRIC,
     coco_class_key,
     coco_key,
+    read_metrics,
     strict_json,
 )
 
@@ -224,7 +225,7 @@ def _reusable(run_dir: Path, raw: dict) -> dict | None:
     """Final metrics of a finished earlier run of exactly this configuration (its model file written), else None."""
     try:
         same = (run_dir / "config.yaml").read_text() == _config_text(raw)
-        metrics = json.loads((run_dir / "final_metrics.json").read_text())
+        metrics = read_metrics((run_dir / "final_metrics.json").read_text())
     except (OSError, ValueError):
         return None
     return metrics if same and metrics and (run_dir / "model_best.pt").exists() else None

@@ -1,7 +1,6 @@
 """Python API behind the CLI: ``train`` (plain or distilled), ``evaluate`` and ``predict``."""
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import warnings
@@ -34,7 +33,7 @@ from aidkd.engine.run_folder import (
     resolve_resume,
     start_run_record,
 )
-from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
+from aidkd.eval.evaluator import PRIMARY_METRIC, read_metrics, strict_json
 from aidkd.models import load_detector
 from aidkd.models.weights import CheckpointError, load_checkpoint
 
@@ -164,12 +163,12 @@ def _finished_run_metrics(ckpt: Path, cfg: RunConfig) -> dict | None:
     if not (epochs == t.epochs or 0 < t.max_steps <= step):
         return None
     try:
-        metrics = json.loads(final.read_text())
+        metrics = read_metrics(final.read_text())
     except (OSError, ValueError):
         return None
     log.info("%s: the run already finished (epoch %s of train.epochs %d, step %d); nothing to resume, nothing "
              "written (raise train.epochs to train on)", ckpt, epochs, t.epochs, step)
-    return {k: float("nan") if v is None else v for k, v in metrics.items()}
+    return metrics
 
 
 # What a resumed run may change: the schedule's length (not below the epochs done) and step size (the advice after a non-finite stop), and

@@ -254,13 +254,14 @@ def _refuse_inputs(path: Path, option: str, inputs) -> None:
             raise RunFolderError(f"{option} {path} is also an input ({given}); choose another output path")
 
 
-def check_output_file(path: str | Path, option: str, force: bool = False, inputs=()) -> Path:
-    """The file a command will write (read-only check): refused when it is one of ``inputs``, a folder, or (unless
-    ``force``) an existing file."""
+def check_output_file(path: str | Path, option: str, force: bool = False, inputs=(), example: str = "out.json"
+                      ) -> Path:
+    """The file a command will write (read-only check): refused when it is one of ``inputs``, a folder (the message
+    suggests ``example`` in it), or (unless ``force``) an existing file."""
     path = Path(path)
     _refuse_inputs(path, option, inputs)
     if path.is_dir():
-        raise RunFolderError(f"{option} {path} is a folder; name the file to write")
+        raise RunFolderError(f"{option} {path} is a folder; name the file to write, e.g. {path / example}")
     if (path.exists() or path.is_symlink()) and not force:
         raise RunFolderError(f"{option} {path} exists; add --force to replace it, or choose another file")
     return path

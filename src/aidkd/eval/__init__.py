@@ -7,7 +7,7 @@ from aidkd.eval.coco_map import (
     records_to_coco,
     split_objects,
 )
-from aidkd.eval.evaluator import DetectionEvaluator, format_metrics_table, strict_json
+from aidkd.eval.evaluator import DetectionEvaluator, format_metrics_table, read_metrics, strict_json
 from aidkd.eval.kitti_ap import (
     DIFFICULTIES,
     KITTI_CLASSES,
@@ -51,6 +51,7 @@ __all__ = [
     "predictions_to_coco",
     "read_kitti_labels",
     "read_kitti_predictions",
+    "read_metrics",
     "records_to_coco",
     "split_objects",
     "strict_json",

@@ -15,6 +15,13 @@ from aidkd.eval.voc import voc_map
 __all__ = ["DetectionEvaluator", "format_metrics_table"]
 
 
+def read_metrics(text: str) -> dict:
+    """A metrics object written by ``strict_json`` (one json object), with ``null`` read back as NaN."""
+    import json
+
+    return {k: float("nan") if v is None else v for k, v in json.loads(text).items()}
+
+
 def strict_json(obj: Any, **kwargs) -> str:
     """``json.dumps`` writing strict JSON: NaN and infinities (an AP without ground truth, a diverged loss) become
     ``null``, which every JSON reader accepts (bare ``NaN`` is not JSON)."""
