@@ -188,7 +188,7 @@ NUMERIC_RANGES: dict[str, tuple[Any, str]] = {
     "SynthConfig.min_t": _FRACTION,
     "SynthConfig.max_objects": _POSITIVE,
     "SynthConfig.clutter": _NON_NEGATIVE,
-    "DataConfig.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "DataConfig.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "DataConfig.split_seed": _SEED,
     "DataConfig.min_size": (lambda v: v >= 16, ">= 16"),
     "DataConfig.max_size": (lambda v: v >= 16, ">= 16"),
