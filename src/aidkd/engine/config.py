@@ -168,6 +168,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# A float field also takes a plain fraction of two numbers, e.g. ``1/1000`` (read as a number, nothing evaluated).
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_FRACTION = re.compile(rf"\s*{_NUMBER}\s*/\s*{_NUMBER}\s*")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; build nested dataclasses; error names ``key``."""
     if tp is Any:
@@ -206,6 +211,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is float:
+        if isinstance(value, str) and _FRACTION.fullmatch(value):  # `loss_scale: 1/1000`: a number, not evaluated
+            numerator, denominator = (float(v) for v in value.split("/"))
+            if denominator != 0:
+                return numerator / denominator
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected float, got {type(value).__name__} {value!r}")
         return float(value)
