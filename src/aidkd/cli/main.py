@@ -237,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="list every problem in a dataset (exit 1 if any)")
-    p.add_argument("root", help="KITTI root, or a COCO instances json")
+    p.add_argument("root", help="kitti: a KITTI root (training/image_2, training/label_2); coco: a COCO root "
+                                "(annotations/instances_{train,val}*.json and their image folders, e.g. train2017/) "
+                                "or one instances json")
     p.add_argument("--format", choices=["kitti", "coco"], default="kitti", help="dataset layout")
-    p.add_argument("--images", help="COCO image folder (default: DATA/NAME for DATA/annotations/instances_NAME.json, else the json's folder)")
+    p.add_argument("--images", help="with a COCO instances json: its image folder (default: DATA/NAME for "
+                                    "DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
     p.add_argument("out", help="output folder (KITTI layout)")

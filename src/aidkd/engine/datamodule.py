@@ -7,7 +7,14 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from aidkd.data import DetectionDataset, collate_fn, generate_synth, load_coco_records, load_kitti_records
+from aidkd.data import (
+    DetectionDataset,
+    collate_fn,
+    find_coco_split,
+    generate_synth,
+    load_coco_records,
+    load_kitti_records,
+)
 from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
 from aidkd.engine.config import DataConfig
 
@@ -74,8 +81,27 @@ def synth_params(root: Path) -> dict | None:
     return {k: data.get(k) for k in _wanted_params(DataConfig())} if isinstance(data, dict) else None
 
 
+def resolve_coco_files(cfg: DataConfig) -> None:
+    """Fill ``data.{split}_ann`` / ``data.{split}_images`` from a COCO ``data.root`` (``find_coco_split``) where the
+    json is not set; a split without a json and without a root is an error naming the keys to set."""
+    if cfg.format != "coco":
+        return
+    for split in ("train", "val"):
+        if getattr(cfg, f"{split}_ann"):
+            continue
+        if not cfg.root:
+            raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data, or data.root: a "
+                             f"COCO root with annotations/instances_{split}*.json and its image folder")
+        check_format_matches_root(cfg)
+        ann, images = find_coco_split(cfg.root, split)
+        setattr(cfg, f"{split}_ann", str(ann))
+        if not getattr(cfg, f"{split}_images"):
+            setattr(cfg, f"{split}_images", str(images))
+
+
 def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
     if cfg.format == "coco":
+        resolve_coco_files(cfg)
         if cfg.classes is None:
             _, names = load_coco_records(cfg.train_ann or cfg.val_ann, cfg.train_images or cfg.val_images, None)
             return names, []
@@ -101,6 +127,7 @@ def load_records(cfg: DataConfig, split: str, classes: list[str]):
 def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | None):
     if cfg.format == "coco":
         check_format_matches_root(cfg)
+        resolve_coco_files(cfg)
         ann = cfg.train_ann if split == "train" else cfg.val_ann
         images = cfg.train_images if split == "train" else cfg.val_images
         if not ann or not images:
@@ -127,6 +154,7 @@ def check_configured_data(cfg: DataConfig) -> None:
     if cfg.skip_invalid:
         return
     if cfg.format == "coco":
+        resolve_coco_files(cfg)
         sources = [(ann, images) for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images))
                    if ann]
         sources = list(dict.fromkeys(sources))  # train and val may share a json
