@@ -202,6 +202,9 @@ def analyze_teacher(raw: dict, out_dir: Path) -> dict:
 
 
 def teacher_analysis_text(a: dict) -> str:
+    if a["found"] == 0:
+        return (f"the teacher finds none of the {a['instances']} validation instances at score >= "
+                f"{a['score_thresh']:g}: train it longer (aidkd analyze, in {a['folder']})")
     return (f"the teacher finds {a['found']} of the {a['instances']} validation instances (a same-class detection "
             f"above the KITTI IoU, score >= {a['score_thresh']:g}); AID weight (alpha {a['alpha']:g}) of found "
             f"{a['mean_w_found']:.3f} vs missed {a['mean_w_missed']:.3f}, ROC AUC {a['auc']:.3f} "
