@@ -187,8 +187,8 @@ def format_summary(summary: dict) -> str:
     else:
         lines = [(f"{summary['instances']} instances, teacher finds {summary['found']}, misses {summary['missed']}; "
                   f"ROC AUC of w (found vs missed): {summary['auc_found_vs_missed']:.3f}"),
-                 f"mean teacher loss D^T: found {summary['mean_loss_found']:.3f}, "
-                 f"missed {summary['mean_loss_missed']:.3f}",
+                 (f"mean teacher loss D^T: found {summary['mean_loss_found']:.3f}, "
+                  f"missed {summary['mean_loss_missed']:.3f}"),
                  "", "alpha   w min   w max   mean found   mean missed   found/missed   AUC"]
         for a, s in summary["by_alpha"].items():
             mark = "  (configured)" if float(a) == summary["alpha"] else ""
