@@ -87,7 +87,12 @@ def cmd_eval_kitti(args) -> int:
     if args.split:
         from aidkd.data import read_split_file
 
-        stems = read_split_file(args.split)
+        split = Path(args.split)
+        if split.is_dir():  # a run folder: the validation images that run used
+            from aidkd.engine.datamodule import run_split_file
+
+            split = run_split_file(split, "val")
+        stems = read_split_file(split)
     result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir, stems=stems)
     console.print(format_kitti_table(result), markup=False, highlight=False)
     if args.json:
@@ -229,9 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
     p.add_argument("gt_label_dir", help="KITTI label_2 folder (ground truth)")
     p.add_argument("pred_dir", help="prediction files, one per frame (matched by stem)")
-    p.add_argument("--split", metavar="FILE",
-                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt); "
-                        "default: every label file (a label file without prediction file counts as no detections)")
+    p.add_argument("--split", metavar="FILE|RUN_DIR",
+                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt) or the "
+                        "validation frames of a run (RUN_DIR/split/val.txt, written by every run); default: every "
+                        "label file (a label file without prediction file counts as no detections)")
     p.add_argument("--json", help="also write the AP table as json here")
     p.set_defaults(func=cmd_eval_kitti)
 

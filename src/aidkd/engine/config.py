@@ -99,7 +99,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
-    progress_bar: bool = True
+    progress_bar: bool = True  # in a terminal; else (or when off) one plain line per epoch: loss, elapsed, ETA
 
 
 @dataclass

@@ -207,3 +207,29 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False)
+
+
+SPLIT_FOLDER = "split"  # RUN_DIR/split/{train,val}.txt
+
+
+def write_split_files(run_dir: str | Path, train_records, val_records) -> list[Path]:
+    """Write the images of each split a run uses, one a line (KITTI stem, or COCO image id), to
+    ``RUN_DIR/split/train.txt`` and ``RUN_DIR/split/val.txt``; returns the paths written. ``aidkd eval-kitti --split
+    RUN_DIR`` reads the val list, so predict -> eval-kitti scores exactly the run's validation images."""
+    folder = Path(run_dir) / SPLIT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, records in (("train", train_records), ("val", val_records)):
+        path = folder / f"{name}.txt"
+        path.write_text("".join(f"{r.stem or r.image_id}\n" for r in records), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def run_split_file(run_dir: str | Path, split: str = "val") -> Path:
+    """``RUN_DIR/split/{split}.txt`` (written by :func:`write_split_files`); an error naming it when missing."""
+    path = Path(run_dir) / SPLIT_FOLDER / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is a folder without {SPLIT_FOLDER}/{split}.txt (the list of {split} images "
+                                "a run writes); pass a run folder or a split file (one stem a line)")
+    return path

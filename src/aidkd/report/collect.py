@@ -69,7 +69,7 @@ class Run:
     metrics_source: str | None = None
     model_path: Path | None = None
     meta: dict | None = None
-    seconds: float | None = None  # training time (demo results.json)
+    seconds: float | None = None  # training time (train_time.json, else the demo's results.json)
     evaluation: EvalResult | None = None
     eval_error: str | None = None
     speed: Speed | None = None
@@ -119,6 +119,9 @@ def read_json(path: Path) -> dict | None:
 def load_run(path: Path, root: Path, seconds: dict[str, float]) -> Run:
     name = path.name if path != root else (path.name or str(path))
     run = Run(name=name, path=path, seconds=seconds.get(path.name))
+    train_time = read_json(path / "train_time.json")  # the run's own record: every segment of a resumed run
+    if train_time and isinstance(train_time.get("seconds"), (int, float)):
+        run.seconds = float(train_time["seconds"])
     try:
         run.cfg = load_config(path / "config.yaml")
     except Exception as e:  # noqa: BLE001 -- shown in the page
