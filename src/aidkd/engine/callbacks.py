@@ -187,7 +187,7 @@ class TrainTime(L.Callback):
 
 def format_duration(seconds: float) -> str:
     """``h:mm:ss`` or ``m:ss``."""
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
