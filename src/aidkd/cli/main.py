@@ -267,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_coco_traffic)
 
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
-    p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results (the demo's own: a "
+                                                      "second run reuses its finished stages, resumes interrupted "
+                                                      "ones)")
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
     p.add_argument("--arch", default="gfl", choices=["gfl", "retinanet", "fcos"],
                    help="detector family of teacher and students")
     p.add_argument("--fresh", action="store_true",
-                   help="generate the scenes and train the teacher again (default: reuse them when unchanged)")
+                   help="generate the scenes and train every run again (default: reuse what is unchanged)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")

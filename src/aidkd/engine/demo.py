@@ -1,14 +1,17 @@
 """``aidkd demo``: generated driving scenes -> teacher, student, KD, KD+AID on the CPU, as one markdown table.
 
-Sized for an idle 2-core CPU (a few minutes in all): an easy generated set (cars only, near and large, few
-distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student at half its cost a step.
-A second run reuses the generated scenes and the teacher when their configuration is unchanged (``fresh=True``,
-``aidkd demo --fresh``, makes both again); the three student runs are trained anew every time.
+Sized for a 2-core CPU (about 2.5 CPU minutes in all, benchmarks/demo_time.py): an easy generated set (cars only,
+near and large, few distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student at half
+its cost a step. The demo owns its folder (``runs/demo``): a second run reuses every finished stage whose
+configuration is unchanged, resumes a stage an interrupt or kill stopped (its ``checkpoints/``), and trains anew a
+stage whose configuration changed, saying so; KD and KD + AID are trained again whenever their teacher was.
+``fresh=True`` (``aidkd demo --fresh``) makes everything again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ import yaml
 from rich.console import Console
 
 from aidkd.engine.config import config_from_dict
+from aidkd.engine.run_folder import RESUMABLE
 from aidkd.eval.evaluator import KITTI_METRIC, PRIMARY_METRIC, VOC_METRIC, coco_class_key, coco_key
 
 console = Console(soft_wrap=True)  # lines stay whole in a log file or pipe, as in the CLI
@@ -28,7 +32,7 @@ console = Console(soft_wrap=True)  # lines stay whole in a log file or pipe, as 
 DEMO_CLASSES = ["Car"]
 # The easy profile: objects nearer (depth t >= 0.3: a car's box >= ~11 px high, median ~24 px), few objects and
 # distractors; 20 % hard and 5 % mislabelled instances stay in, they are what AID down-weights.
-DEMO_SYNTH = {"num_images": 200, "seed": 0, "width": 320, "height": 96, "hard_fraction": 0.2,
+DEMO_SYNTH = {"num_images": 160, "seed": 0, "width": 320, "height": 96, "hard_fraction": 0.2,
               "mislabel_fraction": 0.05, "classes": DEMO_CLASSES, "min_t": 0.3, "max_objects": 6, "clutter": 3}
 DEMO_DATA = {"format": "synth", "min_size": 96, "max_size": 320, "batch_size": 4, "classes": DEMO_CLASSES}
 # GFL by default: from random weights it learns far faster than RetinaNet on these scenes (benchmarks/results).
@@ -46,6 +50,7 @@ KD_METHODS = [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 
 # they were tuned for pretrained 256-channel FPNs: at full scale the terms are ~100x this from-scratch student's
 # detection loss. Sweep on this demo (KD - student, COCO AP, one seed): 1/1000 +0.7, 1/400 +1.0, 1/200 +0.9.
 DISTILL_SCALE = 0.0025
+DEFAULT_OUT = "runs/demo"
 # (teacher, student) epochs: the teacher's longer schedule is what makes it clearly better from random weights.
 EPOCHS = {False: (5, 3), True: (1, 1)}
 QUICK_IMAGES = 24
@@ -70,8 +75,7 @@ def demo_configs(out: Path, quick: bool = False, arch: str = "gfl") -> dict[str,
         # to 0 gets the most out of a few epochs. One validation, at the end: it costs a training epoch's tenth.
         return {"name": name, "output_dir": str(out / name), "seed": 0, "data": data, "model": model,
                 "train": {"epochs": epochs, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
-                          "scheduler": "cosine", "warmup_steps": 30, "val_every": epochs, "log_every": 10,
-                          "progress_bar": False},
+                          "scheduler": "cosine", "warmup_steps": 30, "val_every": epochs, "log_every": 10},
                 "distill": distill}
 
     teacher_ckpt = str(out / "teacher" / "model_best.pt")
@@ -216,48 +220,103 @@ def _config_text(raw: dict) -> str:
     return yaml.safe_dump(config_from_dict(raw).to_dict(), sort_keys=False)
 
 
-def _reusable(run_dir: Path, raw: dict) -> dict | None:
-    """Final metrics of a finished earlier run of exactly this configuration (its model file written), else None."""
+def stage_state(run_dir: Path, raw: dict) -> str:
+    """What an earlier demo left in ``run_dir`` for the configuration ``raw``: ``"finished"`` (final metrics and
+    model file of exactly this configuration), ``"interrupted"`` (this configuration, a checkpoint to resume from,
+    no final metrics), ``"changed"`` (a run of another configuration) or ``"new"`` (nothing)."""
     try:
-        same = (run_dir / "config.yaml").read_text() == _config_text(raw)
-        metrics = json.loads((run_dir / "final_metrics.json").read_text())
+        config = (run_dir / "config.yaml").read_text()
+    except OSError:
+        return "new"
+    if config != _config_text(raw):
+        return "changed"
+    try:
+        finished = bool(json.loads((run_dir / "final_metrics.json").read_text()))
     except (OSError, ValueError):
-        return None
-    return metrics if same and metrics and (run_dir / "model_best.pt").exists() else None
+        finished = False
+    if finished and (run_dir / "model_best.pt").exists():
+        return "finished"
+    checkpoints = run_dir / "checkpoints"
+    return "interrupted" if any((checkpoints / n).is_file() for n in RESUMABLE) else "changed"
 
 
-def run_demo(out: Path, quick: bool = False, arch: str = "gfl", fresh: bool = False) -> dict:
+def cpu_threads() -> tuple[int, int, float]:
+    """``(threads, usable cores, 1-min load average)``: torch threads for the cores other processes leave free.
+    More threads than free cores spin against the other processes and cost CPU time without gaining speed."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        load = 0.0
+    return max(1, cores - round(load)), cores, load
+
+
+def demo_command(out: Path, quick: bool, arch: str) -> str:
+    """The ``aidkd demo`` command line that continues this demo (same folder, size and family)."""
+    parts = ["aidkd demo", *(["--quick"] if quick else []), *(["--arch", arch] if arch != "gfl" else []),
+             *(["--out", str(out)] if Path(out) != Path(DEFAULT_OUT) else [])]
+    return " ".join(parts)
+
+
+def _train_seconds(run_dir: Path, fallback: float) -> float:
+    """The run's own training time (train_time.json: every segment of a resumed run), else ``fallback``."""
+    try:
+        return float(json.loads((run_dir / "train_time.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
+
+
+def run_demo(out: Path = Path(DEFAULT_OUT), quick: bool = False, arch: str = "gfl", fresh: bool = False) -> dict:
     from aidkd.engine.run import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = demo_configs(out, quick, arch)
     if fresh:  # only the folders the demo itself writes
-        for sub in ("data", "teacher"):
+        for sub in ("data", *cfgs):
             shutil.rmtree(out / sub, ignore_errors=True)
     try:
         previous = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         previous = {}
+    threads, cores, load = cpu_threads()
+    torch.set_num_threads(threads)
+    console.print(f"torch threads: {threads} ({cores} usable cores, 1-min load average {load:.1f})", highlight=False)
+    again = demo_command(out, quick, arch)
     results: dict[str, dict] = {}
     aid_log = AIDWeightLog()
     start = time.time()
+    teacher_trained = False
     for name, raw in cfgs.items():
         console.rule(f"[bold]{name}")
-        reused = _reusable(out / name, raw) if name == "teacher" else None
-        if reused is not None:
-            console.print(f"reusing the teacher trained by an earlier run with the same configuration "
-                          f"({out / name}); `aidkd demo --fresh` trains it and generates the scenes again",
-                          highlight=False)
-            seconds = float(previous.get(name, {}).get("seconds", 0.0))
-            results[name] = {"metrics": reused, "seconds": seconds, "reused": True}
+        run_dir = out / name
+        state = stage_state(run_dir, raw)
+        if teacher_trained and name in ("kd", "kd_aid") and state != "new":
+            state = "changed"  # distilled from the teacher trained just now
+        if state == "finished":
+            console.print(f"reusing {name}, finished by an earlier run with the same configuration ({run_dir}); "
+                          f"`{again} --fresh` trains everything again", highlight=False)
+            metrics = json.loads((run_dir / "final_metrics.json").read_text())
+            seconds = _train_seconds(run_dir, float(previous.get(name, {}).get("seconds", 0.0)))
+            results[name] = {"metrics": metrics, "seconds": seconds, "reused": True}
             continue
+        if state == "interrupted":
+            console.print(f"resuming {name} from its checkpoint in {run_dir / 'checkpoints'}", highlight=False)
+        elif state == "changed":
+            console.print(f"training {name} anew in {run_dir}: the run there is of another configuration (or "
+                          "its teacher changed)", highlight=False)
         t0 = time.time()
-        # overwrite: a student run starts afresh every time, removing only what an earlier demo run wrote there
-        metrics = train(config_from_dict(raw), extra_callbacks=[aid_log] if name == "kd_aid" else (), overwrite=True)
-        results[name] = {"metrics": metrics, "seconds": time.time() - t0, "reused": False}
+        # overwrite: removes only what a run writes there (run_folder.RUN_OUTPUTS)
+        metrics = train(config_from_dict(raw), extra_callbacks=[aid_log] if name == "kd_aid" else (),
+                        resume=True if state == "interrupted" else None, overwrite=state != "interrupted",
+                        resume_hint=f"run `{again}` again to resume the demo")
+        results[name] = {"metrics": metrics, "seconds": _train_seconds(run_dir, time.time() - t0), "reused": False}
+        teacher_trained = teacher_trained or name == "teacher"
     data_root = Path(cfgs["teacher"]["data"]["root"])
-    results["kd_aid"]["aid_weights"] = summarize_aid(aid_log, data_root, DEMO_CLASSES)
+    if results["kd_aid"]["reused"] and previous.get("kd_aid", {}).get("aid_weights"):
+        results["kd_aid"]["aid_weights"] = previous["kd_aid"]["aid_weights"]  # logged while it trained
+    else:
+        results["kd_aid"]["aid_weights"] = summarize_aid(aid_log, data_root, DEMO_CLASSES)
     results["kd_aid"]["teacher_analysis"] = analyze_teacher(cfgs["kd_aid"], out / "kd_aid" / "analysis")
     table = results_table(results, row_names(cfgs), DEMO_CLASSES)
     aid_text = (aid_summary_text(results["kd_aid"]["aid_weights"]) + "\n"
