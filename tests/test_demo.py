@@ -152,7 +152,8 @@ def test_reuse_and_fresh(tmp_path, monkeypatch, no_analysis):
     monkeypatch.setattr(demo.console, "print", lambda *a, **k: printed.append(str(a[0]) if a else ""))
     run_demo(out, quick=True)
     assert [c[0] for c in calls] == ["teacher", "kd", "kd_aid"], "the student does not depend on the teacher"
-    assert any(line.startswith("training teacher anew") for line in printed)
+    assert any(line.endswith("teacher: the run there is of another configuration") for line in printed)
+    assert any(line.endswith("kd: its teacher was trained again") for line in printed)
     calls.clear()
     (out / "student" / "final_metrics.json").write_text("{}")  # a run stopped before its validation, no checkpoint
     run_demo(out, quick=True)

@@ -223,7 +223,8 @@ def _config_text(raw: dict) -> str:
 def stage_state(run_dir: Path, raw: dict) -> str:
     """What an earlier demo left in ``run_dir`` for the configuration ``raw``: ``"finished"`` (final metrics and
     model file of exactly this configuration), ``"interrupted"`` (this configuration, a checkpoint to resume from,
-    no final metrics), ``"changed"`` (a run of another configuration) or ``"new"`` (nothing)."""
+    no final metrics), ``"unfinished"`` (this configuration, stopped before its first checkpoint), ``"changed"``
+    (a run of another configuration) or ``"new"`` (nothing)."""
     try:
         config = (run_dir / "config.yaml").read_text()
     except OSError:
@@ -237,7 +238,7 @@ def stage_state(run_dir: Path, raw: dict) -> str:
     if finished and (run_dir / "model_best.pt").exists():
         return "finished"
     checkpoints = run_dir / "checkpoints"
-    return "interrupted" if any((checkpoints / n).is_file() for n in RESUMABLE) else "changed"
+    return "interrupted" if any((checkpoints / n).is_file() for n in RESUMABLE) else "unfinished"
 
 
 def cpu_threads() -> tuple[int, int, float]:
@@ -292,7 +293,7 @@ def run_demo(out: Path = Path(DEFAULT_OUT), quick: bool = False, arch: str = "gf
         run_dir = out / name
         state = stage_state(run_dir, raw)
         if teacher_trained and name in ("kd", "kd_aid") and state != "new":
-            state = "changed"  # distilled from the teacher trained just now
+            state = "teacher"  # distilled from another teacher than the one trained just now
         if state == "finished":
             console.print(f"reusing {name}, finished by an earlier run with the same configuration ({run_dir}); "
                           f"`{again} --fresh` trains everything again", highlight=False)
@@ -302,9 +303,11 @@ def run_demo(out: Path = Path(DEFAULT_OUT), quick: bool = False, arch: str = "gf
             continue
         if state == "interrupted":
             console.print(f"resuming {name} from its checkpoint in {run_dir / 'checkpoints'}", highlight=False)
-        elif state == "changed":
-            console.print(f"training {name} anew in {run_dir}: the run there is of another configuration (or "
-                          "its teacher changed)", highlight=False)
+        elif state != "new":
+            why = {"changed": "the run there is of another configuration",
+                   "unfinished": "the run there stopped before its first checkpoint",
+                   "teacher": "its teacher was trained again"}[state]
+            console.print(f"training {name} anew in {run_dir}: {why}", highlight=False)
         t0 = time.time()
         # overwrite: removes only what a run writes there (run_folder.RUN_OUTPUTS)
         metrics = train(config_from_dict(raw), extra_callbacks=[aid_log] if name == "kd_aid" else (),
