@@ -52,7 +52,7 @@ KD_METHODS = [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 
 DISTILL_SCALE = 0.0025
 DEFAULT_OUT = "runs/demo"
 # (teacher, student) epochs: the teacher's longer schedule is what makes it clearly better from random weights.
-EPOCHS = {False: (5, 3), True: (1, 1)}
+EPOCHS = {False: (5, 2), True: (1, 1)}
 QUICK_IMAGES = 24
 
 
