@@ -27,8 +27,9 @@ def test_demo_plan(tmp_path):
     # the teacher is the costlier model: ResNet-18 with a 64-channel FPN vs MobileNetV3-small with 32 channels
     assert (t["model"]["backbone"], t["model"]["fpn_channels"]) == ("resnet18", 64)
     assert (s["model"]["backbone"], s["model"]["fpn_channels"]) == ("mobilenet_v3_small", 32)
-    for name in ("student", "kd", "kd_aid"):  # one schedule, one model for every student run
+    for name in ("student", "kd", "kd_aid"):  # one schedule, one model, one data setting for every student run
         assert cfgs[name]["train"] == s["train"] and cfgs[name]["model"] == s["model"]
+        assert cfgs[name]["data"] == dict(t["data"], hflip=0.0)  # one teacher-loss cache entry an image
     for raw in cfgs.values():  # one validation, at the end of a cosine schedule
         assert raw["train"]["val_every"] == raw["train"]["epochs"] and raw["train"]["scheduler"] == "cosine"
     assert cfgs["kd"]["distill"]["aid"]["enabled"] is False and cfgs["kd_aid"]["distill"]["aid"]["enabled"] is True
