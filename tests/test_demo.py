@@ -27,8 +27,9 @@ def test_demo_plan(tmp_path):
     # the teacher is the costlier model: ResNet-18 with a 64-channel FPN vs MobileNetV3-small with 32 channels
     assert (t["model"]["backbone"], t["model"]["fpn_channels"]) == ("resnet18", 64)
     assert (s["model"]["backbone"], s["model"]["fpn_channels"]) == ("mobilenet_v3_small", 32)
-    for name in ("student", "kd", "kd_aid"):  # one schedule, one model for every student run
+    for name in ("student", "kd", "kd_aid"):  # one schedule, one model, one data setting for every student run
         assert cfgs[name]["train"] == s["train"] and cfgs[name]["model"] == s["model"]
+        assert cfgs[name]["data"] == dict(t["data"], hflip=0.0)  # one teacher-loss cache entry an image
     for raw in cfgs.values():  # one validation, at the end of a cosine schedule
         assert raw["train"]["val_every"] == raw["train"]["epochs"] and raw["train"]["scheduler"] == "cosine"
     assert cfgs["kd"]["distill"]["aid"]["enabled"] is False and cfgs["kd_aid"]["distill"]["aid"]["enabled"] is True
@@ -100,52 +101,89 @@ def test_summarize_aid(tmp_path):
     assert f"{s['instances']} ground-truth instances" in text and f"mean {s['mean']:.3f}" in text
 
 
-def test_reuse_and_fresh(tmp_path, monkeypatch):
-    """A second run reuses the teacher of the same configuration; --fresh or a changed teacher config retrains it;
-    the students always train anew (fake `train`: records the calls, writes what a run writes)."""
-    calls = []
+def _fake_train(tmp_path, calls, interrupt_at=None):
+    """A `train` that records its calls and writes what a run writes; ``interrupt_at``: the run name that is
+    stopped as Ctrl-C stops a run (config and checkpoint written, no final metrics, SystemExit)."""
 
-    overwrites = []
-
-    def fake_train(cfg, extra_callbacks=(), overwrite=False):
-        calls.append(cfg.name)
-        overwrites.append(overwrite)
+    def fake_train(cfg, extra_callbacks=(), overwrite=False, resume=None, resume_hint=None):
+        calls.append((cfg.name, "resume" if resume else "overwrite" if overwrite else "new", resume_hint))
         out = tmp_path / "demo" / cfg.name
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+        if cfg.name == interrupt_at:
+            (out / "checkpoints").mkdir(exist_ok=True)
+            torch.save({}, out / "checkpoints" / "interrupted.ckpt")
+            raise SystemExit(1)
         metrics = {"coco/AP": float(len(calls))}
         (out / "final_metrics.json").write_text(json.dumps(metrics))
         torch.save({}, out / "model_best.pt")
         return metrics
 
-    monkeypatch.setattr("aidkd.engine.run.train", fake_train)
+    return fake_train
+
+
+@pytest.fixture
+def no_analysis(monkeypatch):
     monkeypatch.setattr("aidkd.engine.demo.analyze_teacher", lambda raw, out_dir: {
         "instances": 2, "found": 1, "score_thresh": 0.3, "alpha": 0.1, "mean_w_found": 0.9, "mean_w_missed": 0.8,
         "auc": 1.0, "folder": str(out_dir)})  # the fake teacher file cannot be analysed
+
+
+def test_reuse_and_fresh(tmp_path, monkeypatch, no_analysis):
+    """The demo owns its folder: a second run reuses every finished stage of the same configuration; --fresh, or a
+    changed teacher config, trains it again and, with it, KD and KD + AID (fake `train`)."""
+    calls = []
+    monkeypatch.setattr("aidkd.engine.run.train", _fake_train(tmp_path, calls))
     out = tmp_path / "demo"
     first = run_demo(out, quick=True)
-    assert calls == ["teacher", "student", "kd", "kd_aid"] and not first["teacher"]["reused"]
+    assert [c[:2] for c in calls] == [(n, "overwrite") for n in ("teacher", "student", "kd", "kd_aid")]
+    assert not any(r["reused"] for r in first.values())
     calls.clear()
-    overwrites.clear()
     second = run_demo(out, quick=True)
-    assert calls == ["student", "kd", "kd_aid"] and second["teacher"]["reused"]
-    assert second["teacher"]["metrics"] == first["teacher"]["metrics"]
-    assert second["teacher"]["seconds"] == pytest.approx(first["teacher"]["seconds"])
-    assert overwrites == [True] * 3, "a student run replaces the earlier demo's run (only aidkd's own outputs)"
-    assert "| reused |" in (out / "results.md").read_text()
-    calls.clear()
+    assert calls == [] and all(r["reused"] for r in second.values())
+    assert {n: r["metrics"] for n, r in second.items()} == {n: r["metrics"] for n, r in first.items()}
+    assert (out / "results.md").read_text().count("| reused |") == 4
     (out / "data" / "keep.txt").parent.mkdir(parents=True, exist_ok=True)
     (out / "data" / "keep.txt").write_text("x")
     run_demo(out, quick=True, fresh=True)
-    assert calls == ["teacher", "student", "kd", "kd_aid"] and not (out / "data" / "keep.txt").exists()
+    assert [c[0] for c in calls] == ["teacher", "student", "kd", "kd_aid"] and not (out / "data" / "keep.txt").exists()
     calls.clear()
     monkeypatch.setattr(demo, "EPOCHS", {True: (2, 1), False: demo.EPOCHS[False]})
+    printed = []
+    monkeypatch.setattr(demo.console, "print", lambda *a, **k: printed.append(str(a[0]) if a else ""))
     run_demo(out, quick=True)
-    assert calls[0] == "teacher", "a teacher of another configuration is not reused"
+    assert [c[0] for c in calls] == ["teacher", "kd", "kd_aid"], "the student does not depend on the teacher"
+    assert any(line.endswith("teacher: the run there is of another configuration") for line in printed)
+    assert any(line.endswith("kd: its teacher was trained again") for line in printed)
     calls.clear()
-    (out / "teacher" / "final_metrics.json").write_text("{}")  # a run stopped before its validation
+    (out / "student" / "final_metrics.json").write_text("{}")  # a run stopped before its validation, no checkpoint
     run_demo(out, quick=True)
-    assert calls[0] == "teacher"
+    assert [c[:2] for c in calls] == [("student", "overwrite")]
+
+
+def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, monkeypatch, no_analysis):
+    """A second `aidkd demo` resumes the half-trained teacher (never overwrites it) and the interrupt message says
+    to run the demo again, not `--resume FILE` which `aidkd demo` does not take."""
+    calls = []
+    monkeypatch.setattr("aidkd.engine.run.train", _fake_train(tmp_path, calls, interrupt_at="teacher"))
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit):
+        run_demo(out, quick=True)
+    assert [c[:2] for c in calls] == [("teacher", "overwrite")]
+    assert calls[0][2] == f"run `aidkd demo --quick --out {out}` again to resume the demo"
+    calls.clear()
+    monkeypatch.setattr("aidkd.engine.run.train", _fake_train(tmp_path, calls))
+    run_demo(out, quick=True)
+    assert [c[:2] for c in calls] == [("teacher", "resume"), ("student", "overwrite"), ("kd", "overwrite"),
+                                      ("kd_aid", "overwrite")]
+    assert demo.demo_command(demo.Path(demo.DEFAULT_OUT), False, "fcos") == "aidkd demo --arch fcos"
+
+
+def test_torch_threads_follow_the_free_cores(monkeypatch):
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, threads in ((0.2, 4), (1.6, 2), (3.4, 1), (9.0, 1)):
+        monkeypatch.setattr(demo.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert demo.cpu_threads() == (threads, 4, load)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -178,10 +216,12 @@ def test_quick_demo_writes_the_table(tmp_path, capsys):
     assert 0 <= a["found"] <= a["instances"] and (tmp_path / "kd_aid" / "analysis" / "instances.csv").exists()
     printed = capsys.readouterr().out
     assert f"aidkd report {tmp_path}" in printed.replace("\n", "") and "results.md" in printed
-    assert f"the teacher finds {a['found']} of the {a['instances']} validation instances" in printed
-    # a second run reuses the teacher and, deterministic for the seed, gives the students the same numbers
+    assert demo.teacher_analysis_text(a) in printed
+    assert printed.startswith("torch threads: ")
+    # outside a terminal every run prints one line per epoch (one epoch each here)
+    assert [line.split(":")[0] for line in printed.splitlines() if ": epoch 1/1  loss " in line] == list(results)
+    # a second run reuses every finished stage, with its numbers and AID weights
     again = run_demo(tmp_path, quick=True)
-    assert again["teacher"]["reused"] and same(again["teacher"]["metrics"], results["teacher"]["metrics"])
-    for name in ("student", "kd", "kd_aid"):
-        assert same(again[name]["metrics"], results[name]["metrics"]), name
+    for name in results:
+        assert again[name]["reused"] and same(again[name]["metrics"], results[name]["metrics"]), name
     assert again["kd_aid"]["aid_weights"] == s

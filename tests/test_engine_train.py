@@ -229,3 +229,57 @@ def test_an_interrupt_saves_a_checkpoint_and_exits_nonzero(deterministic_run, si
     assert torch.load(saved, weights_only=True)["global_step"] > 0
     assert code == 128 + getattr(signal, sig), log.read_text()[-3000:]  # 143 and 130, as the signal killed it
     assert not (out / name / "final_metrics.json").exists()  # an interrupted run is not a finished one
+
+
+def test_a_run_writes_its_split_and_eval_kitti_reads_it(deterministic_run, synth_root, tmp_path, capsys):
+    """RUN_DIR/split/{train,val}.txt hold the stems the run trained and validated on; `aidkd eval-kitti --split
+    RUN_DIR` scores exactly the validation frames."""
+    from aidkd.cli.main import main
+    from aidkd.engine.datamodule import DetectionDataModule
+
+    cfg, out, _ = deterministic_run
+    dm = DetectionDataModule(cfg("full").data)
+    dm.setup("fit")
+    run = out / "full"
+    train_stems = (run / "split" / "train.txt").read_text().split()
+    val_stems = (run / "split" / "val.txt").read_text().split()
+    assert train_stems == [r.stem for r in dm.train_set.records] and val_stems == [r.stem for r in dm.val_set.records]
+    assert len(train_stems) == 16 and len(val_stems) == 4 and not set(train_stems) & set(val_stems)
+    # prediction files for the val frames only: with the run's split, no label file lacks one
+    labels = synth_root / "training" / "label_2"
+    preds = tmp_path / "pred"
+    preds.mkdir()
+    for stem in val_stems:
+        lines = [line.split() for line in (labels / f"{stem}.txt").read_text().splitlines()]
+        (preds / f"{stem}.txt").write_text("".join(" ".join(f[:15] + ["0.9"]) + "\n" for f in lines))
+    with_run, with_file, everything = tmp_path / "run.json", tmp_path / "file.json", tmp_path / "all.json"
+    capsys.readouterr()
+    assert main(["eval-kitti", str(labels), str(preds), "--split", str(run), "--json", str(with_run)]) == 0
+    assert "no prediction file" not in capsys.readouterr().out
+    main(["eval-kitti", str(labels), str(preds), "--json", str(everything)])
+    assert "16 of 20 label files have no prediction file" in capsys.readouterr().out
+    main(["eval-kitti", str(labels), str(preds), "--split", str(run / "split" / "val.txt"), "--json", str(with_file)])
+    assert with_run.read_text() == with_file.read_text() != everything.read_text()
+    assert main(["eval-kitti", str(labels), str(preds), "--split", str(tmp_path)]) == 2
+    assert "without split/val.txt" in capsys.readouterr().out
+
+
+def test_resumed_run_drops_interrupted_ckpt_and_sums_its_train_time(tiny_cfg, capsys):
+    """After a Ctrl-C and a resume that writes a newer last.ckpt, interrupted.ckpt is gone; train_time.json sums both
+    segments; outside a terminal every epoch prints one plain line (loss, elapsed, ETA)."""
+    cfg = config_from_dict(tiny_cfg("segments", train={"epochs": 2}))
+    with pytest.raises(SystemExit):  # Lightning exits after a graceful Ctrl-C shutdown
+        train(cfg, extra_callbacks=[_CtrlCAtStep2()])
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    first = torch.load(ckpts / "interrupted.ckpt", weights_only=True)["callbacks"]["TrainTime"]
+    assert first["segments"] == 1 and first["seconds"] > 0
+    assert not (Path(cfg.output_dir) / "train_time.json").exists()
+    capsys.readouterr()
+    train(config_from_dict(tiny_cfg("segments", train={"epochs": 2})), resume=True)
+    assert not (ckpts / "interrupted.ckpt").exists() and (ckpts / "last.ckpt").exists()
+    record = json.loads((Path(cfg.output_dir) / "train_time.json").read_text())
+    assert record["segments"] == 2 and record["seconds"] > first["seconds"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("segments: epoch")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]  # the resumed epoch 1 and epoch 2
+    assert all("loss " in line and " elapsed " in line and " ETA " in line for line in lines)
+    assert lines[-1].endswith("ETA 0:00") and float(lines[-1].split("loss ")[1].split()[0]) > 0

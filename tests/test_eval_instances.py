@@ -82,6 +82,20 @@ def test_summarize_means_contrast_auc_and_histograms():
     assert "ROC AUC of w (found vs missed): 1.000" in text and "(configured)" in text
 
 
+def test_nothing_found_says_why_and_what_to_do_instead_of_nan():
+    rows = [dict(_row("Car", 1.0, False), det_score=0.12), dict(_row("Car", 3.0, False), det_score=0.0)]
+    s = dict(ins.summarize(rows, alpha=0.1), score_thresh=0.3)
+    assert s["found"] == 0 and s["best_det_score"] == pytest.approx(0.12)
+    text = ins.format_summary(s)
+    assert "nan" not in text.lower()
+    assert "the teacher finds none of them at score >= 0.3" in text and "best-scoring matching detection scores 0.12" \
+        in text and "Train the teacher longer, or lower --score-thresh (e.g. to 0.11)" in text
+    mean = (math.exp(-0.1) + math.exp(-0.3)) / 2  # the weights are still shown, per alpha
+    assert f"{mean:6.3f}  (configured)" in text
+    none = dict(ins.summarize([_row("Car", 1.0, False)], alpha=0.1), score_thresh=0.3)
+    assert "no detection overlapping an instance" in ins.format_summary(none)
+
+
 def test_summarize_configured_alpha_comes_first_without_duplicates():
     rows = [_row("Car", 1.0, True), _row("Car", 3.0, False)]
     assert list(ins.summarize(rows, alpha=0.3)["by_alpha"]) == ["0.3", "0.1", "1"]

@@ -499,7 +499,7 @@ def test_metrics_table_says_what_each_value_is():
     table = format_metrics_table({"coco/AP": 12.3456, "kitti/Car/moderate": 50.0, "voc/AP50/a/b": float("nan")})
     assert "| Metric | Value (%) | Meaning |" in table
     assert "| coco/AP | 12.35 | COCO AP, IoU 0.50:0.95, mean over classes |" in table
-    assert "| kitti/Car/moderate | 50.00 | KITTI AP|R40 of class Car, moderate |" in table
+    assert "| kitti/Car/moderate | 50.00 | KITTI AP\\|R40 of class Car, moderate |" in table
     assert "| voc/AP50/a/b | n/a | VOC AP at IoU 0.5 of class a/b |" in table
 
 

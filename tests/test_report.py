@@ -84,6 +84,14 @@ def demo_folder(tmp_path_factory, synth_root):
     (root / "kd_aid" / "aid_weights.jsonl").write_text(
         json.dumps({"step": 0, "weights": [1.0, 0.5, 0.25], "classes": ["Car", "Car", "Pedestrian"]}) + "\n" +
         json.dumps({"step": 10, "weights": [0.75], "classes": ["Car"]}) + "\nnot json\n")
+    # a resumed run's own record of its training time, both segments (train_time.json), over the demo's results.json
+    (root / "kd_aid" / "train_time.json").write_text(json.dumps({"seconds": 9.4, "segments": 2}))
+    from aidkd.eval import instances
+
+    rows = [{"class": "Car", "teacher_loss": 0.5, "found": True, "difficulty": "easy"},
+            {"class": "Car", "teacher_loss": 4.0, "found": False, "difficulty": "easy"}]
+    (root / "kd_aid" / "analysis").mkdir()
+    (root / "kd_aid" / "analysis" / "summary.json").write_text(json.dumps(instances.summarize(rows, alpha=0.1)))
     broken = root / "broken"
     broken.mkdir()
     (broken / "best_metrics.json").write_text(json.dumps({"coco/AP": 1.5}))
@@ -130,10 +138,11 @@ def test_report_contents(demo_report):
     assert kd.count('src="data:image/png;base64,') >= 2 + 2 + 2 + 2  # PR, training, 2 samples, 4 TB images
     assert "distill/instance_weights" in kd and "distill/teacher_spatial_attention" in kd
     assert "re-evaluated (4 val images)" in kd and "KITTI moderate" in kd and "Pedestrian" in kd
-    assert "teacher retinanet/resnet18 (teacher)" in kd and "faster on the CPU" in kd  # teacher vs student speed
-    comparison = page[page.index('id="comparison"'):page.index('id="run-teacher"')]
+    assert "teacher retinanet/resnet18 (teacher)" in kd  # teacher vs student speed
+    assert re.search(r"parameters, latency \d\.\d\dx on the CPU", kd) and "faster" not in kd
+    comparison = page[page.index('id="comparison"'):page.index('id="analysis"')]
     assert all(n in comparison for n in ("teacher", "kd_aid", "broken"))
-    assert ">12<" in comparison and ">7<" in comparison  # training seconds from results.json
+    assert ">12<" in comparison and ">9<" in comparison  # results.json, and kd_aid's own train_time.json
     teacher = page[page.index('id="run-teacher"'):page.index('id="run-kd_aid"')]
     assert "not available: not a distillation run" in teacher
     broken = page[page.index('id="run-broken"'):]
@@ -236,3 +245,67 @@ def test_comparison_delta_digits_and_noise(tmp_path):
     assert html.count('class="best"') == 4  # kd_aid's AP, AP50, VOC, KITTI moderate: far beyond the noise
     close = _comparison_html([run("student", 12.34, 50), run("kd", 12.87, 50)])
     assert 'class="best"' not in close  # 0.5 points on 50 boxes is noise
+
+
+def test_folder_page_has_each_runs_instance_analysis_and_load(demo_report):
+    """The folder-of-runs page shows a run's `aidkd analyze` folder (RUN/analysis) as the single-run page does, and
+    the latencies come with how they were timed and the machine's load."""
+    page = demo_report.read_text()
+    analysis = page[page.index('id="analysis"'):page.index('id="run-teacher"')]
+    assert "kd_aid" in analysis and "ROC AUC of w for found vs missed: 1.000" in analysis
+    comparison = page[page.index('id="comparison"'):page.index('id="analysis"')]
+    assert "timed interleaved in one process" in comparison and re.search(r"1-min load average \d+\.\d", comparison)
+    assert re.search(r"<td>\d+\.\d ± \d+\.\d</td>", page[page.index('id="speed-kd_aid"'):])
+
+
+def test_latency_is_timed_interleaved():
+    """Round r times every model once, starting at model r mod n: a change of load falls on every model alike."""
+    from aidkd.report import measure_speeds
+
+    calls = []
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds, self.w = name, seconds, torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            calls.append(self.name)
+            import time
+
+            time.sleep(self.seconds)
+            return x
+
+    speeds = measure_speeds({"t": (Sleeper("t", 0.012), (8, 8)), "s": (Sleeper("s", 0.002), (8, 8))}, runs=4)
+    assert calls[4:] == ["t", "s", "s", "t", "t", "s", "s", "t"]  # after 2 warm-up passes each
+    assert speeds["t"].passes == speeds["s"].passes == 4 and speeds["t"].params == 3
+    assert speeds["t"].latency_ms >= 12 > speeds["s"].latency_ms >= 2 and speeds["s"].load_avg is not None
+
+
+def test_header_says_how_long_the_report_took(tmp_path, monkeypatch):
+    """The header's duration covers the page too (its charts and images are most of the work)."""
+    import time
+
+    from aidkd.report import html as report_html
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(config_from_dict({"name": "run", "output_dir": str(run),
+                                  "data": {"format": "kitti", "root": str(tmp_path / "missing")}}),
+                run / "config.yaml")
+    real = report_html._run_html
+    monkeypatch.setattr(report_html, "_run_html", lambda r: (time.sleep(1.6), real(r))[1])
+    page = build_report(run).read_text()
+    assert int(re.search(r"in (\d+) s</p>", page).group(1)) >= 2
+
+
+def test_metric_tables_escape_the_pipe():
+    """`KITTI AP|R40` in a markdown table cell must not split it."""
+    from aidkd.eval import format_metrics_table
+
+    table = format_metrics_table({"coco/AP": 12.5, "kitti/moderate_mAP": 40.0, "kitti/Car/hard": 20.0})
+    for line in table.splitlines():
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        assert len(cells) == 3, line
+    assert "KITTI AP\\|R40" in table
+

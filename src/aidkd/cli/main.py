@@ -97,7 +97,12 @@ def cmd_eval_kitti(args) -> int:
     if args.split:
         from aidkd.data import read_split_file
 
-        stems = read_split_file(args.split)
+        split = Path(args.split)
+        if split.is_dir():  # a run folder: the validation images that run used
+            from aidkd.engine.datamodule import run_split_file
+
+            split = run_split_file(split, "val")
+        stems = read_split_file(split)
     result = evaluate_kitti_dirs(args.gt_label_dir, args.pred_dir, stems=stems)
     console.print(format_kitti_table(result), markup=False, highlight=False)
     if args.json:
@@ -266,18 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-kitti", help="score KITTI prediction files against KITTI labels (AP_R40)")
     p.add_argument("gt_label_dir", help="KITTI label_2 folder (ground truth)")
     p.add_argument("pred_dir", help="prediction files, one per frame (matched by stem)")
-    p.add_argument("--split", metavar="FILE",
-                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt); "
-                        "default: every label file (a label file without prediction file counts as no detections)")
+    p.add_argument("--split", metavar="FILE|RUN_DIR",
+                   help="evaluate only the frames listed in FILE (one stem a line, e.g. ImageSets/val.txt) or the "
+                        "validation frames of a run (RUN_DIR/split/val.txt, written by every run); default: every "
+                        "label file (a label file without prediction file counts as no detections)")
     p.add_argument("--json", help="also write the AP table as json here")
     _add_force_arg(p, "the --json file")
     p.set_defaults(func=cmd_eval_kitti)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="list every problem in a dataset (exit 1 if any)")
-    p.add_argument("root", help="KITTI root, a COCO instances json, or a YOLO data.yaml (or its folder)")
+    p.add_argument("root", help="kitti: a KITTI root (training/image_2, training/label_2); coco: a COCO root "
+                                "(annotations/instances_{train,val}*.json and their image folders, e.g. train2017/) "
+                                "or one instances json; yolo: a data.yaml (or its folder)")
     p.add_argument("--format", choices=["kitti", "coco", "yolo"], default="kitti", help="dataset layout")
-    p.add_argument("--images", help="COCO image folder (default: DATA/NAME for DATA/annotations/instances_NAME.json, else the json's folder)")
+    p.add_argument("--images", help="with a COCO instances json: its image folder (default: DATA/NAME for "
+                                    "DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="generate procedural driving scenes in KITTI layout")
     p.add_argument("out", help="output folder (KITTI layout)")
@@ -312,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("demo", help="small CPU demo: teacher, student, KD and KD+AID on generated scenes")
-    p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results")
+    p.add_argument("--out", default="runs/demo", help="folder for the data, runs and results (the demo's own: a "
+                                                      "second run reuses its finished stages, resumes interrupted "
+                                                      "ones)")
     p.add_argument("--quick", action="store_true", help="a much shorter schedule (smoke test)")
     p.add_argument("--arch", default="gfl", choices=["gfl", "retinanet", "fcos"],
                    help="detector family of teacher and students")
     p.add_argument("--fresh", action="store_true",
-                   help="generate the scenes and train the teacher again (default: reuse them when unchanged)")
+                   help="generate the scenes and train every run again (default: reuse what is unchanged)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="export a trained detector to ONNX and check parity with onnxruntime")

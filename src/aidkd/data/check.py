@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .coco import scan_coco
+from .coco import find_coco_split, scan_coco
 from .dataset import validate_records
 from .kitti import scan_kitti
 from .structures import DatasetError
@@ -34,9 +34,10 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     ``fmt="kitti"``: ``root_or_json`` is a KITTI root (``training/image_2``, ``training/label_2``, optional
     ``ImageSets/*.txt``); checks every label line, label files without images and vice versa, split files,
     every image (fully decoded when ``decode``), and boxes against the real image size (1 px tolerance).
-    ``fmt="coco"``: ``root_or_json`` is an instances json; ``image_dir`` defaults as in
-    :func:`aidkd.data.coco.load_coco_records`. Checks json structure/ids/boxes and every referenced image,
-    including its size against the declared ``width``/``height``.
+    ``fmt="coco"``: ``root_or_json`` is an instances json (``image_dir`` defaults as in
+    :func:`aidkd.data.coco.load_coco_records`) or a COCO root folder (each split :func:`coco_sources` finds).
+    Checks json structure/ids/boxes and every referenced image, including its size against the declared
+    ``width``/``height``.
     ``fmt="yolo"``: ``root_or_json`` is a ``data.yaml`` or its folder; checks the yaml, every label line of every
     split (train, val, test), every listed image, and images that are in two splits.
     ``fmt="auto"`` picks coco for a ``.json`` path, yolo for a ``.yaml``, kitti otherwise.
@@ -46,13 +47,13 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     if fmt == "yolo":
         return _dedup(_check_yolo(path, decode))
     if fmt == "kitti":
-        scan = scan_kitti(path, split="all", with_score=with_score, check_split_files=True)
+        scans = [scan_kitti(path, split="all", with_score=with_score, check_split_files=True)]
     elif fmt == "coco":
-        scan = scan_coco(path, image_dir=image_dir, categories=None)
+        scans = [scan_coco(ann, image_dir=images, categories=None) for ann, images in coco_sources(path, image_dir)]
     else:
         raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco', 'yolo' or 'auto')")
-    errors = list(scan.errors)
-    errors += validate_records(scan.records, check_images=True, decode=decode)
+    errors = [e for scan in scans for e in scan.errors]
+    errors += validate_records([r for scan in scans for r in scan.records], check_images=True, decode=decode)
     return _dedup(errors)
 
 
@@ -82,6 +83,27 @@ def _check_yolo(path: Path, decode: bool) -> list[DatasetError]:
     return errors
 
 
+def coco_sources(path: str | Path, image_dir: str | Path | None = None) -> list[tuple[Path, Path | None]]:
+    """``[(instances json, image folder)]`` to check: the json given, or every split :func:`find_coco_split` finds
+    in a COCO root folder (an error naming what to pass when it finds none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [(path, Path(image_dir) if image_dir else None)]
+    if image_dir is not None:
+        raise ValueError(f"--images goes with an instances json, not with the COCO root {path} (its image folders "
+                         "are found beside annotations/)")
+    hint = "pass an instances json as ROOT instead (and --images its image folder)"
+    found, errors = [], []
+    for split in ("train", "val"):
+        try:
+            found.append(find_coco_split(path, split, hint=hint))
+        except DatasetError as e:
+            errors.append(e)
+    if not found:  # the first split's reason (a KITTI folder, no annotations/, no image folder)
+        raise errors[0]
+    return found
+
+
 def dataset_summary(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None) -> dict:
     """What a dataset holds, for ``aidkd data check``'s last lines: ``images``, ``images_without_boxes`` and
     ``boxes`` per class name (crowd regions counted under ``<name> (crowd)``), from the labels alone."""
@@ -89,9 +111,10 @@ def dataset_summary(root_or_json: str | Path, fmt: str = "kitti", image_dir: str
     fmt = _auto_format(path) if fmt == "auto" else fmt
     if fmt == "yolo":
         records = [r for _, scan in _yolo_scans(path) for r in scan.records]
+    elif fmt == "coco":
+        records = [r for ann, images in coco_sources(path, image_dir) for r in scan_coco(ann, image_dir=images).records]
     else:
-        scan = scan_coco(path, image_dir=image_dir) if fmt == "coco" else scan_kitti(path, split="all")
-        records = scan.records
+        records = scan_kitti(path, split="all").records
     boxes = Counter(o.cls + (" (crowd)" if o.iscrowd else "") for r in records for o in r.objects)
     return {"images": len(records), "images_without_boxes": sum(not r.objects for r in records),
             "boxes": dict(sorted(boxes.items(), key=lambda kv: (-kv[1], kv[0])))}

@@ -21,6 +21,7 @@ __all__ = [
     "TRAFFIC_KEEP_IMAGE_CLASSES",
     "coco_category_ids",
     "default_image_dir",
+    "find_coco_split",
     "load_coco_records",
     "make_coco_traffic",
     "read_coco_json",
@@ -80,6 +81,38 @@ def default_image_dir(ann_file: str | Path) -> Path:
     if ann_file.parent.name == "annotations" and ann_file.stem.startswith("instances_"):
         return ann_file.parent.parent / ann_file.stem[len("instances_"):]
     return ann_file.parent
+
+
+def find_coco_split(root: str | Path, split: str, hint: str | None = None) -> tuple[Path, Path]:
+    """``(instances json, image folder)`` of ``split`` (``"train"`` or ``"val"``) in a COCO root:
+    ``annotations/instances_{split}*.json`` and the folder of its images (``ROOT/train2017`` for
+    ``instances_train2017.json``, else ``ROOT/images/train2017``, ``ROOT/images/train`` or ``ROOT/train``).
+
+    A :class:`DatasetError` on ``root`` says what is missing and ``hint``, what to set instead (default: the config
+    keys ``data.{split}_ann`` and ``data.{split}_images``), or that ``root`` looks like a KITTI dataset."""
+    from .layout import detect_layout
+
+    root = Path(root)
+    keys = hint or f"set data.{split}_ann (an instances json) and data.{split}_images (its image folder)"
+    if not root.is_dir():
+        raise DatasetError(f"COCO root not found (a folder with annotations/instances_{split}*.json); {keys}",
+                           file=root)
+    if detect_layout(root) in ("kitti", "synth"):
+        raise DatasetError("looks like a KITTI dataset (training/image_2, training/label_2), not a COCO one "
+                           "(annotations/instances_*.json): read it as format kitti", file=root)
+    found = sorted((root / "annotations").glob(f"instances_{split}*.json"))
+    if len(found) != 1:
+        what = (f"no annotations/instances_{split}*.json" if not found else
+                f"{len(found)} {split} annotation files ({', '.join(p.name for p in found)})")
+        raise DatasetError(f"{what} in this COCO root; {keys}", file=root)
+    ann = found[0]
+    name = ann.stem[len("instances_"):]
+    candidates = [root / name, root / "images" / name, root / "images" / split, root / split]
+    images = next((c for c in candidates if c.is_dir()), None)
+    if images is None:
+        looked = ", ".join(str(c.relative_to(root)) for c in dict.fromkeys(candidates))
+        raise DatasetError(f"no image folder for annotations/{ann.name} (looked for {looked}); {keys}", file=root)
+    return ann, images
 
 
 def _escapes(file_name: str) -> bool:

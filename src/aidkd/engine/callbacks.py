@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +22,8 @@ from aidkd.eval.evaluator import PRIMARY_METRIC, strict_json
 from aidkd.models import save_model_file
 
 log = logging.getLogger("aidkd.engine")
+
+INTERRUPTED_NAME = "interrupted.ckpt"  # what InterruptCheckpoint writes into checkpoints/
 
 
 class ExportModel(L.Callback):
@@ -116,6 +120,7 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, ckpt_dir: str | Path):
         self.path = Path(ckpt_dir) / "last.ckpt"
+        self._resumed_interrupt: Path | None = None
         self._saved_step = -1
         self.saved_step: int | str = "unknown"  # of the last.ckpt on disk
 
@@ -136,10 +141,19 @@ class LastCheckpoint(Checkpoint):
             return
         trainer.save_checkpoint(self.path, weights_only=False)  # with optimizer and loop state, to resume from
         self.saved_step = trainer.global_step
+        if self._resumed_interrupt is not None and trainer.is_global_zero and self._resumed_interrupt.is_file():
+            # the run resumed from interrupted.ckpt and last.ckpt now holds a later state: the older file only
+            # costs disk (a model with its optimizer state)
+            self._resumed_interrupt.unlink()
+            log.info("removed %s: %s holds a later step (%d)", self._resumed_interrupt, self.path, trainer.global_step)
+            self._resumed_interrupt = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.ckpt_path and Path(trainer.ckpt_path).resolve() == self.path.resolve():
+        resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
+        if resumed == self.path.resolve():
             self.saved_step = trainer.global_step  # resumed from it
+        interrupted = self.path.with_name(INTERRUPTED_NAME)
+        self._resumed_interrupt = interrupted if resumed == interrupted.resolve() else None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module)
@@ -157,8 +171,9 @@ class InterruptCheckpoint(L.Callback):
     Ctrl-C stops at once, without interrupted.ckpt (its state would be mid-step); last.ckpt stays.
     """
 
-    def __init__(self, ckpt_dir: str | Path):
+    def __init__(self, ckpt_dir: str | Path, resume_hint: str | None = None):
         self.ckpt_dir = Path(ckpt_dir)
+        self.resume_hint = resume_hint
         self.signal: int | None = None  # the signal that stopped the run
 
     @contextlib.contextmanager
@@ -188,11 +203,88 @@ class InterruptCheckpoint(L.Callback):
                         trainer.global_step)
         elif isinstance(exception, SIGTERMException):
             self.signal = self.signal or signal.SIGTERM
-            path = self.ckpt_dir / "interrupted.ckpt"
+            path = self.ckpt_dir / INTERRUPTED_NAME
             trainer.save_checkpoint(path, weights_only=False)
             why = "interrupted (Ctrl-C)" if self.signal == signal.SIGINT else "terminated (SIGTERM)"
-            log.warning("%s at step %d: checkpoint saved to %s (resume with --resume %s)", why, trainer.global_step,
-                        path, path)
+            log.warning("%s at step %d: checkpoint saved to %s (%s)", why, trainer.global_step, path,
+                        self.resume_hint or f"resume with --resume {path}")
+
+
+class TrainTime(L.Callback):
+    """Wall-clock seconds of training, summed over the segments of a resumed run (the sum travels in the
+    checkpoints), written to ``RUN_DIR/train_time.json`` (``{"seconds", "segments"}``) when training ends."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "train_time.json"
+        self.seconds = 0.0  # of the earlier segments
+        self.segments = 0
+        self._start: float | None = None
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.monotonic() - self._start if self._start is not None else 0.0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+        self.segments += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds, self._start = self.elapsed(), None
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps({"seconds": round(self.seconds, 3), "segments": self.segments}) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.elapsed(), "segments": self.segments}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = float(state.get("seconds", 0.0))
+        self.segments = int(state.get("segments", 0))
+
+
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` or ``m:ss``."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class EpochProgress(L.Callback):
+    """One plain line per training epoch on stdout (run name, epoch, mean training loss, elapsed, ETA): the progress
+    of a run whose output is a log file or pipe, where a progress bar shows nothing until it ends."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+        self._start = 0.0
+        self._first_epoch = self._first_step = 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._batches = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+        self._first_epoch, self._first_step = trainer.current_epoch, trainer.global_step
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._loss_sum, self._batches = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._loss_sum = self._loss_sum + loss.detach()  # summed on the device: no sync every step
+            self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        elapsed = time.monotonic() - self._start
+        epoch = trainer.current_epoch + 1
+        eta = elapsed / max(epoch - self._first_epoch, 1) * max(trainer.max_epochs - epoch, 0)
+        if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step > self._first_step:
+            per_step = elapsed / (trainer.global_step - self._first_step)
+            eta = min(eta, per_step * max(trainer.max_steps - trainer.global_step, 0))
+        loss = float(self._loss_sum) / self._batches if self._batches else float("nan")
+        prefix = f"{self.name}: " if self.name else ""
+        print(f"{prefix}epoch {epoch}/{trainer.max_epochs}  loss {loss:.4f}  elapsed {format_duration(elapsed)}  "
+              f"ETA {format_duration(eta)}", file=sys.stderr, flush=True)
+
 
 
 class DistillImages(L.Callback):

@@ -103,7 +103,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
-    progress_bar: bool = True
+    progress_bar: bool = True  # in a terminal; else (or when off) one plain line per epoch: loss, elapsed, ETA
 
 
 @dataclass
@@ -251,6 +251,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# A float field also takes a plain fraction of two numbers, e.g. ``1/1000`` (read as a number, nothing evaluated).
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_FRACTION = re.compile(rf"\s*{_NUMBER}\s*/\s*{_NUMBER}\s*")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; build nested dataclasses; error names ``key``."""
     if tp is Any:
@@ -289,6 +294,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is float:
+        if isinstance(value, str) and _FRACTION.fullmatch(value):  # `loss_scale: 1/1000`: a number, not evaluated
+            numerator, denominator = (float(v) for v in value.split("/"))
+            if denominator != 0:
+                return numerator / denominator
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected float, got {type(value).__name__} {value!r}")
         return float(value)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from aidkd.data import (
     DetectionDataset,
     collate_fn,
+    find_coco_split,
     generate_synth,
     load_coco_records,
     load_kitti_records,
@@ -82,8 +83,27 @@ def synth_params(root: Path) -> dict | None:
     return {k: data.get(k) for k in _wanted_params(DataConfig())} if isinstance(data, dict) else None
 
 
+def resolve_coco_files(cfg: DataConfig) -> None:
+    """Fill ``data.{split}_ann`` / ``data.{split}_images`` from a COCO ``data.root`` (``find_coco_split``) where the
+    json is not set; a split without a json and without a root is an error naming the keys to set."""
+    if cfg.format != "coco":
+        return
+    for split in ("train", "val"):
+        if getattr(cfg, f"{split}_ann"):
+            continue
+        if not cfg.root:
+            raise ValueError(f"data.{split}_ann and data.{split}_images are required for COCO data, or data.root: a "
+                             f"COCO root with annotations/instances_{split}*.json and its image folder")
+        check_format_matches_root(cfg)
+        ann, images = find_coco_split(cfg.root, split)
+        setattr(cfg, f"{split}_ann", str(ann))
+        if not getattr(cfg, f"{split}_images"):
+            setattr(cfg, f"{split}_images", str(images))
+
+
 def resolve_classes(cfg: DataConfig) -> tuple[list[str], list[str]]:
     if cfg.format == "coco":
+        resolve_coco_files(cfg)
         if cfg.classes is None:
             _, names = load_coco_records(cfg.train_ann or cfg.val_ann, cfg.train_images or cfg.val_images, None)
             return names, []
@@ -119,6 +139,7 @@ def load_records(cfg: DataConfig, split: str, classes: list[str]):
 def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | None):
     if cfg.format == "coco":
         check_format_matches_root(cfg)
+        resolve_coco_files(cfg)
         ann = cfg.train_ann if split == "train" else cfg.val_ann
         images = cfg.train_images if split == "train" else cfg.val_images
         if not ann or not images:
@@ -151,6 +172,7 @@ def check_configured_data(cfg: DataConfig) -> None:
     if cfg.skip_invalid:
         return
     if cfg.format == "coco":
+        resolve_coco_files(cfg)
         sources = [(ann, images) for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images))
                    if ann]
         sources = list(dict.fromkeys(sources))  # train and val may share a json
@@ -205,3 +227,29 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False)
+
+
+SPLIT_FOLDER = "split"  # RUN_DIR/split/{train,val}.txt
+
+
+def write_split_files(run_dir: str | Path, train_records, val_records) -> list[Path]:
+    """Write the images of each split a run uses, one a line (KITTI stem, or COCO image id), to
+    ``RUN_DIR/split/train.txt`` and ``RUN_DIR/split/val.txt``; returns the paths written. ``aidkd eval-kitti --split
+    RUN_DIR`` reads the val list, so predict -> eval-kitti scores exactly the run's validation images."""
+    folder = Path(run_dir) / SPLIT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, records in (("train", train_records), ("val", val_records)):
+        path = folder / f"{name}.txt"
+        path.write_text("".join(f"{r.stem or r.image_id}\n" for r in records), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def run_split_file(run_dir: str | Path, split: str = "val") -> Path:
+    """``RUN_DIR/split/{split}.txt`` (written by :func:`write_split_files`); an error naming it when missing."""
+    path = Path(run_dir) / SPLIT_FOLDER / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is a folder without {SPLIT_FOLDER}/{split}.txt (the list of {split} images "
+                                "a run writes); pass a run folder or a split file (one stem a line)")
+    return path

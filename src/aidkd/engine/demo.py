@@ -1,14 +1,17 @@
 """``aidkd demo``: generated driving scenes -> teacher, student, KD, KD+AID on the CPU, as one markdown table.
 
-Sized for an idle 2-core CPU (a few minutes in all): an easy generated set (cars only, near and large, few
-distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student at half its cost a step.
-A second run reuses the generated scenes and the teacher when their configuration is unchanged (``fresh=True``,
-``aidkd demo --fresh``, makes both again); the three student runs are trained anew every time.
+Sized for a 2-core CPU (about 3 CPU minutes in all, benchmarks/demo_time.py): an easy generated set (cars only,
+near and large, few distractors), a ResNet-18 teacher on a longer schedule and a MobileNetV3-small student at half
+its cost a step. The demo owns its folder (``runs/demo``): a second run reuses every finished stage whose
+configuration is unchanged, resumes a stage an interrupt or kill stopped (its ``checkpoints/``), and trains anew a
+stage whose configuration changed, saying so; KD and KD + AID are trained again whenever their teacher was.
+``fresh=True`` (``aidkd demo --fresh``) makes everything again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,13 +22,13 @@ import yaml
 from rich.console import Console
 
 from aidkd.engine.config import config_from_dict
+from aidkd.engine.run_folder import RESUMABLE
 from aidkd.eval.evaluator import (
     KITTI_METRIC,
     PRIMARY_METRIC,
     VOC_METRIC,
     coco_class_key,
     coco_key,
-    read_metrics,
     strict_json,
 )
 
@@ -54,8 +57,9 @@ KD_METHODS = [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 
 # they were tuned for pretrained 256-channel FPNs: at full scale the terms are ~100x this from-scratch student's
 # detection loss. Sweep on this demo (KD - student, COCO AP, one seed): 1/1000 +0.7, 1/400 +1.0, 1/200 +0.9.
 DISTILL_SCALE = 0.0025
+DEFAULT_OUT = "runs/demo"
 # (teacher, student) epochs: the teacher's longer schedule is what makes it clearly better from random weights.
-EPOCHS = {False: (5, 3), True: (1, 1)}
+EPOCHS = {False: (5, 2), True: (1, 1)}
 QUICK_IMAGES = 24
 
 
@@ -73,15 +77,17 @@ def demo_configs(out: Path, quick: bool = False, arch: str = "gfl") -> dict[str,
     teacher_epochs, student_epochs = EPOCHS[quick]
     data = dict(DEMO_DATA, root=str(data_folder(out, quick)), synth=_synth(quick))
 
-    def run(name, model, epochs, distill=None):
+    def run(name, model, epochs, distill=None, data=data):
         # AdamW learns much faster than SGD from random initialisation on this tiny budget (measured); cosine decay
         # to 0 gets the most out of a few epochs. One validation, at the end: it costs a training epoch's tenth.
         return {"name": name, "output_dir": str(out / name), "seed": 0, "data": data, "model": model,
                 "train": {"epochs": epochs, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
-                          "scheduler": "cosine", "warmup_steps": 30, "val_every": epochs, "log_every": 10,
-                          "progress_bar": False},
+                          "scheduler": "cosine", "warmup_steps": 30, "val_every": epochs, "log_every": 10},
                 "distill": distill}
 
+    # Students without flips: an image then has one entry in the teacher-loss cache (distill.aid.cache), so KD + AID
+    # runs the teacher's head in its first epoch only; the teacher, trained longest, keeps the flip augmentation.
+    student_data = dict(data, hflip=0.0)
     teacher_ckpt = str(out / "teacher" / "model_best.pt")
     kwargs = ANCHOR_KWARGS.get(arch, {})
     teacher_model, student_model = dict(TEACHER, arch=arch, kwargs=kwargs), dict(STUDENT, arch=arch, kwargs=kwargs)
@@ -90,9 +96,9 @@ def demo_configs(out: Path, quick: bool = False, arch: str = "gfl") -> dict[str,
     aid = dict(kd, aid={"enabled": True, "granularity": "instance", "alpha": 0.1})
     return {
         "teacher": run("teacher", teacher_model, teacher_epochs),
-        "student": run("student", student_model, student_epochs),
-        "kd": run("kd", student_model, student_epochs, kd),
-        "kd_aid": run("kd_aid", student_model, student_epochs, aid),
+        "student": run("student", student_model, student_epochs, data=student_data),
+        "kd": run("kd", student_model, student_epochs, kd, data=student_data),
+        "kd_aid": run("kd_aid", student_model, student_epochs, aid, data=student_data),
     }
 
 
@@ -210,6 +216,9 @@ def analyze_teacher(raw: dict, out_dir: Path) -> dict:
 
 
 def teacher_analysis_text(a: dict) -> str:
+    if a["found"] == 0:
+        return (f"the teacher finds none of the {a['instances']} validation instances at score >= "
+                f"{a['score_thresh']:g}: train it longer (aidkd analyze, in {a['folder']})")
     return (f"the teacher finds {a['found']} of the {a['instances']} validation instances (a same-class detection "
             f"above the KITTI IoU, score >= {a['score_thresh']:g}); AID weight (alpha {a['alpha']:g}) of found "
             f"{a['mean_w_found']:.3f} vs missed {a['mean_w_missed']:.3f}, ROC AUC {a['auc']:.3f} "
@@ -221,48 +230,106 @@ def _config_text(raw: dict) -> str:
     return yaml.safe_dump(config_from_dict(raw).to_dict(), sort_keys=False)
 
 
-def _reusable(run_dir: Path, raw: dict) -> dict | None:
-    """Final metrics of a finished earlier run of exactly this configuration (its model file written), else None."""
+def stage_state(run_dir: Path, raw: dict) -> str:
+    """What an earlier demo left in ``run_dir`` for the configuration ``raw``: ``"finished"`` (final metrics and
+    model file of exactly this configuration), ``"interrupted"`` (this configuration, a checkpoint to resume from,
+    no final metrics), ``"unfinished"`` (this configuration, stopped before its first checkpoint), ``"changed"``
+    (a run of another configuration) or ``"new"`` (nothing)."""
     try:
-        same = (run_dir / "config.yaml").read_text() == _config_text(raw)
-        metrics = read_metrics((run_dir / "final_metrics.json").read_text())
+        config = (run_dir / "config.yaml").read_text()
+    except OSError:
+        return "new"
+    if config != _config_text(raw):
+        return "changed"
+    try:
+        finished = bool(json.loads((run_dir / "final_metrics.json").read_text()))
     except (OSError, ValueError):
-        return None
-    return metrics if same and metrics and (run_dir / "model_best.pt").exists() else None
+        finished = False
+    if finished and (run_dir / "model_best.pt").exists():
+        return "finished"
+    checkpoints = run_dir / "checkpoints"
+    return "interrupted" if any((checkpoints / n).is_file() for n in RESUMABLE) else "unfinished"
 
 
-def run_demo(out: Path, quick: bool = False, arch: str = "gfl", fresh: bool = False) -> dict:
+def cpu_threads() -> tuple[int, int, float]:
+    """``(threads, usable cores, 1-min load average)``: torch threads for the cores other processes leave free.
+    More threads than free cores spin against the other processes and cost CPU time without gaining speed."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        load = 0.0
+    return max(1, cores - round(load)), cores, load
+
+
+def demo_command(out: Path, quick: bool, arch: str) -> str:
+    """The ``aidkd demo`` command line that continues this demo (same folder, size and family)."""
+    parts = ["aidkd demo", *(["--quick"] if quick else []), *(["--arch", arch] if arch != "gfl" else []),
+             *(["--out", str(out)] if Path(out) != Path(DEFAULT_OUT) else [])]
+    return " ".join(parts)
+
+
+def _train_seconds(run_dir: Path, fallback: float) -> float:
+    """The run's own training time (train_time.json: every segment of a resumed run), else ``fallback``."""
+    try:
+        return float(json.loads((run_dir / "train_time.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
+
+
+def run_demo(out: Path = Path(DEFAULT_OUT), quick: bool = False, arch: str = "gfl", fresh: bool = False) -> dict:
     from aidkd.engine.run import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = demo_configs(out, quick, arch)
     if fresh:  # only the folders the demo itself writes
-        for sub in ("data", "teacher"):
+        for sub in ("data", *cfgs):
             shutil.rmtree(out / sub, ignore_errors=True)
     try:
         previous = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         previous = {}
+    threads, cores, load = cpu_threads()
+    torch.set_num_threads(threads)
+    console.print(f"torch threads: {threads} ({cores} usable cores, 1-min load average {load:.1f})", highlight=False)
+    again = demo_command(out, quick, arch)
     results: dict[str, dict] = {}
     aid_log = AIDWeightLog()
     start = time.time()
+    teacher_trained = False
     for name, raw in cfgs.items():
         console.rule(f"[bold]{name}")
-        reused = _reusable(out / name, raw) if name == "teacher" else None
-        if reused is not None:
-            console.print(f"reusing the teacher trained by an earlier run with the same configuration "
-                          f"({out / name}); `aidkd demo --fresh` trains it and generates the scenes again",
-                          highlight=False)
-            seconds = float(previous.get(name, {}).get("seconds", 0.0))
-            results[name] = {"metrics": reused, "seconds": seconds, "reused": True}
+        run_dir = out / name
+        state = stage_state(run_dir, raw)
+        if teacher_trained and name in ("kd", "kd_aid") and state != "new":
+            state = "teacher"  # distilled from another teacher than the one trained just now
+        if state == "finished":
+            console.print(f"reusing {name}, finished by an earlier run with the same configuration ({run_dir}); "
+                          f"`{again} --fresh` trains everything again", highlight=False)
+            metrics = json.loads((run_dir / "final_metrics.json").read_text())
+            seconds = _train_seconds(run_dir, float(previous.get(name, {}).get("seconds", 0.0)))
+            results[name] = {"metrics": metrics, "seconds": seconds, "reused": True}
             continue
+        if state == "interrupted":
+            console.print(f"resuming {name} from its checkpoint in {run_dir / 'checkpoints'}", highlight=False)
+        elif state != "new":
+            why = {"changed": "the run there is of another configuration",
+                   "unfinished": "the run there stopped before its first checkpoint",
+                   "teacher": "its teacher was trained again"}[state]
+            console.print(f"training {name} anew in {run_dir}: {why}", highlight=False)
         t0 = time.time()
-        # overwrite: a student run starts afresh every time, removing only what an earlier demo run wrote there
-        metrics = train(config_from_dict(raw), extra_callbacks=[aid_log] if name == "kd_aid" else (), overwrite=True)
-        results[name] = {"metrics": metrics, "seconds": time.time() - t0, "reused": False}
+        # overwrite: removes only what a run writes there (run_folder.RUN_OUTPUTS)
+        metrics = train(config_from_dict(raw), extra_callbacks=[aid_log] if name == "kd_aid" else (),
+                        resume=True if state == "interrupted" else None, overwrite=state != "interrupted",
+                        resume_hint=f"run `{again}` again to resume the demo")
+        results[name] = {"metrics": metrics, "seconds": _train_seconds(run_dir, time.time() - t0), "reused": False}
+        teacher_trained = teacher_trained or name == "teacher"
     data_root = Path(cfgs["teacher"]["data"]["root"])
-    results["kd_aid"]["aid_weights"] = summarize_aid(aid_log, data_root, DEMO_CLASSES)
+    if results["kd_aid"]["reused"] and previous.get("kd_aid", {}).get("aid_weights"):
+        results["kd_aid"]["aid_weights"] = previous["kd_aid"]["aid_weights"]  # logged while it trained
+    else:
+        results["kd_aid"]["aid_weights"] = summarize_aid(aid_log, data_root, DEMO_CLASSES)
     results["kd_aid"]["teacher_analysis"] = analyze_teacher(cfgs["kd_aid"], out / "kd_aid" / "analysis")
     table = results_table(results, row_names(cfgs), DEMO_CLASSES)
     aid_text = (aid_summary_text(results["kd_aid"]["aid_weights"]) + "\n"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,15 +15,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from aidkd.engine.callbacks import (
     DistillImages,
+    EpochProgress,
     ExportModel,
     FiniteBestCheckpoint,
     InterruptCheckpoint,
     LastCheckpoint,
+    TrainTime,
     finite_state,
 )
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, check_ranges, dump_config
-from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
+from aidkd.engine.datamodule import DetectionDataModule, check_configured_data, write_split_files
 from aidkd.engine.module import VAL_PREFIX, DetectionTask, renamed_state
 from aidkd.engine.run_folder import (
     RunFolderLock,
@@ -58,23 +61,25 @@ def uses_kitti_metrics(cfg: RunConfig) -> bool:
     return cfg.eval.kitti if cfg.eval.kitti is not None else cfg.data.format in ("kitti", "synth")
 
 
-def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Trainer:
+def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=(), resume_hint: str | None = None) -> L.Trainer:
     t = cfg.train
     ckpt_dir = out_dir / "checkpoints"
+    # Lightning's bar in a terminal; one plain line per epoch into a log file or pipe (or with progress_bar off)
+    bar = t.progress_bar and sys.stdout.isatty()
     callbacks = [
         # only after a validation (saving at a train epoch end without one warns that val/coco/AP is missing)
         FiniteBestCheckpoint(dirpath=ckpt_dir, filename="best", monitor=VAL_PREFIX + PRIMARY_METRIC, mode="max",
                              save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=False),
         LastCheckpoint(ckpt_dir),
         ExportModel(out_dir),
-        InterruptCheckpoint(ckpt_dir),
+        InterruptCheckpoint(ckpt_dir, resume_hint),
+        TrainTime(out_dir),
         LearningRateMonitor(logging_interval="step"),
         *extra_callbacks,
     ]
     if cfg.distill is not None:
         callbacks.append(DistillImages(cfg.distill.image_log_every))
-    if t.progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+    callbacks.append(RichProgressBar(leave=True) if bar else EpochProgress(cfg.name))
     # A resumed run appends to TensorBoard and starts a new CSV version, so no earlier log is overwritten.
     loggers = [TensorBoardLogger(out_dir, name="tb", version=""), CSVLogger(out_dir, name="csv")]
     return L.Trainer(
@@ -83,16 +88,17 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
         gradient_clip_val=t.grad_clip, deterministic=t.deterministic, check_val_every_n_epoch=t.val_every,
         log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=t.progress_bar, plugins=[SafeCheckpointIO()], enable_model_summary=False,
+        enable_progress_bar=bar, plugins=[SafeCheckpointIO()], enable_model_summary=False,
     )
 
 
 def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbacks=(), overwrite: bool = False,
-          resume_missing_ok: bool = False) -> dict:
+          resume_missing_ok: bool = False, resume_hint: str | None = None) -> dict:
     """Train (or distil, when ``cfg.distill`` is set) and return the final validation metrics.
 
     ``resume``: a run folder, a checkpoint, or True for ``cfg.output_dir`` (nothing to resume is an error unless
-    ``resume_missing_ok``). A new run needs an empty ``output_dir`` unless ``overwrite``. Nothing is written before
+    ``resume_missing_ok``). A new run needs an empty ``output_dir`` unless ``overwrite``. ``resume_hint``: how to
+    resume, for the message of an interrupted run (default: ``--resume <checkpoint>``). Nothing is written before
     the data, model and teacher checks pass; the run holds an exclusive lock on its folder (run_folder.py).
     """
     check_ranges(cfg)  # (a config from load_config is checked already; this one may have been edited since)
@@ -130,7 +136,8 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
             if ckpt is None:
                 start_run_record(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
-        trainer = build_trainer(cfg, out_dir, extra_callbacks)
+            write_split_files(out_dir, dm.train_set.records, dm.val_set.records)
+        trainer = build_trainer(cfg, out_dir, extra_callbacks, resume_hint)
         interrupt = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
         try:
             with interrupt.stop_at_step_end(trainer):

@@ -30,9 +30,9 @@ RUN_RECORD = ".aidkd-run.json"
 # What a run writes into its folder: recorded when it starts, so that ``overwrite`` may remove them.
 RUN_OUTPUTS = ("config.yaml", "model_best.pt", "model_last.pt", "best_metrics.json", "final_metrics.json",
                "metrics_history.jsonl", "aid_weights.jsonl", "analysis", "checkpoints", "tb",
-               "csv")
-# What a run has written before its first checkpoint (config, loggers' folders, the checkpoint folder)
-START_UP_FILES = ("config.yaml", "csv", "tb", "checkpoints")
+               "csv", "split", "train_time.json")
+# What a run has written before its first checkpoint (config, its split, loggers' folders, the checkpoint folder)
+START_UP_FILES = ("config.yaml", "split", "csv", "tb", "checkpoints")
 
 
 class RunFolderError(ValueError):

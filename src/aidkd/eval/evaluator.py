@@ -248,5 +248,10 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
             shown = "n/a" if math.isnan(v) else f"{v:.2f}"
         except (TypeError, ValueError):
             shown = str(val)
-        lines.append(f"| {key} | {shown} | {metric_meaning(key)} |")
+        lines.append("| " + " | ".join(markdown_cell(x) for x in (key, shown, metric_meaning(key))) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_cell(text: object) -> str:
+    """``text`` for a markdown table cell: a ``|`` (as in ``AP|R40``) escaped, so it does not split the cell."""
+    return str(text).replace("|", "\\|")

@@ -130,7 +130,10 @@ def summarize(rows: list[dict], alpha: float, alphas: Sequence[float] = ALPHAS) 
     out: dict = {"instances": len(rows), "found": sum(found), "missed": len(rows) - sum(found), "alpha": alpha,
                  "auc_found_vs_missed": roc_auc([-d for d in losses], found),
                  "mean_loss_found": _mean(d for d, f in zip(losses, found) if f),
-                 "mean_loss_missed": _mean(d for d, f in zip(losses, found) if not f), "by_alpha": {}}
+                 "mean_loss_missed": _mean(d for d, f in zip(losses, found) if not f),
+                 # the best score of a matching teacher detection: what --score-thresh would have to be to find one
+                 "best_det_score": max((float(r.get("det_score") or 0.0) for r in rows), default=0.0),
+                 "by_alpha": {}}
     for a in dict.fromkeys([alpha, *alphas]):  # configured alpha first, no duplicates
         w = [weight_at(d, a) for d in losses]
         mf = _mean(x for x, f in zip(w, found) if f)
@@ -176,14 +179,21 @@ def summarize(rows: list[dict], alpha: float, alphas: Sequence[float] = ALPHAS) 
 
 def format_summary(summary: dict) -> str:
     """The summary as plain text tables (what ``aidkd analyze`` prints)."""
-    lines = [(f"{summary['instances']} instances, teacher finds {summary['found']}, misses {summary['missed']}; "
-              f"ROC AUC of w (found vs missed): {summary['auc_found_vs_missed']:.3f}"),
-             f"mean teacher loss D^T: found {summary['mean_loss_found']:.3f}, missed {summary['mean_loss_missed']:.3f}",
-             "", "alpha   w min   w max   mean found   mean missed   found/missed   AUC"]
-    for a, s in summary["by_alpha"].items():
-        mark = "  (configured)" if float(a) == summary["alpha"] else ""
-        lines.append(f"{a:<7} {s['min']:6.3f}  {s['max']:6.3f}  {s['mean_found']:11.3f}  {s['mean_missed']:12.3f}"
-                     f"  {s['contrast']:13.2f}  {s['auc']:.3f}{mark}")
+    if summary["found"] == 0:  # found-vs-missed numbers are undefined: say why and what to do instead of NaNs
+        lines = [nothing_found_text(summary), "", "alpha   w min   w max   mean w"]
+        for a, s in summary["by_alpha"].items():
+            mark = "  (configured)" if float(a) == summary["alpha"] else ""
+            lines.append(f"{a:<7} {s['min']:6.3f}  {s['max']:6.3f}  {s['mean']:6.3f}{mark}")
+    else:
+        lines = [(f"{summary['instances']} instances, teacher finds {summary['found']}, misses {summary['missed']}; "
+                  f"ROC AUC of w (found vs missed): {summary['auc_found_vs_missed']:.3f}"),
+                 (f"mean teacher loss D^T: found {summary['mean_loss_found']:.3f}, "
+                  f"missed {summary['mean_loss_missed']:.3f}"),
+                 "", "alpha   w min   w max   mean found   mean missed   found/missed   AUC"]
+        for a, s in summary["by_alpha"].items():
+            mark = "  (configured)" if float(a) == summary["alpha"] else ""
+            lines.append(f"{a:<7} {s['min']:6.3f}  {s['max']:6.3f}  {s['mean_found']:11.3f}  {s['mean_missed']:12.3f}"
+                         f"  {s['contrast']:13.2f}  {s['auc']:.3f}{mark}")
     edges = summary["hist_edges"]
     head = " ".join(f"{edges[i]:.1f}+" for i in range(len(edges) - 1))
     for key, title in (("by_class", "class"), ("by_difficulty", "difficulty")):
@@ -200,6 +210,18 @@ def format_summary(summary: dict) -> str:
         lines.append(f"student finds {s['found']} (teacher missed {s['found_teacher_missed']} of those; "
                      f"misses {s['missed_teacher_found']} the teacher finds)")
     return "\n".join(lines)
+
+
+def nothing_found_text(summary: dict) -> str:
+    """One line for an analysis in which the teacher finds no instance: why AUC and the found / missed means are
+    missing, and what to do."""
+    thresh = summary.get("score_thresh", DEFAULT_SCORE_THRESH)
+    best = summary.get("best_det_score", 0.0)
+    best_text = (f"its best-scoring matching detection scores {best:.3g}" if best > 0 else
+                 "it has no detection overlapping an instance enough")
+    return (f"{summary['instances']} instances: the teacher finds none of them at score >= {thresh:g} ({best_text}), "
+            "so there is nothing to compare found and missed instances by (no AUC, no found / missed means). Train "
+            "the teacher longer, or lower --score-thresh" + (f" (e.g. to {best * 0.9:.2g})" if best > 0 else "") + ".")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -402,6 +424,8 @@ def analysis_html(folder: str | Path) -> str:
             f"ROC AUC of w for found vs missed: {s['auc_found_vs_missed']:.3f}. Configured alpha "
             f"{s['alpha']:g}.</p><table><thead><tr><th>alpha</th><th>w range</th><th>mean w found</th>"
             f"<th>mean w missed</th><th>found / missed</th><th>AUC</th></tr></thead><tbody>{rows}</tbody></table>")
+    if s["found"] == 0:
+        body = f"<p><strong>{e(nothing_found_text(s))}</strong></p>" + body
     png = folder / "weights.png"
     if png.exists():
         src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")

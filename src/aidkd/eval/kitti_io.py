@@ -194,7 +194,8 @@ def load_kitti_dirs(
     if unpredicted:
         log.warning("%d of %d label files have no prediction file in %s (e.g. %s.txt); they count as frames with no "
                     "detections%s", len(unpredicted), len(chosen), pr_dir, unpredicted[0],
-                    "" if stems is not None else " (pass --split FILE to evaluate only the frames you predicted)")
+                    "" if stems is not None else
+                    " (pass --split FILE, or a run folder, to evaluate only the frames you predicted)")
     gts = [read_kitti_labels(label_files[s]) for s in chosen]
     dets = [read_kitti_predictions(pred_files[s]) if s in pred_files else [] for s in chosen]
     return chosen, gts, dets

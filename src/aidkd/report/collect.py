@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -53,10 +54,12 @@ class EvalResult:
 @dataclass
 class Speed:
     params: int
-    latency_ms: float
+    latency_ms: float  # median of the timed passes
     size: tuple[int, int]
     device: str = "cpu"
     spread_ms: float = 0.0  # standard deviation of the timed passes
+    load_avg: float | None = None  # the machine's 1-min load average when they were timed
+    passes: int = 0
 
 
 @dataclass
@@ -69,7 +72,7 @@ class Run:
     metrics_source: str | None = None
     model_path: Path | None = None
     meta: dict | None = None
-    seconds: float | None = None  # training time (demo results.json)
+    seconds: float | None = None  # training time (train_time.json, else the demo's results.json)
     evaluation: EvalResult | None = None
     eval_error: str | None = None
     speed: Speed | None = None
@@ -119,6 +122,9 @@ def read_json(path: Path) -> dict | None:
 def load_run(path: Path, root: Path, seconds: dict[str, float]) -> Run:
     name = path.name if path != root else (path.name or str(path))
     run = Run(name=name, path=path, seconds=seconds.get(path.name))
+    train_time = read_json(path / "train_time.json")  # the run's own record: every segment of a resumed run
+    if train_time and isinstance(train_time.get("seconds"), (int, float)):
+        run.seconds = float(train_time["seconds"])
     try:
         run.cfg = load_config(path / "config.yaml")
     except Exception as e:  # noqa: BLE001 -- shown in the page
@@ -217,60 +223,98 @@ def evaluate_run(run: Run, max_images: int | None = 500, num_samples: int = 4) -
     return EvalResult(metrics, evaluator.kitti_result, samples, n, n_total, time.perf_counter() - t0, n_gt=n_gt)
 
 
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return None
+
+
 @torch.no_grad()
+def measure_speeds(models: dict[Any, tuple[torch.nn.Module, tuple[int, int]]], runs: int = 10) -> dict[Any, Speed]:
+    """Parameters and CPU latency of one image of each model's ``size`` (H, W): every model is timed in this one
+    process, interleaved (round ``r`` times each model once, in an order rotated by ``r``) after two warm-up passes
+    each, so that a change of the machine's load falls on all models alike; the median and standard deviation of
+    the ``runs`` passes, with the 1-min load average."""
+    inputs = {}
+    for key, (model, size) in models.items():
+        model.eval().cpu()
+        inputs[key] = [torch.rand(3, *size, generator=torch.Generator().manual_seed(0))]
+        for _ in range(2):  # warm-up (allocator, oneDNN primitives)
+            model(inputs[key])
+    keys = list(models)
+    times: dict[Any, list[float]] = {k: [] for k in keys}
+    loads = [_load_avg()]
+    for r in range(max(1, runs)):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            models[key][0](inputs[key])
+            times[key].append((time.perf_counter() - t0) * 1000)
+    loads.append(_load_avg())
+    load = max((v for v in loads if v is not None), default=None)
+    return {k: Speed(sum(p.numel() for p in models[k][0].parameters()), float(statistics.median(t)), models[k][1],
+                     spread_ms=float(statistics.stdev(t)) if len(t) > 1 else 0.0, load_avg=load, passes=len(t))
+            for k, t in times.items()}
+
+
 def measure_speed(model: torch.nn.Module, size: tuple[int, int], runs: int = 5) -> Speed:
-    """Parameters and median CPU latency of one ``size`` (H, W) image (after two warm-up passes)."""
-    model = model.eval().cpu()
-    x = [torch.rand(3, *size, generator=torch.Generator().manual_seed(0))]
-    for _ in range(2):  # warm-up (allocator, oneDNN primitives)
-        model(x)
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return Speed(sum(p.numel() for p in model.parameters()), float(statistics.median(times)), size,
-                 spread_ms=float(statistics.stdev(times)) if len(times) > 1 else 0.0)
+    """:func:`measure_speeds` of one model."""
+    return measure_speeds({0: (model, size)}, runs)[0]
 
 
-def speed_of(path: Path, size: tuple[int, int] | None, runs: int) -> tuple[Speed, dict]:
-    model, meta = load_detector(path)
-    size = size or (meta["min_size"], meta["max_size"])
-    return measure_speed(model, size, runs), meta
+def measure_run_speeds(runs: list[Run], latency_runs: int) -> None:
+    """The speed of every run's model and of its teacher, all timed together (:func:`measure_speeds`); what cannot
+    be loaded is recorded as ``speed_error`` / ``teacher_error``."""
+    models: dict[Path, tuple[torch.nn.Module, tuple[int, int]]] = {}
+    metas: dict[Path, dict] = {}
+    errors: dict[Path, str] = {}
+
+    def load(path: Path, size) -> Path:
+        key = path.resolve()
+        if key not in models and key not in errors:
+            try:
+                model, metas[key] = load_detector(path)
+                models[key] = (model, size or (metas[key]["min_size"], metas[key]["max_size"]))
+            except Exception as e:  # noqa: BLE001 -- reported in the page
+                errors[key] = f"{type(e).__name__}: {e}"
+        return key
+
+    wanted = []
+    for run in runs:
+        size = (run.cfg.data.min_size, run.cfg.data.max_size) if run.cfg is not None else None
+        model_key = load(run.model_path, size) if run.model_path is not None else None
+        teacher_key = None
+        if run.cfg is not None and run.cfg.distill is not None:
+            tpath = run.cfg.distill.teacher.checkpoint
+            if tpath and Path(tpath).exists():
+                teacher_key = load(Path(tpath), size)
+            else:
+                run.teacher_error = f"teacher checkpoint not found: {tpath}"
+        wanted.append((run, model_key, teacher_key))
+    speeds = measure_speeds(models, latency_runs) if models else {}
+    for run, model_key, teacher_key in wanted:
+        if model_key is None:
+            run.speed_error = "no model file"
+        elif model_key in errors:
+            run.speed_error = errors[model_key]
+        else:
+            run.speed, run.meta = speeds[model_key], run.meta or metas[model_key]
+        if teacher_key is not None:
+            if teacher_key in errors:
+                run.teacher_error = errors[teacher_key]
+            else:
+                tmeta = metas[teacher_key]
+                run.teacher_speed = speeds[teacher_key]
+                run.teacher_label = f"teacher {tmeta['arch']}/{tmeta['backbone']} ({teacher_key.parent.name})"
 
 
-def compute_run(run: Run, max_eval_images: int | None, num_samples: int, latency_runs: int,
-             speed_cache: dict[Path, tuple[Speed, dict]]) -> None:
+def compute_run(run: Run, max_eval_images: int | None, num_samples: int) -> None:
+    """The run's re-evaluation (its speed: :func:`measure_run_speeds`, over all runs at once)."""
     try:
         run.evaluation = evaluate_run(run, max_images=max_eval_images, num_samples=num_samples)
     except Exception as e:  # noqa: BLE001 -- reported in the page
         run.eval_error = f"{type(e).__name__}: {e}"
         log.warning("report: %s: re-evaluation not available: %s", run.name, run.eval_error)
-    size = (run.cfg.data.min_size, run.cfg.data.max_size) if run.cfg is not None else None
-    if run.model_path is None:
-        run.speed_error = "no model file"
-    else:
-        try:
-            key = run.model_path.resolve()
-            if key not in speed_cache:
-                speed_cache[key] = speed_of(run.model_path, size, latency_runs)
-            run.speed, meta = speed_cache[key]
-            run.meta = run.meta or meta
-        except Exception as e:  # noqa: BLE001
-            run.speed_error = f"{type(e).__name__}: {e}"
-    if run.cfg is not None and run.cfg.distill is not None:
-        tpath = run.cfg.distill.teacher.checkpoint
-        if not tpath or not Path(tpath).exists():
-            run.teacher_error = f"teacher checkpoint not found: {tpath}"
-            return
-        try:
-            key = Path(tpath).resolve()
-            if key not in speed_cache:
-                speed_cache[key] = speed_of(Path(tpath), size, latency_runs)
-            run.teacher_speed, tmeta = speed_cache[key]
-            run.teacher_label = f"teacher {tmeta['arch']}/{tmeta['backbone']} ({Path(tpath).parent.name})"
-        except Exception as e:  # noqa: BLE001
-            run.teacher_error = f"{type(e).__name__}: {e}"
 
 
 def tensorboard_images(tb_dir: str | Path, tags=tuple(DISTILL_IMAGE_TAGS), last: int = 3) -> dict[str, list]:

@@ -5,6 +5,8 @@ import base64
 import html
 import io
 import math
+import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -262,10 +264,22 @@ def _aid_weights_html(run: Run) -> str:
 
 
 def _speed_row(label: str, sp: Speed) -> list[str]:
-    return [_e(label), f"{sp.params / 1e6:.2f}", f"{sp.latency_ms:.1f}", f"{sp.size[0]}x{sp.size[1]}"]
+    return [_e(label), f"{sp.params / 1e6:.2f}", f"{sp.latency_ms:.1f} ± {sp.spread_ms:.1f}",
+            f"{sp.size[0]}x{sp.size[1]}"]
 
 
-SPEED_HEAD = ["model", "params (M)", "CPU latency (ms, median)", "input (HxW)"]
+SPEED_HEAD = ["model", "params (M)", "CPU latency (ms, median ± std)", "input (HxW)"]
+
+
+def _timing_note(speeds: list[Speed]) -> str:
+    """How the latencies were measured, with the machine's load (a loaded CPU makes every number larger and
+    noisier)."""
+    passes = max((s.passes for s in speeds), default=0)
+    load = max((s.load_avg for s in speeds if s.load_avg is not None), default=None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load_text = f"1-min load average {load:.1f} on {cores} cores" if load is not None else "load average unknown"
+    return (f"one image, {torch.get_num_threads()} CPU thread(s), {passes} passes a model after 2 warm-up passes, "
+            f"every model of this page timed interleaved in one process; {load_text} while timing")
 
 
 def _speed_html(run: Run) -> str:
@@ -281,10 +295,10 @@ def _speed_html(run: Run) -> str:
         notes += _na(f"teacher speed: {run.teacher_error}")
     if run.speed and run.teacher_speed:
         notes += (f'<p class="sub">student / teacher: {run.speed.params / run.teacher_speed.params:.2f}x the '
-                  f'parameters, {run.teacher_speed.latency_ms / run.speed.latency_ms:.2f}x faster on the CPU</p>')
+                  f'parameters, latency {run.speed.latency_ms / run.teacher_speed.latency_ms:.2f}x on the CPU</p>')
     body = _table(SPEED_HEAD, rows) if rows else ""
-    threads = torch.get_num_threads()
-    return body + notes + f'<p class="sub">one image, {threads} CPU thread(s), after 2 warm-up passes</p>'
+    speeds = [s for s in (run.speed, run.teacher_speed) if s is not None]
+    return body + notes + f'<p class="sub">{_e(_timing_note(speeds))}</p>'
 
 
 def _samples_html(run: Run) -> str:
@@ -385,7 +399,7 @@ def _comparison_html(runs: list[Run]) -> str:
            "mean AP|R40 over classes; CPU ms: median ± standard deviation of the timed passes. A value is marked "
            "best (green) only where it beats the runner-up by more than twice their combined noise: for AP the "
            "approximate standard error sqrt(AP (100 - AP) / N) of N val ground-truth boxes (re-evaluated runs "
-           "only)")
+           "only). CPU ms: " + _timing_note([r.speed for r in runs if r.speed is not None]))
     if base is not None:
         src += f"; Δ: difference to the {BASELINE} run (the baseline without distillation)"
     body = f'<p class="sub">{_e(src)}</p>' + _table(head, rows, best)
@@ -401,26 +415,44 @@ def _comparison_html(runs: list[Run]) -> str:
 
 # ================================================================================================== the page
 
-def page(root: Path, runs: list[Run], seconds: float) -> str:
-    """The whole page for the runs of ``root`` (``seconds``: how long collecting them took)."""
+def _analysis_html(root: Path, runs: list[Run]) -> str | None:
+    """The instance analyses (``aidkd analyze ... --out RUN_DIR/analysis``) of ``root`` and of each run, one
+    sub-section per run on a page of several; None when there is none."""
+    from aidkd.eval.instances import analysis_html
+
+    folders = {root.resolve(): root.name, **{r.path.resolve(): r.name for r in runs}}
+    found = [(name, path / "analysis") for path, name in folders.items()
+             if (path / "analysis" / "summary.json").exists()]
+    if not found:
+        return None
+    if len(found) == 1 and len(runs) == 1:
+        return _guard("instance analysis", lambda: analysis_html(found[0][1]))
+    return "".join(f"<h3>{_e(name)} <code>{_e(folder)}</code></h3>"
+                   + _guard(f"instance analysis of {name}", lambda folder=folder: analysis_html(folder))
+                   for name, folder in found)
+
+
+def page(root: Path, runs: list[Run], started: float) -> str:
+    """The whole page for the runs of ``root`` (``started``: ``time.perf_counter()`` when the report began; the
+    header says how long making it took, this page included)."""
     from aidkd import __version__
 
     title = f"aidkd report: {root.resolve().name}"
+    parts = []
+    if len(runs) > 1:
+        parts.append(_section("comparison", "Comparison", _guard("comparison", lambda: _comparison_html(runs)), 2))
+    analysis = _analysis_html(root, runs)
+    if analysis is not None:
+        parts.append(_section("analysis", "Instance analysis (aidkd analyze): where AID's weights act", analysis, 2))
+    parts += [_run_html(r) for r in runs]
+    # written last: the charts and images above are most of the work
     overview = (f'<p class="sub">{len(runs)} run(s) from <code>{_e(root.resolve())}</code>; generated '
                 f'{datetime.now().strftime("%Y-%m-%d %H:%M")} by aidkd {_e(__version__)} in '
-                f'{seconds:.0f} s</p>')
+                f'{time.perf_counter() - started:.0f} s</p>')
     if len(runs) > 1:
         overview += "<ul>" + "".join(f'<li><a href="#run-{_e(r.anchor)}">{_e(r.name)}</a></li>' for r in runs) + \
             "</ul>"
-    parts = [f'<section id="overview"><h1>{_e(title)}</h1>{overview}</section>']
-    if len(runs) > 1:
-        parts.append(_section("comparison", "Comparison", _guard("comparison", lambda: _comparison_html(runs)), 2))
-    if (root / "analysis" / "summary.json").exists():  # written by `aidkd analyze ... --out RUN_DIR/analysis`
-        from aidkd.eval.instances import analysis_html
-
-        parts.append(_section("analysis", "Instance analysis (aidkd analyze): where AID's weights act",
-                              _guard("instance analysis", lambda: analysis_html(root / "analysis")), 2))
-    parts += [_run_html(r) for r in runs]
+    parts.insert(0, f'<section id="overview"><h1>{_e(title)}</h1>{overview}</section>')
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) +
             "\n</body></html>\n")
