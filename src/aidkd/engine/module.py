@@ -14,7 +14,7 @@ from aidkd.engine.config import RunConfig
 from aidkd.eval import DetectionEvaluator
 from aidkd.eval.evaluator import scored_detections
 from aidkd.models import build_detector, load_detector, model_meta
-from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
+from aidkd.models.ops import check_targets, detection_losses, extract_features, prepare_inputs
 
 log = logging.getLogger("aidkd.engine")
 
@@ -108,6 +108,11 @@ class DetectionTask(L.LightningModule):
             self.distiller.teacher.to(self.device)
 
     # ------------------------------------------------------------------ training
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Target values are checked here, in host memory: on the device the check would stall every step.
+        check_targets(batch[1])
+        return batch
+
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         if self.distiller is not None:
             return self.distiller(images, targets)
@@ -118,8 +123,10 @@ class DetectionTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, targets = batch
         losses = self.compute_losses(images, targets)
-        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        if self._any_rank(bool(bad)):
+        # One flag for every term, read once (the step's only host sync outside logging steps).
+        non_finite = ~torch.stack([torch.isfinite(v).all() for v in losses.values()]).all()
+        if self._any_rank(non_finite):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
             self.bad_steps += 1
             self.last_bad_step = self.global_step
             log.warning("step %d: non-finite loss in %s; step skipped (%d in a row)", self.global_step,
@@ -142,13 +149,13 @@ class DetectionTask(L.LightningModule):
             self._record_aid_weights(targets)
         return total
 
-    def _any_rank(self, flag: bool) -> bool:
-        """``flag`` on any process of a distributed run (one tiny all-reduce), so all skip or stop together."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def _any_rank(self, flag: Tensor) -> bool:
+        """Boolean tensor ``flag`` true on any process of a distributed run (one tiny all-reduce, one host read),
+        so all skip or stop together."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = flag.to(device=self.device, dtype=torch.float32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.any())
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         def closure():
