@@ -70,6 +70,20 @@ def is_sync(func, args, kwargs) -> bool:
     return False
 
 
+def is_host_copy(func, args, kwargs) -> bool:
+    """A tensor made from host data (``torch.tensor`` / ``as_tensor``: ``lift_fresh``), or a copy from host to
+    device memory: on CUDA a blocking one waits for the device's queue (PyTorch syncs the stream after it)."""
+    name = func.overloadpacket.__name__
+    if name in ("lift_fresh", "lift_fresh_copy"):
+        return True
+    if name in ("_to_copy", "copy_") and args:
+        src = args[1] if name == "copy_" else args[0]
+        dst_device = args[0].device if name == "copy_" else kwargs.get("device")
+        return isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst_device is not None \
+            and torch.device(dst_device).type != "cpu"
+    return False
+
+
 def _caller(skip: str = "host_overhead") -> str:
     """``file:function`` of the innermost aidkd frame (where an op or sync comes from)."""
     frame = sys._getframe(2)
@@ -92,6 +106,7 @@ class StepCounter:
         self.ops: Counter[str] = Counter()
         self.rest_by_caller: Counter[str] = Counter()
         self.syncs: list[tuple[str, str]] = []
+        self.host_copies: list[str] = []
         self.where = where
         self.part = "rest"
         self._stack: list[str] = []
@@ -137,6 +152,8 @@ class StepCounter:
             self.rest_by_caller[_caller()] += 1
         if is_sync(func, args, kwargs):
             self.syncs.append((func.overloadpacket.__name__, _caller()))
+        elif is_host_copy(func, args, kwargs):
+            self.host_copies.append(_caller())
 
     def _host_read(self, name: str):
         original = getattr(torch.Tensor, name)
@@ -171,6 +188,8 @@ class StepCounter:
     def summary(self) -> dict:
         return {"ops": dict(self.ops), "total_ops": sum(self.ops.values()), "syncs": len(self.syncs),
                 "sync_sources": dict(Counter(f"{op} @ {where}" for op, where in self.syncs).most_common()),
+                "host_copies": len(self.host_copies),
+                "host_copy_sources": dict(Counter(self.host_copies).most_common()),
                 "rest_by_caller": dict(self.rest_by_caller.most_common(15))}
 
 
@@ -335,7 +354,8 @@ def main(argv=None) -> dict:
                 c = step.count(batch)
                 res["counts"][f"{family}/{variant}/b{b}"] = c
                 print(f"{family:10s} {variant:16s} b{b}: ops {c['total_ops']:6d} (rest {c['ops'].get('rest', 0):5d}, "
-                      f"model {c['ops'].get('model', 0):5d}) syncs {c['syncs']:4d}", flush=True)
+                      f"model {c['ops'].get('model', 0):5d}) syncs {c['syncs']:4d} host copies {c['host_copies']:3d}",
+                      flush=True)
             if family in args.time_families:
                 res["times"][f"{family}/{variant}/b{n}"] = t = time_split(step, (images[:n], targets[:n]),
                                                                           args.time_reps)
@@ -376,14 +396,17 @@ def markdown(res: dict, args) -> str:
              "`model`: backbones' and heads' forward (student and teacher) and backward, gradient accumulation; "
              "`transform`: torchvision's normalise + pad (per image); `optimizer`: clipping + SGD; `rest`: "
              "everything else (targets, assignment, losses, AID weights, distillation terms, their backward). "
-             "A sync is an op that reads a device value on the host (benchmarks/host_overhead.py's docstring).", "",
+             "A sync is an op that reads a device value on the host (benchmarks/host_overhead.py's docstring). Host "
+             "copies: tensors made from host data in the step (`torch.tensor`, `as_tensor`); on CUDA a plain copy "
+             "waits for the device's queue, one from pinned memory (`aidkd.models.targets.host_tensor`) does not; "
+             "the CPU proxy counts both.", "",
              "## Ops and syncs per step", "",
-             "| family / variant / batch | total ops | model | transform | optimizer | rest | syncs |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| family / variant / batch | total ops | model | transform | optimizer | rest | syncs | host copies |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, c in res["counts"].items():
         o = c["ops"]
         lines.append(f"| {key} | {c['total_ops']} | {o.get('model', 0)} | {o.get('transform', 0)} | "
-                     f"{o.get('optimizer', 0)} | {o.get('rest', 0)} | {c['syncs']} |")
+                     f"{o.get('optimizer', 0)} | {o.get('rest', 0)} | {c['syncs']} | {c.get('host_copies', 'n/a')} |")
     lines += ["", "## Batch growth", "", ratio_table(res, args), ""]
     if res["times"]:
         lines += ["## Step time split (torch.profiler, CPU)", "",

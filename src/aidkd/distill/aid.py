@@ -35,7 +35,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .base import box_cell_owner
+from aidkd.models.targets import pad_per_image
+
+from .base import box_cell_owner_batch
 
 Granularity = Literal["instance", "image", "level"]
 GRANULARITIES: tuple[str, ...] = ("instance", "image", "level")
@@ -66,22 +68,24 @@ def instance_pixel_weights(
     centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); where
     boxes overlap the smallest box (area) wins. A box that covers no cell centre claims the cell holding its own
     centre (clamped into the map) only if no box covers that cell; where several such boxes claim one cell, the
-    smallest wins. Cells of no box get 1. Vectorised over boxes and cells (loops only over images).
+    smallest wins. Cells of no box get 1. Vectorised over images, boxes and cells.
     """
     if len(boxes) != len(weights):
         raise ValueError(f"instance_pixel_weights: {len(boxes)} box tensors but {len(weights)} weight tensors")
     device = boxes[0].device if len(boxes) else torch.device("cpu")
-    out = torch.ones((len(boxes), height, width), dtype=torch.float32, device=device)
     for b, (image_boxes, image_weights) in enumerate(zip(boxes, weights)):
         if image_boxes.shape[0] != image_weights.shape[0]:
             raise ValueError(f"instance_pixel_weights: image {b} has {image_boxes.shape[0]} boxes but "
                              f"{image_weights.shape[0]} weights")
-        if image_boxes.shape[0] == 0:
-            continue
-        owner = box_cell_owner(image_boxes.to(device), height, width, stride)  # (H, W)
-        w = image_weights.detach().to(device=device, dtype=torch.float32)
-        out[b] = torch.where(owner >= 0, w[owner.clamp(min=0)], out[b])
-    return out
+    if not len(boxes):
+        return torch.ones((0, height, width), dtype=torch.float32, device=device)
+    # the batch padded to its largest box count, a mask beside: one batched op per step, whatever the batch size
+    padded, valid = pad_per_image([image_boxes.to(device=device, dtype=torch.float32) for image_boxes in boxes])
+    w, _ = pad_per_image([image_weights.detach().to(device=device, dtype=torch.float32)
+                          for image_weights in weights])
+    owner = box_cell_owner_batch(padded, valid, height, width, stride)  # (B, H, W)
+    owned = w.gather(1, owner.clamp(min=0).flatten(1)).view_as(owner)
+    return torch.where(owner >= 0, owned, torch.ones_like(owned))
 
 
 class AIDWeights(NamedTuple):

@@ -33,11 +33,10 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
-    targets = torch.zeros_like(logits)
-    pos = labels >= 0
-    if pos.any():
-        pos_idx = pos.nonzero().squeeze(1)
-        targets[pos_idx, labels[pos_idx]] = quality[pos_idx].to(logits.dtype)
+    # y: quality at each positive's class, 0 elsewhere (a comparison, not indexing: no host sync)
+    hot = labels[:, None] == torch.arange(logits.shape[1], device=logits.device)
+    targets = torch.where(hot, quality[:, None].to(logits.dtype), torch.zeros((), dtype=logits.dtype,
+                                                                               device=logits.device))
     modulator = (targets - logits.sigmoid()).abs().pow(beta)
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulator
     return loss.sum(dim=1)

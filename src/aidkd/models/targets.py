@@ -126,6 +126,12 @@ def host_tensor(values: list, device: torch.device, dtype: torch.dtype = torch.i
     return t.to(device)
 
 
+def per_level_values(values, num_per_level: list[int], device, dtype: torch.dtype) -> Tensor:
+    """``values[l]`` repeated for each of the ``num_per_level[l]`` anchors / locations of level l, built on the
+    device from host numbers (no copy, no sync; one op per level)."""
+    return torch.cat([torch.full((n,), v, dtype=dtype, device=device) for v, n in zip(values, num_per_level)])
+
+
 def pad_per_image(values: list[Tensor], min_count: int = 1) -> tuple[Tensor, Tensor]:
     """Per-image tensors ``(N_i, ...)`` as one zero-padded ``(B, M, ...)`` tensor and its Bool ``(B, M)`` mask of
     real entries, ``M = max(N_i, min_count)``. A fixed number of ops whatever the batch size (one concatenation and
