@@ -179,3 +179,20 @@ def ignore_background_batch(matched_idxs: Tensor, anchors: Tensor, targets: list
               & (y <= boxes[:, None, :, 3]) & valid[:, None, :]).any(dim=2)  # (B, A)
     return torch.where((matched_idxs == BELOW_LOW_THRESHOLD) & inside,
                        torch.full_like(matched_idxs, BETWEEN_THRESHOLDS), matched_idxs)
+
+
+def match_batch(matcher, quality: Tensor, valid: Tensor) -> Tensor:
+    """torchvision's ``Matcher`` (``det_utils.Matcher``: high / low thresholds, optional low-quality matches) on
+    a padded batch: ``quality`` ``(B, M, A)`` with ``valid`` Bool ``(B, M)`` marking real boxes; returns
+    ``Int64[B, A]``, each image's row equal to ``matcher(quality[b, :M_b])`` (all background without boxes)."""
+    quality = torch.where(valid[..., None], quality, torch.full_like(quality, -1.0))
+    matched_vals, matches = quality.max(dim=1)  # (B, A)
+    all_matches = matches
+    matches = torch.where(matched_vals < matcher.low_threshold, BELOW_LOW_THRESHOLD,
+                          torch.where(matched_vals < matcher.high_threshold, BETWEEN_THRESHOLDS, matches))
+    if matcher.allow_low_quality_matches:
+        # each box's best elements (ties included) keep their best box, as Matcher.set_low_quality_matches_
+        highest = quality.max(dim=2).values  # (B, M)
+        best_of_a_box = ((quality == highest[..., None]) & valid[..., None]).any(dim=1)
+        matches = torch.where(best_of_a_box, all_matches, matches)
+    return matches

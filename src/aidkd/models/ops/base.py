@@ -24,11 +24,18 @@ def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tenso
     ``matched`` holds a ground-truth index for positives, -1 for background and ``BETWEEN_THRESHOLDS`` for ignored.
     Shared by the RetinaNet and FCOS ops, whose classification losses differ only in normalisation.
     """
+    gt_classes = labels[matched.clamp(min=0)] if labels.numel() else torch.zeros_like(matched)
+    return focal_terms(logits, matched, gt_classes)
+
+
+def focal_terms(logits: Tensor, matched: Tensor, gt_classes: Tensor) -> Tensor:
+    """:func:`anchor_focal_terms` with each element's class given (``gt_classes``, read where ``matched >= 0``);
+    any leading shape (``[..., K]`` logits), e.g. a whole batch: one-hot targets by comparison, no host sync."""
     from torchvision.ops import sigmoid_focal_loss
 
     fg = matched >= 0
-    gt = torch.zeros_like(logits)
-    gt[fg, labels[matched[fg]]] = 1.0
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    gt = ((gt_classes[..., None] == classes) & fg[..., None]).to(logits.dtype)
     focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
     return torch.where(matched != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal))
 
