@@ -51,7 +51,7 @@ SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
 def _sampled_means(sampled: list[Tensor], *per_image_terms: list[Tensor]) -> list[Tensor]:
     """Each term summed over the sampled anchors / RoIs of every image, divided by their total count (torchvision's
     RPN and RoI-head reduction)."""
-    n = max(1, int(sum(int(s.sum()) for s in sampled)))
+    n = torch.stack([s.sum() for s in sampled]).sum().clamp(min=1)  # a tensor: no host sync
     return [torch.stack([(t * s).sum() for t, s in zip(terms, sampled)]).sum() / n for terms in per_image_terms]
 
 @dataclass
@@ -212,16 +212,14 @@ class FasterRCNNOps(DetectorOps):
         per_instance = [a + b for a, b in zip(rpn_means, roi_means)]
         # per level: positive RPN anchors of each level / all positive RPN anchors, + the positive-RoI loss mean
         L = len(rpn.num_per_level)
-        per_level = rpn.objectness[0].new_zeros(L)
-        n_pos = 0
-        for m, o, b in zip(rpn.matched_idxs, rpn.objectness, rpn.box):
-            pos = m >= 0
-            lvl = level_index(rpn.num_per_level, o.device)
-            per_level = per_level.index_add(0, lvl[pos], (o + b)[pos])
-            n_pos += int(pos.sum())
+        m = torch.stack(rpn.matched_idxs)  # images share their anchors
+        total = torch.where(m >= 0, torch.stack(rpn.objectness) + torch.stack(rpn.box), 0.0)
+        lvl = level_index(rpn.num_per_level, m.device)
+        per_level = total.new_zeros(L).index_add_(0, lvl.repeat(m.shape[0]), total.flatten())
+        n_pos = (m >= 0).sum().clamp(min=1)
         roi_sum = sum(((c + b) * (lab > 0)).sum() for c, b, lab in zip(roi.cls, roi.box, roi.labels))
-        roi_n = sum(int((lab > 0).sum()) for lab in roi.labels)
-        return TeacherLosses(per_instance, per_level / max(1, n_pos) + roi_sum / max(1, roi_n))
+        roi_n = torch.stack([(lab > 0).sum() for lab in roi.labels]).sum().clamp(min=1)
+        return TeacherLosses(per_instance, per_level / n_pos + roi_sum / roi_n)
 
     def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
         """cls: the RPN objectness BCE + the RoI cross-entropy; box: the RPN + RoI smooth-L1; the same anchors, RoIs
