@@ -86,7 +86,7 @@ def ignore_boxes_of(target: dict) -> Tensor | None:
     ign = target.get("ignore_boxes")
     if not isinstance(ign, Tensor) or ign.numel() == 0:
         return None
-    return ign.reshape(-1, 4)
+    return ign if ign.dim() == 2 else ign.reshape(-1, 4)
 
 
 def centres_in_boxes(points: Tensor, boxes: Tensor, chunk: int = 65536) -> Tensor:
@@ -172,7 +172,8 @@ def ignore_background_batch(matched_idxs: Tensor, anchors: Tensor, targets: list
     if all(g is None for g in ignores):
         return matched_idxs
     ref = next(g for g in ignores if g is not None)
-    boxes, valid = pad_per_image([g.to(ref) if g is not None else ref.new_zeros((0, 4)) for g in ignores])
+    none = ref.new_zeros((0, 4))
+    boxes, valid = pad_per_image([g.to(ref) if g is not None else none for g in ignores])
     centres = ((anchors[..., :2] + anchors[..., 2:]) / 2).to(boxes)
     x, y = centres[..., 0, None], centres[..., 1, None]  # (B or 1, A, 1)
     inside = ((x >= boxes[:, None, :, 0]) & (x <= boxes[:, None, :, 2]) & (y >= boxes[:, None, :, 1])
