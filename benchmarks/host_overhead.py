@@ -11,6 +11,7 @@ two counts tell, without a GPU, how much of a step would be host-bound:
   and pad, per image by design) and ``rest`` (targets, assignment, losses, AID weights, distillation terms and their
   backward). A backward op counts as ``model`` when its autograd node was created inside a backbone or head
   (tagged through a ``TorchFunctionMode``). ``rest`` is what vectorised code keeps constant in the batch size.
+  Views (``select``, ``view``, ...: a new tensor header, no kernel) are counted among the ops and apart.
 - **syncs**: ops that read a device value on the host: ``_local_scalar_dense`` (``item``, ``bool``, ``int``,
   ``float``), ``nonzero`` (``torch.where(mask)``), boolean-mask indexing / ``masked_select``, ``bincount``,
   ``unique``, ``repeat_interleave`` without ``output_size``, and ``tolist`` / ``cpu`` / ``numpy`` (counted by
@@ -110,6 +111,7 @@ class StepCounter:
 
     def __init__(self, modules: list[tuple[torch.nn.Module, str]], where: bool = True):
         self.ops: Counter[str] = Counter()
+        self.views: Counter[str] = Counter()  # of which views (no kernel: a new tensor header on the same memory)
         self.rest_by_caller: Counter[str] = Counter()
         self.syncs: list[tuple[str, str]] = []
         self.host_copies: list[str] = []
@@ -154,6 +156,8 @@ class StepCounter:
     def _count(self, func, args, kwargs) -> None:
         part = self._current_part()
         self.ops[part] += 1
+        if func.is_view:
+            self.views[part] += 1
         if part == "rest" and self.where:
             self.rest_by_caller[_caller()] += 1
         if is_sync(func, args, kwargs):
@@ -193,7 +197,8 @@ class StepCounter:
 
     def summary(self) -> dict:
         device = [s for s in self.syncs if s not in HOST_ONLY_READS]
-        return {"ops": dict(self.ops), "total_ops": sum(self.ops.values()), "syncs": len(device),
+        return {"ops": dict(self.ops), "total_ops": sum(self.ops.values()), "views": dict(self.views),
+                "syncs": len(device),
                 "host_only_reads": len(self.syncs) - len(device),
                 "sync_sources": dict(Counter(f"{op} @ {where}" for op, where in device).most_common()),
                 "host_copies": len(self.host_copies),
@@ -379,16 +384,17 @@ def main(argv=None) -> dict:
 
 def ratio_table(res: dict, args) -> str:
     lo, hi = min(args.batches), max(args.batches)
-    lines = [f"| family / variant | rest ops b{lo} | rest ops b{hi} | ratio | syncs b{lo} | syncs b{hi} | ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| family / variant | rest ops b{lo} | rest ops b{hi} | ratio | of which views b{lo} / b{hi} | "
+             f"syncs b{lo} | syncs b{hi} | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for family in args.families:
         for variant in args.variants:
             a, b = res["counts"].get(f"{family}/{variant}/b{lo}"), res["counts"].get(f"{family}/{variant}/b{hi}")
             if a is None or b is None:
                 continue
             ra, rb = a["ops"].get("rest", 0), b["ops"].get("rest", 0)
-            lines.append(f"| {family} / {variant} | {ra} | {rb} | {rb / max(ra, 1):.2f} | {a['syncs']} | {b['syncs']} "
-                         f"| {b['syncs'] / max(a['syncs'], 1):.2f} |")
+            va, vb = a.get("views", {}).get("rest", "n/a"), b.get("views", {}).get("rest", "n/a")
+            lines.append(f"| {family} / {variant} | {ra} | {rb} | {rb / max(ra, 1):.2f} | {va} / {vb} | {a['syncs']} "
+                         f"| {b['syncs']} | {b['syncs'] / max(a['syncs'], 1):.2f} |")
     return "\n".join(lines)
 
 

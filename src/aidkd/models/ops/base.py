@@ -128,6 +128,13 @@ def feature_strides(images: ImageList, features) -> list[int]:
     return out
 
 
+def shared_anchors(anchor_generator, images: ImageList, features: list[Tensor]) -> list[Tensor]:
+    """torchvision's ``AnchorGenerator(images, features)``, whose anchors depend only on the padded batch size and
+    the feature sizes: built once and shared by every image (the same tensor), not once per image."""
+    one = anchor_generator(ImageList(images.tensors, list(images.image_sizes[:1])), features)[0]
+    return [one] * len(images.image_sizes)
+
+
 def level_index(num_per_level: list[int], device) -> Tensor:
     """Int64[sum(num_per_level)]: the FPN level of each flattened anchor/location."""
     return per_level_values(range(len(num_per_level)), num_per_level, device, torch.int64)

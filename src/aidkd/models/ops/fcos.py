@@ -34,6 +34,7 @@ from aidkd.models.ops.base import (
     focal_terms,
     level_index,
     positive_focal_terms,
+    shared_anchors,
     summed_terms,
 )
 from aidkd.models.targets import ignore_background_batch, pad_per_image
@@ -62,7 +63,7 @@ class FCOSOps(DetectorOps):
     def head_outputs(self, model, images, features) -> dict:
         feats = list(features.values())
         out = model.head(feats)
-        anchors = model.anchor_generator(images, feats)
+        anchors = shared_anchors(model.anchor_generator, images, feats)
         return {"cls_logits": out["cls_logits"], "bbox_regression": out["bbox_regression"],
                 "bbox_ctrness": out["bbox_ctrness"], "anchors": anchors,
                 "num_per_level": [f.shape[-2] * f.shape[-1] for f in feats]}

@@ -35,6 +35,7 @@ from aidkd.models.ops.base import (
     focal_terms,
     level_index,
     positive_focal_terms,
+    shared_anchors,
     summed_terms,
 )
 from aidkd.models.targets import (
@@ -83,7 +84,7 @@ class RetinaNetOps(DetectorOps):
     def head_outputs(self, model, images, features) -> dict:
         feats = list(features.values())
         out = model.head(feats)
-        anchors = model.anchor_generator(images, feats)
+        anchors = shared_anchors(model.anchor_generator, images, feats)
         hw = [f.shape[-2] * f.shape[-1] for f in feats]
         a = out["cls_logits"].shape[1] // sum(hw)
         return {"cls_logits": out["cls_logits"], "bbox_regression": out["bbox_regression"], "anchors": anchors,
