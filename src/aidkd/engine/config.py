@@ -57,7 +57,9 @@ class DataConfig:
     hflip: float = 0.5
     batch_size: int = 4
     val_batch_size: int | None = None
-    num_workers: int = 0
+    # Loader processes per training process; None: min(4, CPU cores per process) on a GPU, 0 on the CPU (where the
+    # model needs the cores). Validation loaders use as many, not kept between validations.
+    num_workers: int | None = None
     skip_invalid: bool = False
     synth: SynthConfig = field(default_factory=SynthConfig)
 
@@ -88,7 +90,10 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the total steps
     gamma: float = 0.1
     grad_clip: float | None = 10.0
-    precision: str = "auto"  # "auto": 16-mixed on GPU, 32 on CPU
+    precision: str = "auto"  # "auto": bf16-mixed on a GPU that supports it, else 16-mixed; 32 on the CPU
+    compile: bool = False  # torch.compile the student's backbone and head(s) (in place: checkpoints are unchanged)
+    channels_last: bool = False  # the student's weights (and so its convolutions) in channels-last memory format
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution per input shape (off with deterministic)
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1

@@ -143,10 +143,28 @@ def check_configured_data(cfg: DataConfig) -> None:
                                  limit=None, file=path)
 
 
+def default_num_workers(on_gpu: bool) -> int:
+    """Loader processes per training process when ``data.num_workers`` is unset: min(4, CPU cores per process) for
+    GPU training (one process per GPU), 0 on the CPU, where the model needs the cores."""
+    if not on_gpu:
+        return 0
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, max(1, cores // max(1, torch.cuda.device_count())))
+
+
 class DetectionDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig):
+    """``on_gpu``: training runs on a GPU: loaders pin their batches' memory (asynchronous copies to the device)
+    and ``data.num_workers`` defaults to :func:`default_num_workers`."""
+
+    def __init__(self, cfg: DataConfig, on_gpu: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.on_gpu = on_gpu
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(on_gpu)
         self.classes, self.ignore_classes = resolve_classes(cfg)
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None
@@ -170,12 +188,15 @@ class DetectionDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self.make_dataset("val", train=False)
 
-    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
-                          collate_fn=collate_fn, persistent_workers=self.cfg.num_workers > 0)
+    def _loader(self, ds, batch_size: int, shuffle: bool, persistent: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_fn, persistent_workers=persistent and self.num_workers > 0,
+                          pin_memory=self.on_gpu)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True, persistent=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False)
+        # not persistent: validation runs once an epoch, its workers need not hold memory between
+        return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False,
+                            persistent=False)

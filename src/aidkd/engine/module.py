@@ -102,6 +102,22 @@ class DetectionTask(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.distiller is not None:
             self.distiller.teacher.to(self.device)
+        if stage == "fit":
+            self.speed_up_training()
+
+    def speed_up_training(self) -> None:
+        """``train.channels_last`` (student and teacher weights) and ``train.compile`` (the student's backbone and
+        head(s), compiled in place: same module tree, same checkpoints); once."""
+        if getattr(self, "_sped_up", False):
+            return
+        self._sped_up = True
+        t = self.cfg.train
+        if t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            if self.distiller is not None:
+                self.distiller.teacher.model.to(memory_format=torch.channels_last)
+        if t.compile:
+            compile_detector(self.model)
 
     def on_fit_start(self) -> None:
         if self.distiller is not None:
@@ -310,6 +326,17 @@ class DetectionTask(L.LightningModule):
 
 
 _OLD_STUDENT_ALIAS = "distiller.student."
+
+
+def compile_detector(model: torch.nn.Module, **compile_kwargs) -> list[str]:
+    """``torch.compile`` a detector's backbone and head modules in place (``nn.Module.compile``: parameter names and
+    checkpoints unchanged); the Python between them (targets, losses, distillation) stays eager. ``compile_kwargs``
+    go to ``torch.compile``. Returns the names of the compiled modules."""
+    names = (["backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"] if hasattr(model, "rpn")
+             else ["backbone", "head"])
+    for name in names:
+        model.get_submodule(name).compile(**compile_kwargs)
+    return names
 
 
 def rng_state() -> dict:

@@ -40,10 +40,19 @@ warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
+def uses_gpu(cfg: RunConfig) -> bool:
+    """Whether the run trains on CUDA GPUs (``train.accelerator`` auto / gpu / cuda with one available)."""
+    return torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda")
+
+
 def _precision(cfg: RunConfig) -> str:
+    """``train.precision``; ``auto``: bf16 autocast where the GPU has it (no loss scaling needed), fp16 with a
+    gradient scaler on older GPUs, float32 on the CPU."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    return "16-mixed" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda") else "32-true"
+    if not uses_gpu(cfg):
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def uses_kitti_metrics(cfg: RunConfig) -> bool:
@@ -74,6 +83,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=()) -> L.Traine
         default_root_dir=out_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg),
         gradient_clip_val=t.grad_clip, deterministic=t.deterministic, check_val_every_n_epoch=t.val_every,
+        benchmark=t.cudnn_benchmark and not t.deterministic,
         log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         enable_progress_bar=t.progress_bar, plugins=[SafeCheckpointIO()], enable_model_summary=False,
@@ -96,7 +106,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dm = DetectionDataModule(cfg.data)
+    dm = DetectionDataModule(cfg.data, on_gpu=uses_gpu(cfg))
     dm.prepare_data()
     check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
     dm.setup("fit")
@@ -152,7 +162,7 @@ def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict:
     """Metrics of a trained detector on the configured split (the classes must match the checkpoint's)."""
-    dm = DetectionDataModule(cfg.data)
+    dm = DetectionDataModule(cfg.data, on_gpu=uses_gpu(cfg))
     dm.prepare_data()
     ds = dm.make_dataset(split, train=False)
     model, _ = load_detector(checkpoint, classes=dm.classes)
