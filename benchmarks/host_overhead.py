@@ -338,6 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tmp", default="/tmp/aidkd_host_overhead")
     p.add_argument("--stem", default="host_overhead_cpu", help="result file name (benchmarks/results/<stem>.json/.md)")
+    p.add_argument("--code", default=None, help="what the result names as the measured code (default: this "
+                   "checkout's commit), e.g. when PYTHONPATH points at another commit's src/")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -353,7 +355,7 @@ def main(argv=None) -> dict:
     images, targets = data[0]
     res = {"command": "PYTHONPATH=src .venv/bin/python benchmarks/host_overhead.py "
                       + " ".join(sys.argv[1:] if argv is None else argv),
-           "commit": commit(), "env": environment(dev),
+           "commit": args.code or commit(), "env": environment(dev),
            "settings": {k: getattr(args, k) for k in ("teacher", "teacher_fpn", "student", "student_fpn", "height",
                                                       "width", "batches", "threads")},
            "counts": {}, "times": {}}
