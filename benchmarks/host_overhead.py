@@ -245,9 +245,20 @@ class Step:
         self.params = [p for p in self.task.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
+    def to(self, device: torch.device, autocast: torch.dtype | None = None) -> Step:
+        """Run on ``device``, the forward under autocast to ``autocast`` (e.g. bfloat16) when given."""
+        self.task.to(device)
+        if self.task.distiller is not None:
+            self.task.distiller.teacher.to(device)
+        self.device, self.autocast = device, autocast
+        return self
+
     def __call__(self, batch, counter: StepCounter | None = None) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss = self.task.training_step(batch, 0)
+        autocast = getattr(self, "autocast", None)
+        with torch.autocast(getattr(self, "device", torch.device("cpu")).type, dtype=autocast,
+                            enabled=autocast is not None):
+            loss = self.task.training_step(batch, 0)
         loss.backward()
         if counter is not None:
             counter.part = "optimizer"
