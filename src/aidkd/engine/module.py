@@ -275,16 +275,25 @@ class DetectionTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         preds = self._val_preds
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, preds)
-            preds = [p for part in gathered for p in part]
+        # The metrics are computed once, on rank 0, from every rank's predictions, and broadcast.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank_zero = not distributed or torch.distributed.get_rank() == 0
+        if distributed:
+            gathered: list | None = [None] * torch.distributed.get_world_size() if rank_zero else None
+            torch.distributed.gather_object(preds, gathered, dst=0)
+            preds = [p for part in gathered for p in part] if rank_zero else []
         if self.trainer.sanity_checking or self.val_records is None:
             return
-        unique = dict(preds)  # a distributed sampler may pad with repeated images
-        evaluator = DetectionEvaluator(self.val_records, self.classes, kitti=self.kitti_metrics)
-        evaluator.update(list(unique.keys()), list(unique.values()))
-        metrics = evaluator.compute()
+        metrics = None
+        if rank_zero:
+            unique = dict(preds)  # a distributed sampler may pad with repeated images
+            evaluator = DetectionEvaluator(self.val_records, self.classes, kitti=self.kitti_metrics)
+            evaluator.update(list(unique.keys()), list(unique.values()))
+            metrics = evaluator.compute()
+        if distributed:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
         self.last_metrics = metrics
         self.validated_step = self.global_step
         for k, v in metrics.items():
