@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
 from aidkd.distill.registry import build_method
-from aidkd.distill.teacher_cache import TeacherLossCache
+from aidkd.distill.teacher_cache import TeacherLossCache, share_across_ranks
 from aidkd.models.ops import (
     detection_losses,
     extract_features,
@@ -81,7 +81,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
                  sample_shape: tuple[int, int] = (128, 256), loss_scale: float = 1.0,
-                 teacher_loss_cache: bool = True):
+                 teacher_loss_cache: bool = True, teacher_loss_cache_max_items: int = 200_000):
         super().__init__()
         if not loss_scale > 0:
             raise ValueError(f"distillation loss_scale must be > 0, got {loss_scale}")
@@ -97,7 +97,7 @@ class Distiller(nn.Module):
         if not self.methods:
             raise ValueError("distillation needs at least one method (e.g. attention, nonlocal, fitnet, fgd)")
         # instance / image AID: the teacher's per-instance losses of a sample seen before (teacher_cache.py)
-        self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
+        self.loss_cache = (TeacherLossCache(teacher_loss_cache_max_items) if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
         self._last_per_instance: list[Tensor] | None = None
         self._last_per_level: Tensor | None = None
@@ -217,6 +217,8 @@ class Distiller(nn.Module):
         samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:
             return None
+        # entries computed by the other processes (DDP): the hit rate does not depend on the number of GPUs
+        share_across_ranks(self.loss_cache, device=next(self.teacher.model.parameters()).device)
         hits, misses = self.loss_cache.hits, self.loss_cache.misses
         last_hits, last_misses = self._cache_counts_at_epoch_start
         self._cache_counts_at_epoch_start = (hits, misses)

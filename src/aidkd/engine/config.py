@@ -137,6 +137,8 @@ class AIDConfig:
     # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True
+    # Most samples x flips the cache holds (a few floats each); past it the least recently used are dropped (warned).
+    cache_max_items: int = 200_000
 
 
 @dataclass

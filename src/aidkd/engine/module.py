@@ -97,7 +97,7 @@ class DetectionTask(L.LightningModule):
                         d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
-                         teacher_loss_cache=d.aid.cache)
+                         teacher_loss_cache=d.aid.cache, teacher_loss_cache_max_items=d.aid.cache_max_items)
 
     def setup(self, stage: str) -> None:
         if self.distiller is not None:
