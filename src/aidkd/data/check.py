@@ -26,7 +26,7 @@ def _dedup(errors: list[DatasetError]) -> list[DatasetError]:
 
 
 def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None,
-                  decode: bool = True, with_score: bool = False) -> list[DatasetError]:
+                  decode: bool = True, with_score: bool = False, workers: int = 0) -> list[DatasetError]:
     """List EVERY problem of a dataset; an empty list means the dataset is clean.
 
     ``fmt="kitti"``: ``root_or_json`` is a KITTI root (``training/image_2``, ``training/label_2``, optional
@@ -35,7 +35,8 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     ``fmt="coco"``: ``root_or_json`` is an instances json; ``image_dir`` defaults as in
     :func:`aidkd.data.coco.load_coco_records`. Checks json structure/ids/boxes and every referenced image,
     including its size against the declared ``width``/``height``.
-    ``fmt="auto"`` picks coco for a ``.json`` path, kitti otherwise.
+    ``fmt="auto"`` picks coco for a ``.json`` path, kitti otherwise. ``workers`` > 1 checks the images in a pool of
+    that many processes.
     """
     path = Path(root_or_json)
     if fmt == "auto":
@@ -47,7 +48,7 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     else:
         raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco' or 'auto')")
     errors = list(scan.errors)
-    errors += validate_records(scan.records, check_images=True, decode=decode)
+    errors += validate_records(scan.records, check_images=True, decode=decode, workers=workers)
     return _dedup(errors)
 
 

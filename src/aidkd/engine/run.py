@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from aidkd.engine.callbacks import DistillImages, ExportModel, InterruptCheckpoint, LastCheckpoint
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, dump_config
-from aidkd.engine.datamodule import DetectionDataModule, check_configured_data
+from aidkd.engine.datamodule import DetectionDataModule, check_configured_data, write_data_stamp
 from aidkd.engine.module import VAL_PREFIX, DetectionTask
 from aidkd.engine.run_folder import (
     RunFolderLock,
@@ -108,7 +108,8 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
         torch.use_deterministic_algorithms(True, warn_only=True)
     dm = DetectionDataModule(cfg.data, on_gpu=uses_gpu(cfg))
     dm.prepare_data()
-    check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
+    # every problem `aidkd data check` would list, before any training; once, by the first process
+    data_stamp = check_configured_data(cfg.data, run_dir=out_dir) if owner else None
     dm.setup("fit")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
     lock = RunFolderLock(out_dir)
@@ -121,6 +122,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
                 clear_previous_run(out_dir)
             remove_partial_files(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
+            write_data_stamp(out_dir, data_stamp)
         trainer = build_trainer(cfg, out_dir, extra_callbacks)
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)

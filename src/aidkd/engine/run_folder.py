@@ -20,7 +20,7 @@ LOCK_NAME = ".aidkd.lock"
 RESUMABLE = ("last.ckpt", "interrupted.ckpt")
 # What a run writes into its folder: the only entries ``overwrite`` removes.
 RUN_OUTPUTS = ("config.yaml", "model_best.pt", "model_last.pt", "best_metrics.json", "final_metrics.json",
-               "metrics_history.jsonl", "aid_weights.jsonl", "analysis", "checkpoints", "tb",
+               "metrics_history.jsonl", "aid_weights.jsonl", "analysis", "checkpoints", "tb", "data_check.json",
                "csv")
 
 
