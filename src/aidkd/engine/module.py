@@ -125,8 +125,9 @@ class DetectionTask(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Target values are checked here, in host memory: on the device the check would stall every step.
-        check_targets(batch[1])
+        # Training targets are checked here, in host memory: on the device the check would stall every step.
+        if self._trainer is not None and self.trainer.training:
+            check_targets(batch[1])
         return batch
 
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
