@@ -90,3 +90,20 @@ def test_channels_last_and_compile_are_applied_once_at_fit_setup(monkeypatch):
     conv = next(m for m in task.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert calls == [task.model]
+
+
+def test_training_targets_are_checked_on_the_host_before_they_move():
+    """The device step reads no box values (``check_targets`` checks only host tensors); the data module checks
+    every training batch before its transfer, naming the target and box."""
+    from types import SimpleNamespace
+
+    dm = datamodule.DetectionDataModule(_cfg().data)
+    good = ([torch.zeros(3, 8, 8)], [{"boxes": torch.tensor([[1.0, 1.0, 4.0, 4.0]]), "labels": torch.tensor([1])}])
+    bad = ([torch.zeros(3, 8, 8)] * 2, [good[1][0], {"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]]),
+                                                     "labels": torch.tensor([1])}])
+    dm.trainer = SimpleNamespace(training=True)
+    assert dm.on_before_batch_transfer(good, 0) is good
+    with pytest.raises(ValueError, match=r"target 1: box 0 .* no positive width and height"):
+        dm.on_before_batch_transfer(bad, 0)
+    dm.trainer = SimpleNamespace(training=False)  # validation batches are not training targets
+    assert dm.on_before_batch_transfer(bad, 0) is bad

@@ -235,6 +235,14 @@ class DetectionDataModule(L.LightningDataModule):
                           collate_fn=collate_fn, persistent_workers=persistent and self.num_workers > 0,
                           pin_memory=self.on_gpu)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Training targets are checked here, in host memory: on the device the check would stall every step.
+        if self.trainer is not None and self.trainer.training:
+            from aidkd.models.targets import check_targets
+
+            check_targets(batch[1])
+        return batch
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.cfg.batch_size, shuffle=True, persistent=True)
 

@@ -14,7 +14,7 @@ from aidkd.engine.config import RunConfig
 from aidkd.eval import DetectionEvaluator
 from aidkd.eval.evaluator import scored_detections
 from aidkd.models import build_detector, load_detector, model_meta
-from aidkd.models.ops import check_targets, detection_losses, extract_features, prepare_inputs
+from aidkd.models.ops import detection_losses, extract_features, prepare_inputs
 
 log = logging.getLogger("aidkd.engine")
 
@@ -124,12 +124,6 @@ class DetectionTask(L.LightningModule):
             self.distiller.teacher.to(self.device)
 
     # ------------------------------------------------------------------ training
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Training targets are checked here, in host memory: on the device the check would stall every step.
-        if self._trainer is not None and self.trainer.training:
-            check_targets(batch[1])
-        return batch
-
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         if self.distiller is not None:
             return self.distiller(images, targets)

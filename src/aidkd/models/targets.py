@@ -56,7 +56,7 @@ def check_targets(targets: list[dict]) -> None:
 
     Box values (positive width and height) are checked only where they live in host memory: reading a device
     tensor would stall the device every step. Training data is checked on the host before it moves
-    (``DetectionDataset`` drops empty boxes; ``DetectionTask.on_before_batch_transfer`` calls this)."""
+    (``DetectionDataset`` drops empty boxes; ``DetectionDataModule.on_before_batch_transfer`` calls this)."""
     if targets is None:
         raise ValueError("targets are required to compute losses")
     on_host = []
