@@ -233,3 +233,27 @@ def test_ranks_share_their_new_entries_and_a_full_cache_says_so_once(caplog):
             small.put(key(i), torch.ones(1))
     assert len(small) == 2
     assert sum("cache_max_items=2" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_samples_own_crop_runs_the_teacher_under_the_runs_autocast(monkeypatch):
+    """A sample padded to a smaller shape than its batch's runs the teacher's backbone on its crop: under the run's
+    autocast (bf16 here), as the batch's features were; the head and loss stay in float32."""
+    d = make_distiller("gfl")
+    seen = []
+    real = d.teacher.features
+
+    def spy(images):
+        seen.append((tuple(images.tensors.shape[-2:]), torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return real(images)
+
+    monkeypatch.setattr(d.teacher, "features", spy)
+    images, targets = zip(sample(1), sample(5, width=W + 40))
+    image_list, targets = distiller_mod.prepare_inputs(d.student, list(images), list(targets))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = d.teacher.features(image_list)
+        losses, _ = d._teacher_losses(image_list, feats, targets)
+    crops = seen[1:]
+    assert crops and all(enabled and dtype == torch.bfloat16 for _, enabled, dtype in crops)
+    assert all(shape != tuple(image_list.tensors.shape[-2:]) for shape, _, _ in crops)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in losses)

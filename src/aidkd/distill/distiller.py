@@ -159,18 +159,25 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------ one step
-    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict]
-                        ) -> tuple[list[Tensor], Tensor | None]:
+    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict],
+                        run_autocast: tuple[bool, torch.dtype] | None = None) -> tuple[list[Tensor], Tensor | None]:
         """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
 
         Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
         teacher's loss would be rounded (Faster R-CNN's D^T moved by up to 0.4). The teacher's features come in as
-        computed (possibly half precision) and are cast up."""
-        with torch.autocast(image_list.tensors.device.type, enabled=False):
+        computed (possibly half precision) and are cast up; a sample's own crop (``_teacher_losses_fp32``) runs the
+        teacher's backbone under the run's autocast (``run_autocast``: (enabled, dtype), default the current one),
+        like the batch's features."""
+        device = image_list.tensors.device.type
+        if run_autocast is None:
+            run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
             return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
-                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets)
+                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets,
+                                             run_autocast)
 
-    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict]
+    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict],
+                             run_autocast: tuple[bool, torch.dtype] = (False, torch.float32)
                              ) -> tuple[list[Tensor], Tensor | None]:
         if self.loss_cache is None:
             tl = teacher_losses(self.teacher.model, image_list, t_feats, targets)
@@ -194,7 +201,10 @@ class Distiller(nn.Module):
                     (k, v[idx]) for k, v in t_feats.items())
             else:
                 sub_images = ImageList(image_list.tensors[idx, :, :shape[0], :shape[1]].contiguous(), sizes)
-                sub_feats = self.teacher.features(sub_images)
+                enabled, dtype = run_autocast
+                with torch.autocast(sub_images.tensors.device.type, dtype=dtype, enabled=enabled):
+                    sub_feats = self.teacher.features(sub_images)
+                sub_feats = OrderedDict((k, v.float()) for k, v in sub_feats.items())
             tl = teacher_losses(self.teacher.model, sub_images, sub_feats, [targets[i] for i in idx])
             for i, losses in zip(idx, tl.per_instance):
                 found[i] = losses
@@ -250,8 +260,10 @@ class Distiller(nn.Module):
         pixel_w = image_w = level_w = None
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
-            with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
-                per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
+            device = image_list.tensors.device.type
+            run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            with torch.no_grad(), torch.autocast(device, enabled=False):
+                per_instance, per_level = self._teacher_losses(image_list, t_feats, targets, run_autocast)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))
