@@ -79,6 +79,12 @@ class FCOSOps(DetectorOps):
         return ignore_background_batch(matched, anchors_t, targets)
 
     @staticmethod
+    def _match_image(model, anchors: Tensor, gt_boxes: Tensor, num_per_level: list[int]) -> Tensor:
+        """One image's matches (``Int64[A]``; :meth:`_match_padded` with a batch of one)."""
+        valid = torch.ones((1, gt_boxes.shape[0]), dtype=torch.bool, device=gt_boxes.device)
+        return FCOSOps._match_padded(model, anchors[None], gt_boxes[None], valid, num_per_level)[0]
+
+    @staticmethod
     def _match_padded(model, anchors: Tensor, gt_boxes: Tensor, valid: Tensor, num_per_level: list[int]) -> Tensor:
         # Same arithmetic as torchvision.models.detection.FCOS.compute_loss, with a batch dimension in front.
         gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, M, 2]
