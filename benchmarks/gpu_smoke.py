@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KITTI_CLASSES, environment, write_results  # noqa: E402
-from host_overhead import Step, commit  # noqa: E402
+from _common import KITTI_CLASSES, environment, write_results
+from host_overhead import Step, commit
 
 VARIANTS = ("student", "kd", "kd_aid_instance")
 

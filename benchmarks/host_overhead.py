@@ -28,7 +28,6 @@ rest (Python, dispatcher), for one family at batch 8.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KITTI_CLASSES, REPO, environment, synth_batches, write_results  # noqa: E402
+from _common import KITTI_CLASSES, REPO, environment, synth_batches, write_results
 
 FAMILIES = ("gfl", "retinanet", "fcos", "fasterrcnn")
 VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "pkd")
@@ -324,9 +323,10 @@ def build(family: str, args):
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=False)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         return out.stdout.strip() + ("+changes" if dirty else "")
     except OSError:
         return "unknown"
@@ -413,7 +413,7 @@ def ratio_table(res: dict, args) -> str:
 
 def markdown(res: dict, args) -> str:
     s = res["settings"]
-    lines = [f"# Host overhead of one training step (CPU proxy)", "",
+    lines = ["# Host overhead of one training step (CPU proxy)", "",
              f"Command: `{res['command']}`  ", f"Commit: `{res['commit']}`; torch {res['env']['torch']}, "
              f"{res['env']['cpu_count']} CPU cores, {s['threads']} torch thread(s).", "",
              f"Teacher {s['teacher']} (FPN {s['teacher_fpn']}) -> student {s['student']} (FPN {s['student_fpn']}), "

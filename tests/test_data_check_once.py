@@ -15,7 +15,7 @@ from aidkd.engine.config import config_from_dict
 @pytest.fixture
 def calls(monkeypatch):
     """The ``decode`` flag of every ``check_dataset`` call (``check_configured_data`` imports it at call time)."""
-    import aidkd.data as data
+    from aidkd import data
 
     seen, original = [], data.check_dataset
 

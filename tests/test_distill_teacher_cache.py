@@ -212,7 +212,7 @@ def test_ranks_share_their_new_entries_and_a_full_cache_says_so_once(caplog):
 
     from aidkd.distill.teacher_cache import share_across_ranks
 
-    key = lambda i: TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W))  # noqa: E731
+    key = lambda i: TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W))
     ranks = [TeacherLossCache(), TeacherLossCache()]
     for i in range(6):  # a distributed sampler: rank i % 2 sees sample i
         ranks[i % 2].put(key(i), torch.full((2,), float(i)))

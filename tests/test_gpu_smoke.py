@@ -15,7 +15,7 @@ def test_gpu_smoke_runs_tiny_on_the_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([str(REPO / "benchmarks" / "gpu_smoke.sh"), "--cpu", "--tiny", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          check=False, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     res = json.loads((tmp_path / "gpu_smoke_cpu_tiny.json").read_text())
     assert list(res["variants"]) == ["student", "kd", "kd_aid_instance"]

@@ -13,7 +13,7 @@ import torch
 
 DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(DATA))
-import make_loss_reference as ref  # noqa: E402
+import make_loss_reference as ref
 
 REFERENCE = json.loads((DATA / "loss_reference.json").read_text())
 

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss
-
-from torchvision.models.detection import _utils as det_utils
 
 from aidkd.models.gfl_losses import giou_loss
 from aidkd.models.ops.base import (
