@@ -160,11 +160,12 @@ def main(argv=None) -> dict:
 
 def markdown(res: dict) -> str:
     s, env = res["settings"], res["env"]
-    lines = ["# GPU smoke benchmark", "", f"Command: `{res['command']}`  ", f"Commit: `{res['commit']}`; device "
-             f"{env.get('gpu', env['device'])}; torch {env['torch']}; precision {res['precision']}.", "",
-             f"GFL {s['teacher']} (FPN {s['teacher_fpn']}) -> {s['student']} (FPN {s['student_fpn']}), "
+    head = (f"Commit: `{res['commit']}`; device {env.get('gpu', env['device'])}; torch {env['torch']}; "
+            f"precision {res['precision']}.")
+    setup = (f"GFL {s['teacher']} (FPN {s['teacher_fpn']}) -> {s['student']} (FPN {s['student_fpn']}), "
              f"{s['width']}x{s['height']}, batch {s['batch']}, {s['budget']:g} s of measured steps per variant "
-             "(benchmarks/gpu_smoke.py's docstring).", "",
+             "(benchmarks/gpu_smoke.py's docstring).")
+    lines = ["# GPU smoke benchmark", "", f"Command: `{res['command']}`  ", head, "", setup, "",
              "| variant | images/s | step ms | GPU busy | host share | peak memory GiB |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in res["variants"].items():
         busy = f"{100 * r['gpu_busy']:.0f} %" if "gpu_busy" in r else "n/a"

@@ -397,8 +397,8 @@ def main(argv=None) -> dict:
 
 def ratio_table(res: dict, args) -> str:
     lo, hi = min(args.batches), max(args.batches)
-    lines = [f"| family / variant | rest ops b{lo} | rest ops b{hi} | ratio | of which views b{lo} / b{hi} | "
-             f"syncs b{lo} | syncs b{hi} | ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [(f"| family / variant | rest ops b{lo} | rest ops b{hi} | ratio | of which views b{lo} / b{hi} | "
+              f"syncs b{lo} | syncs b{hi} | ratio |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for family in args.families:
         for variant in args.variants:
             a, b = res["counts"].get(f"{family}/{variant}/b{lo}"), res["counts"].get(f"{family}/{variant}/b{hi}")
@@ -413,21 +413,21 @@ def ratio_table(res: dict, args) -> str:
 
 def markdown(res: dict, args) -> str:
     s = res["settings"]
-    lines = ["# Host overhead of one training step (CPU proxy)", "",
-             f"Command: `{res['command']}`  ", f"Commit: `{res['commit']}`; torch {res['env']['torch']}, "
-             f"{res['env']['cpu_count']} CPU cores, {s['threads']} torch thread(s).", "",
-             f"Teacher {s['teacher']} (FPN {s['teacher_fpn']}) -> student {s['student']} (FPN {s['student_fpn']}), "
+    head = (f"Commit: `{res['commit']}`; torch {res['env']['torch']}, {res['env']['cpu_count']} CPU cores, "
+            f"{s['threads']} torch thread(s).")
+    setup = (f"Teacher {s['teacher']} (FPN {s['teacher_fpn']}) -> student {s['student']} (FPN {s['student_fpn']}), "
              f"{s['height']}x{s['width']} images, batches {s['batches']}; AID's teacher-loss cache off (every step "
              "runs the teacher's losses: a sample's first visit). One engine step on a non-logging step: "
-             "`DetectionTask.training_step`, backward, gradient clipping, SGD.", "",
-             "`model`: backbones' and heads' forward (student and teacher) and backward, gradient accumulation; "
-             "`transform`: torchvision's normalise + pad (per image); `optimizer`: clipping + SGD; `rest`: "
-             "everything else (targets, assignment, losses, AID weights, distillation terms, their backward). "
-             "A sync is an op that reads a device value on the host (benchmarks/host_overhead.py's docstring). Host "
-             "copies: tensors made from host data in the step (`torch.tensor`, `as_tensor`); on CUDA a plain copy "
-             "waits for the device's queue, one from pinned memory (`aidkd.models.targets.host_tensor`) does not; "
-             "the CPU proxy counts both.", "",
-             "## Ops and syncs per step", "",
+             "`DetectionTask.training_step`, backward, gradient clipping, SGD.")
+    legend = ("`model`: backbones' and heads' forward (student and teacher) and backward, gradient accumulation; "
+              "`transform`: torchvision's normalise + pad (per image); `optimizer`: clipping + SGD; `rest`: "
+              "everything else (targets, assignment, losses, AID weights, distillation terms, their backward). "
+              "A sync is an op that reads a device value on the host (benchmarks/host_overhead.py's docstring). Host "
+              "copies: tensors made from host data in the step (`torch.tensor`, `as_tensor`); on CUDA a plain copy "
+              "waits for the device's queue, one from pinned memory (`aidkd.models.targets.host_tensor`) does not; "
+              "the CPU proxy counts both.")
+    lines = ["# Host overhead of one training step (CPU proxy)", "", f"Command: `{res['command']}`  ", head, "",
+             setup, "", legend, "", "## Ops and syncs per step", "",
              "| family / variant / batch | total ops | model | transform | optimizer | rest | syncs | host copies |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, c in res["counts"].items():
@@ -437,8 +437,8 @@ def markdown(res: dict, args) -> str:
     lines += ["", "## Batch growth", "", ratio_table(res, args), ""]
     if res["times"]:
         lines += ["## Step time split (torch.profiler, CPU)", "",
-                  "| family / variant / batch | step ms | convolutions ms | other aten ms | outside aten ms | "
-                  "conv share |", "|---|---:|---:|---:|---:|---:|"]
+                  ("| family / variant / batch | step ms | convolutions ms | other aten ms | outside aten ms | "
+                   "conv share |"), "|---|---:|---:|---:|---:|---:|"]
         for key, t in res["times"].items():
             lines.append(f"| {key} | {t['step_ms']:.0f} | {t['conv_ms']:.0f} | {t['other_aten_ms']:.0f} | "
                          f"{t['outside_aten_ms']:.0f} | {100 * t['conv_share']:.0f} % |")
