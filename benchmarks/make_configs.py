@@ -66,8 +66,7 @@ def distill(stage: str, teacher_ckpt: str, aid: str | None, loss_scale: float = 
 
 # ---------------------------------------------------------------------------------------------- paper settings
 def paper_data(dataset: str) -> dict:
-    common = {"min_size": 800, "max_size": 1333, "hflip": 0.5, "batch_size": 8, "val_batch_size": 8,
-              "num_workers": 8}
+    common = {"min_size": 800, "max_size": 1333, "hflip": 0.5, "batch_size": 8, "val_batch_size": 8}
     if dataset == "kitti":
         return {"format": "kitti", "root": "/path/to/kitti", "val_fraction": 0.2, "split_seed": 0,
                 "classes": list(KITTI_DEFAULT_CLASSES), "ignore_classes": list(KITTI_DEFAULT_IGNORE), **common}

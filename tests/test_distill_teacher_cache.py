@@ -203,3 +203,57 @@ def test_aid_leaves_the_random_stream_as_kd_does_for_faster_rcnn(granularity):
     kd_state, kd_loss = step(None)
     aid_state, aid_loss = step(AIDWeighting(granularity))
     assert torch.equal(kd_state, aid_state) and aid_loss == kd_loss
+
+
+def test_ranks_share_their_new_entries_and_a_full_cache_says_so_once(caplog):
+    """Two processes (simulated all-gather): after an epoch-end exchange each holds the other's entries, so the
+    next epoch hits as on one GPU; merged entries are not shared again; a cache past its cap warns once."""
+    import logging
+
+    from aidkd.distill.teacher_cache import share_across_ranks
+
+    key = lambda i: TeacherLossCache.key({"image_id": i, "flipped": False}, (H, W))
+    ranks = [TeacherLossCache(), TeacherLossCache()]
+    for i in range(6):  # a distributed sampler: rank i % 2 sees sample i
+        ranks[i % 2].put(key(i), torch.full((2,), float(i)))
+    shared = [r.take_new() for r in ranks]
+    for me, cache in enumerate(ranks):
+        cache.merge(shared[1 - me])
+    for cache in ranks:
+        assert len(cache) == 6 and all(cache.get(key(i), 2)[0] == i for i in range(6))
+        assert cache.take_new() == []  # merged entries are not sent back
+    ranks[0].put(key(7), torch.ones(1))
+    others = [[(key(8), torch.zeros(3))]]
+    assert share_across_ranks(ranks[0], all_gather=lambda mine: [mine, *others]) == 1
+    assert ranks[0].get(key(8), 3) is not None and ranks[0].take_new() == []
+
+    small = TeacherLossCache(max_items=2)
+    with caplog.at_level(logging.WARNING, logger="aidkd.distill"):
+        for i in range(5):
+            small.put(key(i), torch.ones(1))
+    assert len(small) == 2
+    assert sum("cache_max_items=2" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_samples_own_crop_runs_the_teacher_under_the_runs_autocast(monkeypatch):
+    """A sample padded to a smaller shape than its batch's runs the teacher's backbone on its crop: under the run's
+    autocast (bf16 here), as the batch's features were; the head and loss stay in float32."""
+    d = make_distiller("gfl")
+    seen = []
+    real = d.teacher.features
+
+    def spy(images):
+        seen.append((tuple(images.tensors.shape[-2:]), torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return real(images)
+
+    monkeypatch.setattr(d.teacher, "features", spy)
+    images, targets = zip(sample(1), sample(5, width=W + 40))
+    image_list, targets = distiller_mod.prepare_inputs(d.student, list(images), list(targets))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = d.teacher.features(image_list)
+        losses, _ = d._teacher_losses(image_list, feats, targets)
+    crops = seen[1:]
+    assert crops and all(enabled and dtype == torch.bfloat16 for _, enabled, dtype in crops)
+    assert all(shape != tuple(image_list.tensors.shape[-2:]) for shape, _, _ in crops)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in losses)

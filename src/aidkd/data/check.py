@@ -28,7 +28,7 @@ def _dedup(errors: list[DatasetError]) -> list[DatasetError]:
 
 
 def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str | Path | None = None,
-                  decode: bool = True, with_score: bool = False) -> list[DatasetError]:
+                  decode: bool = True, with_score: bool = False, workers: int = 0) -> list[DatasetError]:
     """List EVERY problem of a dataset; an empty list means the dataset is clean.
 
     ``fmt="kitti"``: ``root_or_json`` is a KITTI root (``training/image_2``, ``training/label_2``, optional
@@ -40,7 +40,8 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     ``width``/``height``.
     ``fmt="yolo"``: ``root_or_json`` is a ``data.yaml`` or its folder; checks the yaml, every label line of every
     split (train, val, test), every listed image, and images that are in two splits.
-    ``fmt="auto"`` picks coco for a ``.json`` path, yolo for a ``.yaml``, kitti otherwise.
+    ``fmt="auto"`` picks coco for a ``.json`` path, yolo for a ``.yaml``, kitti otherwise. ``workers`` > 1 checks the
+    images in a pool of that many processes.
     """
     path = Path(root_or_json)
     fmt = _auto_format(path) if fmt == "auto" else fmt
@@ -53,7 +54,8 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     else:
         raise ValueError(f"unknown dataset format {fmt!r} (expected 'kitti', 'coco', 'yolo' or 'auto')")
     errors = [e for scan in scans for e in scan.errors]
-    errors += validate_records([r for scan in scans for r in scan.records], check_images=True, decode=decode)
+    errors += validate_records([r for scan in scans for r in scan.records], check_images=True, decode=decode,
+                                workers=workers)
     return _dedup(errors)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch.utils.data import Dataset
@@ -56,9 +57,15 @@ def validate_record(record: ImageRecord, check_images: bool = True, decode: bool
     return errors
 
 
+POOL_MIN_RECORDS = 64  # fewer records are checked in this process: a pool's start costs more than it saves
+
+
 def validate_records(records: Sequence[ImageRecord], check_images: bool = True, decode: bool = False,
-                     box_tolerance: float = BOX_TOLERANCE) -> list[DatasetError]:
-    """Every problem of ``records`` (see :func:`validate_record`), plus duplicate ``image_id``s."""
+                     box_tolerance: float = BOX_TOLERANCE, workers: int = 0) -> list[DatasetError]:
+    """Every problem of ``records`` (see :func:`validate_record`), plus duplicate ``image_id``s.
+
+    ``workers`` > 1: the records are checked in a pool of that many processes (the records' missing sizes are then
+    not filled in here: for a check whose records are thrown away)."""
     errors: list[DatasetError] = []
     seen: dict[int, ImageRecord] = {}
     for r in records:
@@ -67,7 +74,16 @@ def validate_records(records: Sequence[ImageRecord], check_images: bool = True, 
                                        file=r.image_path))
         else:
             seen[r.image_id] = r
-        errors += validate_record(r, check_images=check_images, decode=decode, box_tolerance=box_tolerance)
+    check = partial(validate_record, check_images=check_images, decode=decode, box_tolerance=box_tolerance)
+    if workers > 1 and len(records) >= POOL_MIN_RECORDS:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            per_record = list(pool.map(check, records, chunksize=max(1, len(records) // (8 * workers))))
+    else:
+        per_record = [check(r) for r in records]
+    for found in per_record:
+        errors += found
     return errors
 
 

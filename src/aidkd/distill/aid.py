@@ -35,7 +35,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .base import box_cell_owner
+from aidkd.models.targets import pad_per_image
+
+from .base import box_cell_owner_batch
 
 Granularity = Literal["instance", "image", "level"]
 GRANULARITIES: tuple[str, ...] = ("instance", "image", "level")
@@ -66,22 +68,34 @@ def instance_pixel_weights(
     centre ``((x + 0.5) * stride, (y + 0.5) * stride)`` lies inside (``x1 <= cx < x2``, ``y1 <= cy < y2``); where
     boxes overlap the smallest box (area) wins. A box that covers no cell centre claims the cell holding its own
     centre (clamped into the map) only if no box covers that cell; where several such boxes claim one cell, the
-    smallest wins. Cells of no box get 1. Vectorised over boxes and cells (loops only over images).
+    smallest wins. Cells of no box get 1. Vectorised over images, boxes and cells.
     """
     if len(boxes) != len(weights):
         raise ValueError(f"instance_pixel_weights: {len(boxes)} box tensors but {len(weights)} weight tensors")
     device = boxes[0].device if len(boxes) else torch.device("cpu")
-    out = torch.ones((len(boxes), height, width), dtype=torch.float32, device=device)
     for b, (image_boxes, image_weights) in enumerate(zip(boxes, weights)):
         if image_boxes.shape[0] != image_weights.shape[0]:
             raise ValueError(f"instance_pixel_weights: image {b} has {image_boxes.shape[0]} boxes but "
                              f"{image_weights.shape[0]} weights")
-        if image_boxes.shape[0] == 0:
-            continue
-        owner = box_cell_owner(image_boxes.to(device), height, width, stride)  # (H, W)
-        w = image_weights.detach().to(device=device, dtype=torch.float32)
-        out[b] = torch.where(owner >= 0, w[owner.clamp(min=0)], out[b])
-    return out
+    if not len(boxes):
+        return torch.ones((0, height, width), dtype=torch.float32, device=device)
+    return _padded_pixel_weights(*_padded_boxes_and_weights(boxes, weights, device), height, width, stride)
+
+
+def _padded_boxes_and_weights(boxes: Sequence[Tensor], weights: Sequence[Tensor], device: torch.device
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch padded to its largest box count: boxes (B, M, 4), their mask (B, M), weights (B, M)."""
+    padded, valid = pad_per_image([image_boxes.to(device=device, dtype=torch.float32) for image_boxes in boxes])
+    w, _ = pad_per_image([image_weights.to(device=device, dtype=torch.float32) for image_weights in weights])
+    return padded, valid, w.detach()
+
+
+def _padded_pixel_weights(boxes: Tensor, valid: Tensor, weights: Tensor, height: int, width: int, stride: float
+                          ) -> Tensor:
+    """:func:`instance_pixel_weights` of a padded batch: one batched op per step, whatever the batch size."""
+    owner = box_cell_owner_batch(boxes, valid, height, width, stride)  # (B, H, W)
+    owned = weights.gather(1, owner.clamp(min=0).flatten(1)).view_as(owner)
+    return torch.where(owner >= 0, owned, torch.ones_like(owned))
 
 
 class AIDWeights(NamedTuple):
@@ -119,11 +133,13 @@ class AIDWeighting:
 
     def instance_weights(self, per_instance_losses: Sequence[Tensor]) -> list[Tensor]:
         """Per image (N_i,) instance weights ``exp(-alpha * D^T)`` (divided by the batch's mean with ``normalize``)."""
-        weights = [aid_weights(losses, self.alpha) for losses in per_instance_losses]
-        if not self.normalize:
-            return weights
-        scale = _inverse_mean(torch.cat([w.flatten() for w in weights]) if weights else torch.zeros(0))
-        return [w * scale for w in weights]
+        if not len(per_instance_losses):
+            return []
+        # all images' instances at once, split back per image
+        weights = aid_weights(torch.cat([losses.flatten() for losses in per_instance_losses]), self.alpha)
+        if self.normalize:
+            weights = weights * _inverse_mean(weights)
+        return list(weights.split([losses.numel() for losses in per_instance_losses]))
 
     def _level_or_image_weights(self, losses: Tensor) -> Tensor:
         weights = aid_weights(losses, self.alpha)
@@ -181,8 +197,8 @@ class AIDWeighting:
             weights = self.last_instance_weights
             assert weights is not None
             image_weights = _per_image_mean(weights, empty_value=1.0, device=device)
-            pixel_weights = [instance_pixel_weights(boxes, weights, h, w, s)
-                             for (h, w), s in zip(feature_shapes, strides)]
+            padded = _padded_boxes_and_weights(boxes, weights, device)  # once for every level
+            pixel_weights = [_padded_pixel_weights(*padded, h, w, s) for (h, w), s in zip(feature_shapes, strides)]
             return AIDWeights(pixel_weights, image_weights, None)
         # image granularity: D^T of an image = mean of its instances' losses (0 without boxes -> weight 1)
         image_weights = self._level_or_image_weights(_per_image_mean(per_instance_losses, empty_value=0.0,
@@ -239,10 +255,11 @@ def _inverse_mean(weights: Tensor) -> Tensor:
 
 
 def _per_image_mean(values: Sequence[Tensor], empty_value: float, device: torch.device) -> Tensor:
-    """(B,) float32: the mean of each image's values, ``empty_value`` for an image with none."""
+    """(B,) float32: the mean of each image's values, ``empty_value`` for an image with none (batched: the values
+    padded, a mask beside)."""
     if not len(values):
         return torch.zeros(0, device=device)
-    return torch.stack([
-        v.detach().to(device=device, dtype=torch.float32).mean() if v.numel()
-        else torch.full((), empty_value, device=device)
-        for v in values])
+    padded, valid = pad_per_image([v.to(device=device, dtype=torch.float32).flatten() for v in values])
+    counts = valid.sum(dim=1)
+    means = padded.detach().sum(dim=1) / counts.clamp(min=1)
+    return torch.where(counts > 0, means, torch.full_like(means, empty_value))

@@ -223,21 +223,17 @@ def box_cell_membership(boxes: Tensor, height: int, width: int, stride: float, *
 
 def _cell_cover(boxes: Tensor, height: int, width: int, stride: float
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cells whose centre lies in each box (N, H, W), which boxes cover none (N,), and each box's centre cell."""
+    """Cells whose centre lies in each box (..., N, H, W), which boxes cover none (..., N), and each box's centre
+    cell (row, column: (..., N) each). ``boxes`` (..., N, 4): one image's, or a padded batch's."""
     device = boxes.device
-    n = boxes.shape[0]
-    if n == 0:
-        none = torch.zeros(0, dtype=torch.long, device=device)
-        return (torch.zeros((0, height, width), dtype=torch.bool, device=device),
-                torch.zeros(0, dtype=torch.bool, device=device), none, none)
     boxes = boxes.to(torch.float32)
     cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride  # (W,)
     cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride  # (H,)
     x1, y1, x2, y2 = boxes.unbind(-1)
-    inside_x = (cx[None, :] >= x1[:, None]) & (cx[None, :] < x2[:, None])  # (N, W)
-    inside_y = (cy[None, :] >= y1[:, None]) & (cy[None, :] < y2[:, None])  # (N, H)
-    member = inside_y[:, :, None] & inside_x[:, None, :]  # (N, H, W)
-    empty = ~(inside_x.any(dim=1) & inside_y.any(dim=1))  # (N,): no cell centre inside
+    inside_x = (cx >= x1[..., None]) & (cx < x2[..., None])  # (..., N, W)
+    inside_y = (cy >= y1[..., None]) & (cy < y2[..., None])  # (..., N, H)
+    member = inside_y[..., :, None] & inside_x[..., None, :]  # (..., N, H, W)
+    empty = ~(inside_x.any(dim=-1) & inside_y.any(dim=-1))  # (..., N): no cell centre inside
     centre_col = torch.floor((x1 + x2) / 2 / stride).long().clamp(0, width - 1)
     centre_row = torch.floor((y1 + y2) / 2 / stride).long().clamp(0, height - 1)
     return member, empty, centre_row, centre_col
@@ -251,21 +247,31 @@ def box_cell_owner(boxes: Tensor, height: int, width: int, stride: float) -> Ten
     boxes claim one cell, the smallest wins. Ties go to the lower index. (So a tiny box never takes the only cell of
     a larger box that covers it.)
     """
+    valid = torch.ones((1, boxes.shape[0]), dtype=torch.bool, device=boxes.device)
+    return box_cell_owner_batch(boxes.reshape(1, -1, 4), valid, height, width, stride)[0]
+
+
+def box_cell_owner_batch(boxes: Tensor, valid: Tensor, height: int, width: int, stride: float) -> Tensor:
+    """:func:`box_cell_owner` of a padded batch: ``boxes`` (B, M, 4) with ``valid`` Bool (B, M) marking the real
+    ones; returns (B, H, W) int64. One batched op per step: no loop over images or boxes, no host sync."""
+    batch, num = boxes.shape[:2]
+    if num == 0:
+        return torch.full((batch, height, width), -1, dtype=torch.long, device=boxes.device)
     covered, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
-    if covered.shape[0] == 0:
-        return torch.full((height, width), -1, dtype=torch.long, device=boxes.device)
+    covered &= valid[:, :, None, None]
     x1, y1, x2, y2 = boxes.to(torch.float32).unbind(-1)
-    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (N,)
+    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (B, M)
     claims = torch.zeros_like(covered)
-    k = torch.arange(covered.shape[0], device=covered.device)
-    claims[k, centre_row, centre_col] = empty
+    b = torch.arange(batch, device=boxes.device)[:, None].expand(batch, num)
+    k = torch.arange(num, device=boxes.device)[None, :].expand(batch, num)
+    claims[b, k, centre_row, centre_col] = empty & valid  # distinct (b, k): each written once
     inf = torch.full_like(area, float("inf"))
 
     def smallest(member: Tensor) -> Tensor:
         # argmin returns the first minimum, so ties go to the lower index
-        return torch.where(member, area[:, None, None], inf[:, None, None]).argmin(dim=0)
+        return torch.where(member, area[:, :, None, None], inf[:, :, None, None]).argmin(dim=1)
 
     by_cover, by_claim = smallest(covered), smallest(claims)
-    is_covered, is_claimed = covered.any(dim=0), claims.any(dim=0)
+    is_covered, is_claimed = covered.any(dim=1), claims.any(dim=1)
     owner = torch.where(is_covered, by_cover, by_claim)
     return torch.where(is_covered | is_claimed, owner, torch.full_like(owner, -1))

@@ -21,7 +21,7 @@ from aidkd.distill.aid import AIDWeighting
 from aidkd.distill.base import DistillInputs
 from aidkd.distill.head import HeadInputs
 from aidkd.distill.registry import build_method
-from aidkd.distill.teacher_cache import TeacherLossCache
+from aidkd.distill.teacher_cache import TeacherLossCache, share_across_ranks
 from aidkd.models.ops import (
     assign_locations,
     detection_losses,
@@ -96,7 +96,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: dict[str, dict], aid: AIDWeighting | None,
                  sample_shape: tuple[int, int] = (128, 256), loss_scale: float = 1.0,
-                 teacher_loss_cache: bool = True):
+                 teacher_loss_cache: bool = True, teacher_loss_cache_max_items: int = 200_000):
         super().__init__()
         if not loss_scale > 0:
             raise ValueError(f"distillation loss_scale must be > 0, got {loss_scale}")
@@ -122,7 +122,7 @@ class Distiller(nn.Module):
             log.warning("distill.aid.decoupled applies to head methods (ld, logit_kd, cross_head) only; the feature "
                         "methods %s use exp(-alpha D^T)", sorted(self.methods))
         # instance / image AID: the teacher's per-instance losses of a sample seen before (teacher_cache.py)
-        self.loss_cache = (TeacherLossCache() if teacher_loss_cache and aid is not None
+        self.loss_cache = (TeacherLossCache(teacher_loss_cache_max_items) if teacher_loss_cache and aid is not None
                            and aid.granularity != "level" else None)
         self._last_per_instance: list[Tensor] | None = None
         self._last_per_level: Tensor | None = None
@@ -228,24 +228,31 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------ one step
-    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
-                        ) -> tuple[list[Tensor], Tensor | None]:
+    def _teacher_losses(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None,
+                        run_autocast: tuple[bool, torch.dtype] | None = None) -> tuple[list[Tensor], Tensor | None]:
         """Per-instance teacher losses (and per-level ones for level AID): :meth:`_teacher_terms` without the
         decoupled parts."""
-        return self._teacher_terms(image_list, t_feats, targets, t_out)[:2]
+        return self._teacher_terms(image_list, t_feats, targets, t_out, run_autocast)[:2]
 
-    def _teacher_terms(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
+    def _teacher_terms(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None,
+                       run_autocast: tuple[bool, torch.dtype] | None = None
                        ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
 
         Computed in float32 with autocast off: under bf16/fp16 autocast the head, the proposals and the boxes of the
         teacher's loss would be rounded (Faster R-CNN's D^T moved by up to 0.4). The teacher's features come in as
-        computed (possibly half precision) and are cast up. ``t_out``: the head's outputs on the whole batch
-        (``FrozenTeacher.head_outputs``, computed so), reused instead of running the head again. With decoupled AID
-        also the cls / box parts of the per-instance losses (else ``None``)."""
-        with torch.autocast(image_list.tensors.device.type, enabled=False):
+        computed (possibly half precision) and are cast up; a sample's own crop (``_teacher_losses_fp32``) runs the
+        teacher's backbone under the run's autocast (``run_autocast``: (enabled, dtype), default the current one),
+        like the batch's features. ``t_out``: the head's outputs on the whole batch (``FrozenTeacher.head_outputs``,
+        computed so), reused instead of running the head again. With decoupled AID also the cls / box parts of the
+        per-instance losses (else ``None``)."""
+        device = image_list.tensors.device.type
+        if run_autocast is None:
+            run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
             return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
-                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets, t_out)
+                                             OrderedDict((k, v.float()) for k, v in t_feats.items()), targets, t_out,
+                                             run_autocast)
 
     def _instance_losses(self, images: ImageList, feats, targets: list[dict], outputs: dict | None
                          ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
@@ -256,7 +263,8 @@ class Distiller(nn.Module):
                  if self.decoupled else None)
         return tl.per_instance, tl.per_level, parts
 
-    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None
+    def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None,
+                             run_autocast: tuple[bool, torch.dtype] = (False, torch.float32)
                              ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         if self.loss_cache is None:
             per_instance, per_level, parts = self._instance_losses(image_list, t_feats, targets, t_out)
@@ -283,7 +291,10 @@ class Distiller(nn.Module):
                 sub_out = t_out if whole else None
             else:
                 sub_images = ImageList(image_list.tensors[idx, :, :shape[0], :shape[1]].contiguous(), sizes)
-                sub_feats = self.teacher.features(sub_images)
+                enabled, dtype = run_autocast
+                with torch.autocast(sub_images.tensors.device.type, dtype=dtype, enabled=enabled):
+                    sub_feats = self.teacher.features(sub_images)
+                sub_feats = OrderedDict((k, v.float()) for k, v in sub_feats.items())
             per_instance, _, parts = self._instance_losses(sub_images, sub_feats, [targets[i] for i in idx], sub_out)
             for j, (i, losses) in enumerate(zip(idx, per_instance)):
                 if parts is not None:
@@ -328,6 +339,8 @@ class Distiller(nn.Module):
         samples than ``max_items``): warns once, since the cache then only costs memory."""
         if self.loss_cache is None:
             return None
+        # entries computed by the other processes (DDP): the hit rate does not depend on the number of GPUs
+        share_across_ranks(self.loss_cache, device=next(self.teacher.model.parameters()).device)
         hits, misses = self.loss_cache.hits, self.loss_cache.misses
         last_hits, last_misses = self._cache_counts_at_epoch_start
         self._cache_counts_at_epoch_start = (hits, misses)
@@ -362,8 +375,11 @@ class Distiller(nn.Module):
         pixel_w = image_w = level_w = parts = None
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
-            with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
-                per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out)
+            device = image_list.tensors.device.type
+            run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            with torch.no_grad(), torch.autocast(device, enabled=False):
+                per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out,
+                                                                     run_autocast)
                 pixel_w, image_w, level_w = self.aid.make(
                     per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                     self.levels.strides, len(images))

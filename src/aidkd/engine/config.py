@@ -61,8 +61,14 @@ class DataConfig:
     hflip: float = 0.5
     batch_size: int = 4
     val_batch_size: int | None = None
-    num_workers: int = 0
+    # Loader processes per training process; None: min(4, CPU cores per process) on a GPU, 0 on the CPU (where the
+    # model needs the cores). Validation loaders use as many, not kept between validations.
+    num_workers: int | None = None
     skip_invalid: bool = False
+    # Before training, on the first process only: "full" decodes every image, unless the run folder's stamp
+    # (data_check.json: every file's path, size and mtime) shows the data unchanged since a passed check, then
+    # "header" reads; "header" reads image headers only; "off" skips the check.
+    check: Literal["full", "header", "off"] = "full"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -92,7 +98,10 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.67, 0.89])  # fractions of the total steps
     gamma: float = 0.1
     grad_clip: float | None = 10.0
-    precision: str = "auto"  # "auto": 16-mixed on GPU, 32 on CPU
+    precision: str = "auto"  # "auto": bf16-mixed on a GPU that supports it, else 16-mixed; 32 on the CPU
+    compile: bool = False  # torch.compile the student's backbone and head(s) (in place: checkpoints are unchanged)
+    channels_last: bool = False  # the student's weights (and so its convolutions) in channels-last memory format
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest convolution per input shape (off with deterministic)
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
@@ -139,6 +148,8 @@ class AIDConfig:
     # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True
+    # Most samples x flips the cache holds (a few floats each); past it the least recently used are dropped (warned).
+    cache_max_items: int = 200_000
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """LightningDataModule over the aidkd datasets (KITTI, COCO, YOLO or the generated driving set)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -162,15 +165,18 @@ def _load_split(cfg: DataConfig, split: str, classes: list[str], errors: list | 
                               seed=cfg.split_seed, errors=errors)
 
 
-def check_configured_data(cfg: DataConfig) -> None:
+def check_configured_data(cfg: DataConfig, run_dir: Path | None = None) -> str | None:
     """The full check of ``aidkd data check`` on the configured data (every label line, split file and image,
     fully decoded): every problem is raised in one :class:`DatasetError` (all listed, the same messages as
-    ``data check``; its headline names the dataset). ``data.skip_invalid`` skips this (bad images are then left
-    out and counted)."""
+    ``data check``; its headline names the dataset). ``data.skip_invalid`` or ``data.check: off`` skips this (bad
+    images are then left out and counted). ``data.check: full`` decodes every image unless ``run_dir``'s stamp
+    shows the data unchanged since a passed full check (then, like ``header``, only headers are read); returns the
+    stamp to record (``write_data_stamp``) after a passed full check, else None. Images are checked in a process
+    pool."""
     from aidkd.data import check_dataset, combine_errors, sort_errors
 
-    if cfg.skip_invalid:
-        return
+    if cfg.skip_invalid or cfg.check == "off":
+        return None
     if cfg.format == "coco":
         resolve_coco_files(cfg)
         sources = [(ann, images) for ann, images in ((cfg.train_ann, cfg.train_images), (cfg.val_ann, cfg.val_images))
@@ -184,17 +190,71 @@ def check_configured_data(cfg: DataConfig) -> None:
             raise ValueError("data.root is required for KITTI data")
         sources = [(ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root), None)]
         fmt = "kitti"
+    stamp = data_stamp(sources) if run_dir is not None else None
+    stamp_file = Path(run_dir) / DATA_CHECK_STAMP if run_dir is not None else None
+    decode = cfg.check == "full" and not (stamp_file is not None and _read_stamp(stamp_file) == stamp)
+    workers = min(8, os.cpu_count() or 1)
     for path, images in sources:
-        problems = sort_errors(check_dataset(path, fmt=fmt, image_dir=images))
+        problems = sort_errors(check_dataset(path, fmt=fmt, image_dir=images, decode=decode, workers=workers))
         if problems:
             raise combine_errors(problems, what=f"{path} (found by the same check as `aidkd data check`)",
                                  limit=None, file=path)
+    return stamp if decode else None
+
+
+def write_data_stamp(run_dir: Path, stamp: str | None) -> None:
+    """Record a passed full check (``check_configured_data``'s return) in the run folder."""
+    if stamp is not None:
+        (Path(run_dir) / DATA_CHECK_STAMP).write_text(json.dumps({"files": stamp}) + "\n")
+
+
+DATA_CHECK_STAMP = "data_check.json"
+
+
+def data_stamp(sources) -> str:
+    """A digest of every file of the configured data (path, size, mtime): equal digests mean unchanged data."""
+    digest = hashlib.sha256()
+    for path, images in sources:
+        for root in (Path(path), Path(images) if images else None):
+            if root is None or not root.exists():
+                continue
+            files = sorted(root.rglob("*")) if root.is_dir() else [root]
+            for f in files:
+                st = f.stat()
+                if f.is_file():
+                    digest.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_stamp(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_num_workers(on_gpu: bool) -> int:
+    """Loader processes per training process when ``data.num_workers`` is unset: min(4, CPU cores per process) for
+    GPU training (one process per GPU), 0 on the CPU, where the model needs the cores."""
+    if not on_gpu:
+        return 0
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, max(1, cores // max(1, torch.cuda.device_count())))
 
 
 class DetectionDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig):
+    """``on_gpu``: training runs on a GPU: loaders pin their batches' memory (asynchronous copies to the device)
+    and ``data.num_workers`` defaults to :func:`default_num_workers`."""
+
+    def __init__(self, cfg: DataConfig, on_gpu: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.on_gpu = on_gpu
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(on_gpu)
         self.classes, self.ignore_classes = resolve_classes(cfg)
         self.train_set: DetectionDataset | None = None
         self.val_set: DetectionDataset | None = None
@@ -218,15 +278,26 @@ class DetectionDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self.make_dataset("val", train=False)
 
-    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
-                          collate_fn=collate_fn, persistent_workers=self.cfg.num_workers > 0)
+    def _loader(self, ds, batch_size: int, shuffle: bool, persistent: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_fn, persistent_workers=persistent and self.num_workers > 0,
+                          pin_memory=self.on_gpu)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Training targets are checked here, in host memory: on the device the check would stall every step.
+        if self.trainer is not None and self.trainer.training:
+            from aidkd.models.targets import check_targets
+
+            check_targets(batch[1])
+        return batch
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.cfg.batch_size, shuffle=True, persistent=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False)
+        # not persistent: validation runs once an epoch, its workers need not hold memory between
+        return self._loader(self.val_set, self.cfg.val_batch_size or self.cfg.batch_size, shuffle=False,
+                            persistent=False)
 
 
 SPLIT_FOLDER = "split"  # RUN_DIR/split/{train,val}.txt

@@ -99,11 +99,27 @@ class DetectionTask(L.LightningModule):
                         d.loss_scale, LARGE_LOSS_SCALE)
         shape = (self.cfg.data.min_size, self.cfg.data.max_size)
         return Distiller(self.model, teacher, methods, aid, sample_shape=shape, loss_scale=d.loss_scale,
-                         teacher_loss_cache=d.aid.cache)
+                         teacher_loss_cache=d.aid.cache, teacher_loss_cache_max_items=d.aid.cache_max_items)
 
     def setup(self, stage: str) -> None:
         if self.distiller is not None:
             self.distiller.teacher.to(self.device)
+        if stage == "fit":
+            self.speed_up_training()
+
+    def speed_up_training(self) -> None:
+        """``train.channels_last`` (student and teacher weights) and ``train.compile`` (the student's backbone and
+        head(s), compiled in place: same module tree, same checkpoints); once."""
+        if getattr(self, "_sped_up", False):
+            return
+        self._sped_up = True
+        t = self.cfg.train
+        if t.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            if self.distiller is not None:
+                self.distiller.teacher.model.to(memory_format=torch.channels_last)
+        if t.compile:
+            compile_detector(self.model)
 
     def on_fit_start(self) -> None:
         if self.distiller is not None:
@@ -120,8 +136,10 @@ class DetectionTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, targets = batch
         losses = self.compute_losses(images, targets)
-        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        if self._any_rank(bool(bad)):
+        # One flag for every term, read once (the step's only host sync outside logging steps).
+        non_finite = ~torch.stack([torch.isfinite(v).all() for v in losses.values()]).all()
+        if self._any_rank(non_finite):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
             self.bad_steps += 1
             self.last_bad_step = self.global_step
             log.warning("step %d: non-finite loss in %s; step skipped (%d in a row)", self.global_step,
@@ -144,13 +162,13 @@ class DetectionTask(L.LightningModule):
             self._record_aid_weights(targets)
         return total
 
-    def _any_rank(self, flag: bool) -> bool:
-        """``flag`` on any process of a distributed run (one tiny all-reduce), so all skip or stop together."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+    def _any_rank(self, flag: Tensor) -> bool:
+        """Boolean tensor ``flag`` true on any process of a distributed run (one tiny all-reduce, one host read),
+        so all skip or stop together."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = flag.to(device=self.device, dtype=torch.float32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.any())
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         def closure():
@@ -256,16 +274,25 @@ class DetectionTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         preds = self._val_preds
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, preds)
-            preds = [p for part in gathered for p in part]
+        # The metrics are computed once, on rank 0, from every rank's predictions, and broadcast.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank_zero = not distributed or torch.distributed.get_rank() == 0
+        if distributed:
+            gathered: list | None = [None] * torch.distributed.get_world_size() if rank_zero else None
+            torch.distributed.gather_object(preds, gathered, dst=0)
+            preds = [p for part in gathered for p in part] if rank_zero else []
         if self.trainer.sanity_checking or self.val_records is None:
             return
-        unique = dict(preds)  # a distributed sampler may pad with repeated images
-        evaluator = DetectionEvaluator(self.val_records, self.classes, kitti=self.kitti_metrics)
-        evaluator.update(list(unique.keys()), list(unique.values()))
-        metrics = evaluator.compute()
+        metrics = None
+        if rank_zero:
+            unique = dict(preds)  # a distributed sampler may pad with repeated images
+            evaluator = DetectionEvaluator(self.val_records, self.classes, kitti=self.kitti_metrics)
+            evaluator.update(list(unique.keys()), list(unique.values()))
+            metrics = evaluator.compute()
+        if distributed:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
         self.last_metrics = metrics
         self.validated_step = self.global_step
         for k, v in metrics.items():
@@ -320,6 +347,17 @@ def renamed_state(state: dict) -> dict:
     for k in [k for k in state if k.startswith(_OLD_STUDENT_ALIAS)]:
         state.setdefault("model." + k.removeprefix(_OLD_STUDENT_ALIAS), state.pop(k))
     return state
+
+
+def compile_detector(model: torch.nn.Module, **compile_kwargs) -> list[str]:
+    """``torch.compile`` a detector's backbone and head modules in place (``nn.Module.compile``: parameter names and
+    checkpoints unchanged); the Python between them (targets, losses, distillation) stays eager. ``compile_kwargs``
+    go to ``torch.compile``. Returns the names of the compiled modules."""
+    names = (["backbone", "rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"] if hasattr(model, "rpn")
+             else ["backbone", "head"])
+    for name in names:
+        model.get_submodule(name).compile(**compile_kwargs)
+    return names
 
 
 def rng_state() -> dict:

@@ -25,7 +25,12 @@ from aidkd.engine.callbacks import (
 )
 from aidkd.engine.checkpoint_io import SafeCheckpointIO
 from aidkd.engine.config import RunConfig, check_ranges, dump_config
-from aidkd.engine.datamodule import DetectionDataModule, check_configured_data, write_split_files
+from aidkd.engine.datamodule import (
+    DetectionDataModule,
+    check_configured_data,
+    write_data_stamp,
+    write_split_files,
+)
 from aidkd.engine.module import VAL_PREFIX, DetectionTask, renamed_state
 from aidkd.engine.run_folder import (
     RunFolderLock,
@@ -50,10 +55,19 @@ warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 
 
+def uses_gpu(cfg: RunConfig) -> bool:
+    """Whether the run trains on CUDA GPUs (``train.accelerator`` auto / gpu / cuda with one available)."""
+    return torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda")
+
+
 def _precision(cfg: RunConfig) -> str:
+    """``train.precision``; ``auto``: bf16 autocast where the GPU has it (no loss scaling needed), fp16 with a
+    gradient scaler on older GPUs, float32 on the CPU."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    return "16-mixed" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda") else "32-true"
+    if not uses_gpu(cfg):
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def uses_kitti_metrics(cfg: RunConfig) -> bool:
@@ -86,6 +100,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, extra_callbacks=(), resume_hint
         default_root_dir=out_dir, max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(cfg),
         gradient_clip_val=t.grad_clip, deterministic=t.deterministic, check_val_every_n_epoch=t.val_every,
+        benchmark=t.cudnn_benchmark and not t.deterministic,
         log_every_n_steps=t.log_every, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
         limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
         enable_progress_bar=bar, plugins=[SafeCheckpointIO()], enable_model_summary=False,
@@ -113,9 +128,10 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dm = DetectionDataModule(cfg.data)
+    dm = DetectionDataModule(cfg.data, on_gpu=uses_gpu(cfg))
     dm.prepare_data()
-    check_configured_data(cfg.data)  # every problem `aidkd data check` would list, before any training
+    # every problem `aidkd data check` would list, before any training; once, by the first process
+    data_stamp = check_configured_data(cfg.data, run_dir=out_dir) if owner else None
     dm.setup("fit")
     if len(dm.train_set) == 0:  # (with data.skip_invalid, or a split the data check does not see)
         raise ValueError(f"data: the training split ({cfg.data.train_split_file or cfg.data.train_ann or cfg.data.root}) "
@@ -137,6 +153,7 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
                 start_run_record(out_dir)
             dump_config(cfg, out_dir / "config.yaml")
             write_split_files(out_dir, dm.train_set.records, dm.val_set.records)
+            write_data_stamp(out_dir, data_stamp)
         trainer = build_trainer(cfg, out_dir, extra_callbacks, resume_hint)
         interrupt = next(c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint))
         try:
@@ -247,7 +264,7 @@ def _ensure_best_checkpoint(trainer: L.Trainer, metrics: dict) -> None:
 
 def evaluate(cfg: RunConfig, checkpoint: str | Path, split: str = "val") -> dict:
     """Metrics of a trained detector on the configured split (the classes must match the checkpoint's)."""
-    dm = DetectionDataModule(cfg.data)
+    dm = DetectionDataModule(cfg.data, on_gpu=uses_gpu(cfg))
     dm.prepare_data()
     ds = dm.make_dataset(split, train=False)
     model, _ = load_detector(checkpoint, classes=dm.classes)

@@ -29,10 +29,11 @@ RESUMABLE = ("last.ckpt", "interrupted.ckpt")
 RUN_RECORD = ".aidkd-run.json"
 # What a run writes into its folder: recorded when it starts, so that ``overwrite`` may remove them.
 RUN_OUTPUTS = ("config.yaml", "model_best.pt", "model_last.pt", "best_metrics.json", "final_metrics.json",
-               "metrics_history.jsonl", "aid_weights.jsonl", "analysis", "checkpoints", "tb",
+               "metrics_history.jsonl", "aid_weights.jsonl", "analysis", "checkpoints", "tb", "data_check.json",
                "csv", "split", "train_time.json")
-# What a run has written before its first checkpoint (config, its split, loggers' folders, the checkpoint folder)
-START_UP_FILES = ("config.yaml", "split", "csv", "tb", "checkpoints")
+# What a run has written before its first checkpoint (config, its split, the data stamp, loggers' folders, the
+# checkpoint folder)
+START_UP_FILES = ("config.yaml", "split", "data_check.json", "csv", "tb", "checkpoints")
 
 
 class RunFolderError(ValueError):

@@ -46,19 +46,29 @@ class ATSSAssigner:
         return f"{type(self).__name__}(topk={self.topk}, min_inside={self.min_inside})"
 
     def __call__(self, anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor) -> Tensor:
-        num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
+        mask = torch.ones(1, gt_boxes.shape[0], dtype=torch.bool, device=anchors.device)
+        return self.assign_batch(anchors, num_anchors_per_level, gt_boxes[None], mask)[0]
+
+    def assign_batch(self, anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, gt_mask: Tensor
+                     ) -> Tensor:
+        """All images at once: ``anchors`` ``[A, 4]`` (shared), boxes padded to ``[B, M, 4]`` with ``gt_mask``
+        ``Bool[B, M]`` marking the real ones; returns ``Int64[B, A]`` matched indices (into each image's boxes).
+        One batched op per step of the algorithm: no loop over images, no host sync."""
+        num_anchors = anchors.shape[0]
+        batch, num_gt = gt_boxes.shape[:2]
         if sum(num_anchors_per_level) != num_anchors:
             raise ValueError(
                 f"num_anchors_per_level sums to {sum(num_anchors_per_level)} but {num_anchors} anchors were given"
             )
-        matched_idxs = torch.full((num_anchors,), BACKGROUND, dtype=torch.int64, device=anchors.device)
+        matched_idxs = torch.full((batch, num_anchors), BACKGROUND, dtype=torch.int64, device=anchors.device)
         if num_gt == 0 or num_anchors == 0:
             return matched_idxs
 
-        ious = box_iou(anchors, gt_boxes)  # [A, M]
+        flat_gt = gt_boxes.reshape(-1, 4)
+        ious = box_iou(anchors, flat_gt).view(num_anchors, batch, num_gt).permute(1, 0, 2)  # [B, A, M]
         anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-        gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-        distances = torch.cdist(anchor_centres, gt_centres)  # [A, M]
+        gt_centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, M, 2]
+        distances = torch.cdist(anchor_centres[None].expand(batch, -1, -1), gt_centres)  # [B, A, M]
 
         # 1. candidates: the topk closest anchor centres of every level, for every box.
         candidates = []
@@ -66,29 +76,27 @@ class ATSSAssigner:
         for count in num_anchors_per_level:
             k = min(self.topk, count)
             if k > 0:
-                _, idx = distances[start : start + count].topk(k, dim=0, largest=False)
+                _, idx = distances[:, start : start + count].topk(k, dim=1, largest=False)
                 candidates.append(idx + start)
             start += count
-        candidate_idxs = torch.cat(candidates, dim=0)  # [C, M]
+        candidate_idxs = torch.cat(candidates, dim=1)  # [B, C, M]
 
         # 2.-3. adaptive IoU threshold (mean + unbiased std of the candidates' IoUs) and centre-in-box test.
-        gt_range = torch.arange(num_gt, device=anchors.device)
-        candidate_ious = ious[candidate_idxs, gt_range]  # [C, M]
-        threshold = candidate_ious.mean(dim=0) + candidate_ious.std(dim=0)
-        is_pos = candidate_ious >= threshold[None, :]
+        candidate_ious = ious.gather(1, candidate_idxs)  # [B, C, M]
+        threshold = candidate_ious.mean(dim=1) + candidate_ious.std(dim=1)
+        is_pos = candidate_ious >= threshold[:, None, :]
 
-        cx = anchor_centres[candidate_idxs, 0]  # [C, M]
-        cy = anchor_centres[candidate_idxs, 1]
+        cx = anchor_centres[:, 0][candidate_idxs]  # [B, C, M]
+        cy = anchor_centres[:, 1][candidate_idxs]
         inside = torch.stack(
-            [cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx, gt_boxes[:, 3] - cy], dim=0
+            [cx - gt_boxes[:, None, :, 0], cy - gt_boxes[:, None, :, 1], gt_boxes[:, None, :, 2] - cx,
+             gt_boxes[:, None, :, 3] - cy], dim=0
         ).amin(dim=0)
-        is_pos &= inside > self.min_inside
+        is_pos &= (inside > self.min_inside) & gt_mask[:, None, :]
 
-        # 4. an anchor positive for several boxes goes to the box it overlaps most.
-        pos_ious = torch.full_like(ious, -1.0)
-        cand_flat, gt_flat = candidate_idxs[is_pos], gt_range.expand_as(candidate_idxs)[is_pos]
-        pos_ious[cand_flat, gt_flat] = ious[cand_flat, gt_flat]
-        best_iou, best_gt = pos_ious.max(dim=1)
-        assigned = best_iou >= 0
-        matched_idxs[assigned] = best_gt[assigned]
-        return matched_idxs
+        # 4. an anchor positive for several boxes goes to the box it overlaps most. A box's candidates are distinct
+        # anchors, so the scatter writes each (anchor, box) pair at most once.
+        pos_ious = torch.full_like(ious, -1.0).scatter_(1, candidate_idxs,
+                                                        torch.where(is_pos, candidate_ious, -1.0))
+        best_iou, best_gt = pos_ious.max(dim=2)
+        return torch.where(best_iou >= 0, best_gt, matched_idxs)

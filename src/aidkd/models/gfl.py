@@ -45,7 +45,10 @@ from aidkd.models.targets import (
     BETWEEN_THRESHOLDS,
     check_targets,
     ignore_background,
+    ignore_background_batch,
     ignore_boxes_of,
+    pad_per_image,
+    per_level_values,
     prepare_inputs,
 )
 
@@ -329,15 +332,15 @@ class GFL(nn.Module):
         device = features[0].device
         grid_sizes = [list(f.shape[-2:]) for f in features]
         self.anchor_generator.set_cell_anchors(torch.float32, device)
-        stride_tensors = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in strides]
+        # torch.full, not torch.tensor: a host-to-device copy would wait for the device's queue
+        stride_tensors = [[torch.full((), s, dtype=torch.int64, device=device)] * 2 for s in strides]
         per_level = self.anchor_generator.grid_anchors(grid_sizes, stride_tensors)
         anchors = torch.cat(per_level, dim=0)
         return [anchors for _ in images.image_sizes], [a.shape[0] for a in per_level]
 
     def _anchor_strides(self, num_anchors_per_level: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-        counts = torch.tensor(num_anchors_per_level, device=device)
-        levels = torch.repeat_interleave(torch.arange(len(num_anchors_per_level), device=device), counts)
-        strides = torch.tensor(self.anchor_strides, dtype=torch.float32, device=device)[levels]
+        levels = per_level_values(range(len(num_anchors_per_level)), num_anchors_per_level, device, torch.int64)
+        strides = per_level_values(self.anchor_strides, num_anchors_per_level, device, torch.float32)
         return levels, strides
 
     # ------------------------------------------------------------------ training
@@ -345,14 +348,20 @@ class GFL(nn.Module):
         self, targets: list[dict[str, Tensor]], anchors: list[Tensor], num_anchors_per_level: list[int]
     ) -> list[Tensor]:
         """``matched_idxs`` per image: box index, -1 background, -2 background inside an ignore box."""
-        return [
-            ignore_background(
-                self.assigner(anchors_per_image, num_anchors_per_level, target["boxes"]),
-                anchors_per_image,
-                ignore_boxes_of(target),
-            )
-            for anchors_per_image, target in zip(anchors, targets)
-        ]
+        return list(self._assign_batch(targets, anchors, num_anchors_per_level).unbind(0))
+
+    def _assign_batch(
+        self, targets: list[dict[str, Tensor]], anchors: list[Tensor], num_anchors_per_level: list[int]
+    ) -> Tensor:
+        """:meth:`assign` as one ``Int64[B, A]`` tensor: batched over images when the assigner can
+        (:meth:`ATSSAssigner.assign_batch`; the images of a batch share their anchors), per image otherwise."""
+        if hasattr(self.assigner, "assign_batch") and all(a is anchors[0] for a in anchors):
+            boxes, valid = pad_per_image([t["boxes"].to(anchors[0]) for t in targets])
+            matched = self.assigner.assign_batch(anchors[0], num_anchors_per_level, boxes, valid)
+            return ignore_background_batch(matched, anchors[0], targets)
+        return torch.stack([
+            ignore_background(self.assigner(a, num_anchors_per_level, t["boxes"]), a, ignore_boxes_of(t))
+            for a, t in zip(anchors, targets)])
 
     def _positive_terms(
         self, cls_logits: Tensor, bbox_regression: Tensor, centres: Tensor, strides: Tensor, gt_boxes: Tensor
@@ -379,42 +388,35 @@ class GFL(nn.Module):
         """Per-location losses; ``matched_idxs`` defaults to :meth:`assign`'s."""
         cls_logits = head_outputs["cls_logits"].float()  # [B, A, K]
         bbox_regression = head_outputs["bbox_regression"].float()  # [B, A, 4 * (reg_max + 1)]
-        if matched_idxs is None:
-            matched_idxs = self.assign(targets, anchors, num_anchors_per_level)
-        matched = torch.stack(matched_idxs)  # [B, A]
+        matched = (self._assign_batch(targets, anchors, num_anchors_per_level) if matched_idxs is None
+                   else torch.stack(matched_idxs))  # [B, A]
+        batch, num_locations = matched.shape
         pos = matched >= 0
         levels, strides = self._anchor_strides(num_anchors_per_level, cls_logits.device)
 
-        gt_boxes, gt_labels = [], []
-        for target, m in zip(targets, matched):
-            boxes, labels = target["boxes"], target["labels"]
-            if labels.numel() and int(labels.max()) >= self.num_classes:
-                raise ValueError(f"label {int(labels.max())} >= num_classes {self.num_classes}")
-            if boxes.numel() == 0:
-                gt_boxes.append(boxes.new_zeros((len(m), 4)))
-                gt_labels.append(labels.new_zeros((len(m),)))
-            else:
-                gt_boxes.append(boxes[m.clamp(min=0)])
-                gt_labels.append(labels[m.clamp(min=0)])
-        gt_boxes_t, gt_labels_t = torch.stack(gt_boxes).float(), torch.stack(gt_labels)
+        # Every location's box and label from the padded targets (no loop over images, no boolean indexing).
+        gt_boxes, _ = pad_per_image([t["boxes"] for t in targets])
+        gt_labels, _ = pad_per_image([t["labels"] for t in targets])
+        index = matched.clamp(min=0)
+        gt_boxes_t = gt_boxes.gather(1, index[..., None].expand(-1, -1, 4)).float()  # [B, A, 4]
+        gt_labels_t = gt_labels.gather(1, index)
 
         anchors_t = torch.stack(anchors)
+        # The positive terms of every location, the non-positives' then zeroed; their target is the anchor itself,
+        # so that their (discarded) values and gradients stay finite.
+        gt_boxes_t = torch.where(pos[..., None], gt_boxes_t, anchors_t)
         centres = (anchors_t[..., :2] + anchors_t[..., 2:]) / 2  # [B, A, 2]
-        bbox, dfl, weight, quality = self._positive_terms(
-            cls_logits[pos], bbox_regression[pos], centres[pos], strides.expand_as(matched)[pos], gt_boxes_t[pos]
-        )
-
-        def scatter(values: Tensor) -> Tensor:
-            return values.new_zeros(matched.shape).masked_scatter(pos, values)
-
-        quality_full = scatter(quality)
+        bbox, dfl, weight, quality = (
+            torch.where(pos, v.view(batch, num_locations), 0.0)
+            for v in self._positive_terms(cls_logits.flatten(0, 1), bbox_regression.flatten(0, 1),
+                                          centres.flatten(0, 1), strides.repeat(batch), gt_boxes_t.flatten(0, 1)))
         labels_full = torch.where(pos, gt_labels_t, -1)
         qfl = self.qfl_loss(
-            cls_logits.reshape(-1, cls_logits.shape[-1]), labels_full.reshape(-1), quality_full.reshape(-1)
+            cls_logits.reshape(-1, cls_logits.shape[-1]), labels_full.reshape(-1), quality.reshape(-1)
         ).reshape(matched.shape)
         qfl = torch.where(matched == BETWEEN_THRESHOLDS, 0.0, qfl)
-        return GFLLossTerms(matched_idxs=matched, levels=levels, qfl=qfl, bbox=scatter(bbox), dfl=scatter(dfl),
-                            weight=scatter(weight), quality=quality_full)
+        return GFLLossTerms(matched_idxs=matched, levels=levels, qfl=qfl, bbox=bbox, dfl=dfl, weight=weight,
+                            quality=quality)
 
     def reduce_loss_terms(self, terms: GFLLossTerms) -> dict[str, Tensor]:
         """The training loss: QFL / #positives; GIoU and DFL weighted by the score, / max(sum of weights, 1)."""
@@ -428,7 +430,7 @@ class GFL(nn.Module):
         alike; what level AID uses in every family."""
         num_levels = num_levels or len(self.anchor_strides)
         pos = terms.matched_idxs >= 0
-        num_pos = max(int(pos.sum()), 1)
+        num_pos = pos.sum().clamp(min=1)  # a tensor: no host sync
         weight_sum = terms.weight.sum().clamp(min=1.0)
 
         def per_level(values: Tensor) -> Tensor:
@@ -529,6 +531,10 @@ class GFL(nn.Module):
         image_list, targets = prepare_inputs(self, images, targets)
         if targets is not None:
             check_targets(targets)
+            labels = torch.cat([t["labels"] for t in targets])
+            if labels.numel() and int(labels.max()) >= self.num_classes:  # model(images, targets) only: the
+                # training loop's labels come from the dataset's classes
+                raise ValueError(f"label {int(labels.max())} >= num_classes {self.num_classes}")
 
         features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):

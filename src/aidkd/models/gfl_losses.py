@@ -7,14 +7,13 @@ per-instance and per-level sums (for distillation) are reductions of the same nu
   location, 0 elsewhere), modulated by ``|y - sigmoid(x)| ** beta``.
 - Distribution Focal Loss: a box side is a discrete distribution over ``{0, 1, ..., reg_max}`` (stride units);
   for a target distance ``y`` between bins ``i`` and ``i + 1`` it is ``(i + 1 - y) * CE(i) + (y - i) * CE(i + 1)``.
-- The box loss is GIoU (torchvision's ``generalized_box_iou_loss``).
+- The box loss is GIoU (``giou_loss``: torchvision's ``generalized_box_iou_loss`` without its host syncs).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: float = 2.0) -> Tensor:
@@ -33,14 +32,29 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
-    targets = torch.zeros_like(logits)
-    pos = labels >= 0
-    if pos.any():
-        pos_idx = pos.nonzero().squeeze(1)
-        targets[pos_idx, labels[pos_idx]] = quality[pos_idx].to(logits.dtype)
+    # y: quality at each positive's class, 0 elsewhere (a comparison, not indexing: no host sync)
+    hot = labels[:, None] == torch.arange(logits.shape[1], device=logits.device)
+    targets = torch.where(hot, quality[:, None].to(logits.dtype), torch.zeros((), dtype=logits.dtype,
+                                                                               device=logits.device))
     modulator = (targets - logits.sigmoid()).abs().pow(beta)
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulator
     return loss.sum(dim=1)
+
+
+def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """``torchvision.ops.generalized_box_iou_loss(boxes1, boxes2, reduction="none")``, the same arithmetic, with
+    the intersection masked by ``torch.where`` instead of boolean indexing (which syncs the host with the device
+    twice per call, forward and backward)."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    xkis1, ykis1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xkis2, ykis2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (ykis2 > ykis1) & (xkis2 > xkis1)
+    intsctk = torch.where(overlap, (xkis2 - xkis1) * (ykis2 - ykis1), torch.zeros_like(x1))
+    unionk = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intsctk
+    iouk = intsctk / (unionk + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iouk - ((area_c - unionk) / (area_c + eps)))
 
 
 def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -113,4 +127,4 @@ class GIoULoss(nn.Module):
     """``1 - GIoU`` of aligned box pairs (``forward(pred, target) -> [N]``), via torchvision."""
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        return generalized_box_iou_loss(pred, target, reduction="none")
+        return giou_loss(pred, target)

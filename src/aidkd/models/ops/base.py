@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from aidkd.models.targets import BETWEEN_THRESHOLDS
+from aidkd.models.targets import BETWEEN_THRESHOLDS, pad_per_image, per_level_values, unpad_per_image
 
 
 def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tensor:
@@ -24,11 +24,18 @@ def anchor_focal_terms(logits: Tensor, matched: Tensor, labels: Tensor) -> Tenso
     ``matched`` holds a ground-truth index for positives, -1 for background and ``BETWEEN_THRESHOLDS`` for ignored.
     Shared by the RetinaNet and FCOS ops, whose classification losses differ only in normalisation.
     """
+    gt_classes = labels[matched.clamp(min=0)] if labels.numel() else torch.zeros_like(matched)
+    return focal_terms(logits, matched, gt_classes)
+
+
+def focal_terms(logits: Tensor, matched: Tensor, gt_classes: Tensor) -> Tensor:
+    """:func:`anchor_focal_terms` with each element's class given (``gt_classes``, read where ``matched >= 0``);
+    any leading shape (``[..., K]`` logits), e.g. a whole batch: one-hot targets by comparison, no host sync."""
     from torchvision.ops import sigmoid_focal_loss
 
     fg = matched >= 0
-    gt = torch.zeros_like(logits)
-    gt[fg, labels[matched[fg]]] = 1.0
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    gt = ((gt_classes[..., None] == classes) & fg[..., None]).to(logits.dtype)
     focal = sigmoid_focal_loss(logits, gt, reduction="none").sum(-1)
     return torch.where(matched != BETWEEN_THRESHOLDS, focal, torch.zeros_like(focal))
 
@@ -132,10 +139,16 @@ def feature_strides(images: ImageList, features) -> list[int]:
     return out
 
 
+def shared_anchors(anchor_generator, images: ImageList, features: list[Tensor]) -> list[Tensor]:
+    """torchvision's ``AnchorGenerator(images, features)``, whose anchors depend only on the padded batch size and
+    the feature sizes: built once and shared by every image (the same tensor), not once per image."""
+    one = anchor_generator(ImageList(images.tensors, list(images.image_sizes[:1])), features)[0]
+    return [one] * len(images.image_sizes)
+
+
 def level_index(num_per_level: list[int], device) -> Tensor:
     """Int64[sum(num_per_level)]: the FPN level of each flattened anchor/location."""
-    return torch.repeat_interleave(torch.arange(len(num_per_level), device=device),
-                                   torch.as_tensor(num_per_level, device=device))
+    return per_level_values(range(len(num_per_level)), num_per_level, device, torch.int64)
 
 
 def cls_box_split(terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -186,6 +199,36 @@ def _instance_term_means(per_element, matched_idxs, targets, fallback: Fallback 
                 means[name][missing] = values
         for name, values in means.items():
             out.setdefault(name, []).append(values)
+    return out
+
+
+BatchFallback = Callable[[Tensor, Tensor], dict[str, Tensor]]  # (boxes [B, M, 4], labels [B, M]) -> terms [B, M]
+
+
+def batched_instance_terms(per_element: dict[str, Tensor], matched_idxs: Tensor, targets: list[dict],
+                           fallback: BatchFallback, view: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+                           = summed_terms) -> dict[str, list[Tensor]]:
+    """:func:`per_instance_totals` (``view=summed_terms``) / :func:`per_instance_parts` (``view=cls_box_split``)
+    for families whose images share their elements: ``per_element`` ``{name: [B, E]}``, ``matched_idxs``
+    ``[B, E]``; ``fallback`` scores every box of the padded batch (``[B, M, 4]`` boxes and ``[B, M]`` labels) at
+    the element that would have been its best, and is used where a box has no matched element. The same numbers
+    as the per-image helpers, in a fixed number of ops whatever the batch size, without host syncs."""
+    sizes = [t["boxes"].shape[0] for t in targets]
+    batch = matched_idxs.shape[0]
+    boxes, _ = pad_per_image([t["boxes"] for t in targets])
+    labels, _ = pad_per_image([t["labels"] for t in targets])
+    num = boxes.shape[1]
+    valid = matched_idxs >= 0
+    slot = (matched_idxs.clamp(min=0) + num * torch.arange(batch, device=matched_idxs.device)[:, None]).flatten()
+    terms = view(per_element)
+    ref = next(iter(terms.values()))
+    counts = ref.new_zeros(batch * num).index_add_(0, slot, valid.flatten().to(ref.dtype)).view(batch, num)
+    fallback_terms = view(fallback(boxes, labels))
+    out = {}
+    for name, values in terms.items():
+        sums = values.new_zeros(batch * num).index_add_(0, slot, torch.where(valid, values, 0.0).flatten())
+        means = sums.view(batch, num) / counts.clamp(min=1)
+        out[name] = unpad_per_image(torch.where(counts == 0, fallback_terms[name].to(means.dtype), means), sizes)
     return out
 
 

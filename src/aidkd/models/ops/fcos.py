@@ -24,21 +24,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
+from aidkd.models.gfl_losses import giou_loss
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
-    anchor_focal_terms,
+    batched_instance_terms,
+    cls_box_split,
+    focal_terms,
     level_index,
-    per_instance_parts,
-    per_instance_totals,
     positive_focal_terms,
+    shared_anchors,
+    summed_terms,
 )
-from aidkd.models.targets import (
-    ignore_background,
-    ignore_boxes_of,
-)
+from aidkd.models.targets import ignore_background_batch, pad_per_image
 
 
 @dataclass
@@ -64,21 +63,20 @@ class FCOSOps(DetectorOps):
     def head_outputs(self, model, images, features) -> dict:
         feats = list(features.values())
         out = model.head(feats)
-        anchors = model.anchor_generator(images, feats)
+        anchors = shared_anchors(model.anchor_generator, images, feats)
         return {"cls_logits": out["cls_logits"], "bbox_regression": out["bbox_regression"],
                 "bbox_ctrness": out["bbox_ctrness"], "anchors": anchors,
                 "num_per_level": [f.shape[-2] * f.shape[-1] for f in feats]}
 
     def match(self, model, anchors: list[Tensor], targets: list[dict], num_per_level: list[int]) -> list[Tensor]:
-        matched = []
-        for anchors_i, t in zip(anchors, targets):
-            gt_boxes = t["boxes"]
-            if gt_boxes.numel() == 0:
-                m = torch.full((anchors_i.shape[0],), -1, dtype=torch.int64, device=anchors_i.device)
-            else:
-                m = self._match_image(model, anchors_i, gt_boxes, num_per_level)
-            matched.append(ignore_background(m, anchors_i, ignore_boxes_of(t)))
-        return matched
+        return list(self._match_batch(model, anchors, targets, num_per_level).unbind(0))
+
+    def _match_batch(self, model, anchors: list[Tensor], targets: list[dict], num_per_level: list[int]) -> Tensor:
+        """:meth:`match` as one ``Int64[B, A]`` tensor, all images at once (boxes padded, a mask beside)."""
+        anchors_t = torch.stack(anchors)  # [B, A, 4]
+        boxes, valid = pad_per_image([t["boxes"].to(anchors_t) for t in targets])
+        matched = self._match_padded(model, anchors_t, boxes, valid, num_per_level)
+        return ignore_background_batch(matched, anchors_t, targets)
 
     def assign(self, model, outputs: dict, targets) -> list[Tensor]:
         return self.match(model, outputs["anchors"], targets, outputs["num_per_level"])
@@ -88,58 +86,67 @@ class FCOSOps(DetectorOps):
 
     @staticmethod
     def _match_image(model, anchors: Tensor, gt_boxes: Tensor, num_per_level: list[int]) -> Tensor:
-        # Same arithmetic as torchvision.models.detection.FCOS.compute_loss.
-        gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-        anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-        anchor_sizes = anchors[:, 2] - anchors[:, 0]
-        pairwise_match = (anchor_centers[:, None, :] - gt_centers[None, :, :]).abs_().max(
-            dim=2).values < model.center_sampling_radius * anchor_sizes[:, None]
-        x, y = anchor_centers.unsqueeze(dim=2).unbind(dim=1)
-        x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=0).unbind(dim=2)
-        pairwise_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=2)
-        pairwise_match &= pairwise_dist.min(dim=2).values > 0
-        lower_bound = anchor_sizes * 4
-        lower_bound[: num_per_level[0]] = 0
-        upper_bound = anchor_sizes * 8
-        upper_bound[-num_per_level[-1]:] = float("inf")
-        pairwise_dist = pairwise_dist.max(dim=2).values
-        pairwise_match &= (pairwise_dist > lower_bound[:, None]) & (pairwise_dist < upper_bound[:, None])
-        gt_areas = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-        pairwise_match = pairwise_match.to(torch.float32) * (1e8 - gt_areas[None, :])
-        min_values, matched_idx = pairwise_match.max(dim=1)
-        matched_idx[min_values < 1e-5] = -1
-        return matched_idx
+        """One image's matches (``Int64[A]``; :meth:`_match_padded` with a batch of one)."""
+        valid = torch.ones((1, gt_boxes.shape[0]), dtype=torch.bool, device=gt_boxes.device)
+        return FCOSOps._match_padded(model, anchors[None], gt_boxes[None], valid, num_per_level)[0]
 
-    def _location_terms(self, model, outputs, i, idx: Tensor, gt_boxes: Tensor):
-        """(GIoU loss, centre-ness BCE) of image i's locations ``idx`` against ``gt_boxes`` (one row each)."""
+    @staticmethod
+    def _match_padded(model, anchors: Tensor, gt_boxes: Tensor, valid: Tensor, num_per_level: list[int]) -> Tensor:
+        # Same arithmetic as torchvision.models.detection.FCOS.compute_loss, with a batch dimension in front.
+        gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, M, 2]
+        anchor_centers = (anchors[..., :2] + anchors[..., 2:]) / 2  # [B, A, 2]
+        anchor_sizes = anchors[..., 2] - anchors[..., 0]  # [B, A]
+        pairwise_match = (anchor_centers[:, :, None, :] - gt_centers[:, None, :, :]).abs_().max(
+            dim=3).values < model.center_sampling_radius * anchor_sizes[..., None]
+        x, y = anchor_centers.unsqueeze(dim=3).unbind(dim=2)  # [B, A, 1]
+        x0, y0, x1, y1 = gt_boxes.unsqueeze(dim=1).unbind(dim=3)  # [B, 1, M]
+        pairwise_dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=3)
+        pairwise_match &= pairwise_dist.min(dim=3).values > 0
+        lower_bound = anchor_sizes * 4
+        lower_bound[:, : num_per_level[0]] = 0
+        upper_bound = anchor_sizes * 8
+        upper_bound[:, -num_per_level[-1]:] = float("inf")
+        pairwise_dist = pairwise_dist.max(dim=3).values
+        pairwise_match &= (pairwise_dist > lower_bound[..., None]) & (pairwise_dist < upper_bound[..., None])
+        pairwise_match &= valid[:, None, :]
+        gt_areas = (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1])
+        pairwise_match = pairwise_match.to(torch.float32) * (1e8 - gt_areas[:, None, :])
+        min_values, matched_idx = pairwise_match.max(dim=2)
+        return torch.where(min_values < 1e-5, -1, matched_idx)
+
+    def _location_terms(self, model, anchors: Tensor, regression: Tensor, ctrness: Tensor, gt_boxes: Tensor):
+        """(GIoU loss, centre-ness BCE) of locations (their anchors and outputs) against ``gt_boxes``, one row each."""
         coder = model.head.box_coder
-        anchors = outputs["anchors"][i][idx]
-        pred = coder.decode(outputs["bbox_regression"][i][idx].float(), anchors)
-        giou = generalized_box_iou_loss(pred, gt_boxes, reduction="none")
+        pred = coder.decode(regression.float(), anchors)
+        giou = giou_loss(pred, gt_boxes)
         ctr_t = centerness_target(coder.encode(anchors, gt_boxes))
-        ctr = F.binary_cross_entropy_with_logits(outputs["bbox_ctrness"][i][idx, 0].float(), ctr_t, reduction="none")
+        ctr = F.binary_cross_entropy_with_logits(ctrness.float(), ctr_t, reduction="none")
         return giou, ctr
 
     def loss_terms(self, model, images, features, targets, outputs=None) -> tuple[FCOSTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        matched = self.match(model, outputs["anchors"], targets, outputs["num_per_level"])
-        cls_terms, box_terms, ctr_terms = [], [], []
-        for i, (t, m) in enumerate(zip(targets, matched)):
-            logits = outputs["cls_logits"][i].float()
-            cls_terms.append(anchor_focal_terms(logits, m, t["labels"]))
-            pos = torch.where(m >= 0)[0]
-            giou, ctr = self._location_terms(model, outputs, i, pos, t["boxes"][m[pos]].float())
-            zeros = logits.new_zeros(m.shape[0])
-            box_terms.append(zeros.scatter(0, pos, giou))
-            ctr_terms.append(zeros.scatter(0, pos, ctr))
-        return FCOSTerms(matched, cls_terms, box_terms, ctr_terms, outputs["num_per_level"]), outputs
+        matched = self._match_batch(model, outputs["anchors"], targets, outputs["num_per_level"])  # [B, A]
+        anchors = torch.stack(outputs["anchors"])
+        boxes, _ = pad_per_image([t["boxes"] for t in targets])
+        labels, _ = pad_per_image([t["labels"] for t in targets])
+        index = matched.clamp(min=0)
+        pos = matched >= 0
+        cls = focal_terms(outputs["cls_logits"].float(), matched, labels.gather(1, index))
+        # every location's GIoU and centre-ness, the non-positives' then zeroed (their target is their anchor, so
+        # that the discarded values and gradients stay finite)
+        gt_boxes = torch.where(pos[..., None], boxes.gather(1, index[..., None].expand(-1, -1, 4)).float(), anchors)
+        giou, ctr = self._location_terms(model, anchors.flatten(0, 1), outputs["bbox_regression"].flatten(0, 1),
+                                         outputs["bbox_ctrness"][..., 0].flatten(), gt_boxes.flatten(0, 1))
+        box, ctr = (torch.where(pos, v.view_as(matched), 0.0) for v in (giou, ctr))
+        return FCOSTerms(list(matched.unbind(0)), list(cls.unbind(0)), list(box.unbind(0)), list(ctr.unbind(0)),
+                         outputs["num_per_level"]), outputs
 
     @staticmethod
     def reduce(terms: FCOSTerms) -> dict[str, Tensor]:
-        nfg = max(1, int(sum(int((m >= 0).sum()) for m in terms.matched_idxs)))
-        return {"classification": torch.stack([c.sum() for c in terms.cls]).sum() / nfg,
-                "bbox_regression": torch.stack([b.sum() for b in terms.box]).sum() / nfg,
-                "bbox_ctrness": torch.stack([c.sum() for c in terms.ctrness]).sum() / nfg}
+        nfg = (torch.stack(terms.matched_idxs) >= 0).sum().clamp(min=1)  # the batch's foreground count
+        return {"classification": torch.stack(terms.cls).sum() / nfg,
+                "bbox_regression": torch.stack(terms.box).sum() / nfg,
+                "bbox_ctrness": torch.stack(terms.ctrness).sum() / nfg}
 
     def detection_losses(self, model, images, features, targets, outputs=None) -> dict[str, Tensor]:
         terms, _ = self.loss_terms(model, images, features, targets, outputs)
@@ -147,56 +154,54 @@ class FCOSOps(DetectorOps):
 
     def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        nfg = max(1, int(sum(int((m >= 0).sum()) for m in terms.matched_idxs)))
-        L = len(terms.num_per_level)
-        per_instance = per_instance_totals(*self._instance_terms(model, terms, outputs, targets))
-        per_level = None
-        for i, m in enumerate(terms.matched_idxs):
-            total = terms.cls[i] + terms.box[i] + terms.ctrness[i]
-            lvl = level_index(terms.num_per_level, total.device)
-            pos = m >= 0
-            pl = total.new_zeros(L).index_add(0, lvl[pos], total[pos])
-            per_level = pl if per_level is None else per_level + pl
+        m = torch.stack(terms.matched_idxs)
+        nfg = (m >= 0).sum().clamp(min=1)
+        per_instance = self._instance_reduction(model, terms, outputs, targets, summed_terms)["total"]
+        total = torch.stack(terms.cls) + torch.stack(terms.box) + torch.stack(terms.ctrness)
+        lvl = level_index(terms.num_per_level, m.device)
+        per_level = total.new_zeros(len(terms.num_per_level)).index_add_(
+            0, lvl.repeat(m.shape[0]), torch.where(m >= 0, total, 0.0).flatten())
         return TeacherLosses(per_instance, per_level / nfg)
 
     def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
         """cls: the focal loss; box: GIoU + centre-ness BCE (centre-ness scores how well the location sits in the
         box, a localisation term, like GFL's DFL); same locations and fallback as :meth:`teacher_losses`."""
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        return per_instance_parts(*self._instance_terms(model, terms, outputs, targets))
+        return self._instance_reduction(model, terms, outputs, targets, cls_box_split)
 
-    def _instance_terms(self, model, terms: FCOSTerms, outputs, targets):
-        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: per-location terms (in the order
-        D^T adds them), matches, fallback."""
-        per_location = [{"cls": c, "box": b, "ctrness": r} for c, b, r in zip(terms.cls, terms.box, terms.ctrness)]
-        return per_location, terms.matched_idxs, targets, lambda i, which: self._fallback_terms(
-            model, outputs, i, targets[i], which)
+    def _instance_reduction(self, model, terms: FCOSTerms, outputs, targets, view) -> dict[str, list[Tensor]]:
+        """Per box, the mean of its locations' terms (in the order D^T adds them; ``view``: their total or cls /
+        box split), or the fallback where no location was assigned to it; batched over images."""
+        per_location = {"cls": torch.stack(terms.cls), "box": torch.stack(terms.box),
+                        "ctrness": torch.stack(terms.ctrness)}
+        return batched_instance_terms(per_location, torch.stack(terms.matched_idxs), targets, lambda boxes, labels:
+                                      self._fallback_terms_batch(model, outputs, boxes, labels), view)
 
-    def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
-        """Focal, GIoU and centre-ness loss at the location nearest each box's centre on the level whose FCOS scale
-        range fits the box."""
-        anchors = outputs["anchors"][i]
+    def _fallback_terms_batch(self, model, outputs, boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Focal, GIoU and centre-ness loss of every box of the padded batch (``[B, M, 4]``) at the location nearest
+        its centre on the level whose FCOS scale range fits the box: ``{name: [B, M]}``."""
+        anchors = torch.stack(outputs["anchors"])  # [B, A, 4]
         num = outputs["num_per_level"]
-        boxes = target["boxes"][which].float()
-        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-        half = ((boxes[:, 2:] - boxes[:, :2]) / 2).max(dim=1).values  # max(l,t,r,b) at the centre
-        starts = [0]
-        for n in num[:-1]:
-            starts.append(starts[-1] + n)
-        sizes = torch.stack([anchors[s, 2] - anchors[s, 0] for s in starts])  # anchor size == stride per level
-        upper = sizes * 8
-        upper[-1] = float("inf")
-        level = torch.clamp((half[:, None] >= upper[None, :]).sum(dim=1), max=len(num) - 1)
-        idx = []
-        a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
-        for c, lv in zip(centres, level.tolist()):
-            s, n = starts[lv], num[lv]
-            d = (a_ctr[s:s + n] - c).abs().max(dim=1).values
-            idx.append(s + int(d.argmin()))
-        idx = torch.as_tensor(idx, device=anchors.device)
-        focal = positive_focal_terms(outputs["cls_logits"][i][idx].float(), target["labels"][which])
-        giou, ctr = self._location_terms(model, outputs, i, idx, boxes)
-        return {"cls": focal, "box": giou, "ctrness": ctr}
+        batch, count = boxes.shape[:2]
+        boxes = boxes.float()
+        centres = (boxes[..., :2] + boxes[..., 2:]) / 2  # [B, M, 2]
+        half = ((boxes[..., 2:] - boxes[..., :2]) / 2).max(dim=-1).values  # max(l,t,r,b) at the centre
+        starts = [sum(num[:lv]) for lv in range(len(num))]
+        sizes = anchors[0, starts, 2] - anchors[0, starts, 0]  # anchor size == stride per level
+        upper = torch.cat([sizes[:-1] * 8, torch.full_like(sizes[-1:], float("inf"))])
+        level = torch.clamp((half[..., None] >= upper).sum(dim=-1), max=len(num) - 1)  # [B, M]
+        # the nearest location of the box's level: other levels' distances set to infinity
+        location_level = level_index(num, anchors.device)  # [A]
+        a_ctr = (anchors[..., :2] + anchors[..., 2:]) / 2  # [B, A, 2]
+        d = (a_ctr[:, None, :, :] - centres[:, :, None, :]).abs().max(dim=-1).values  # [B, M, A]
+        d = torch.where(location_level == level[..., None], d, float("inf"))
+        best = d.argmin(dim=-1)  # [B, M]
+        rows = (best + anchors.shape[1] * torch.arange(batch, device=best.device)[:, None]).flatten()
+        focal = positive_focal_terms(outputs["cls_logits"].flatten(0, 1)[rows].float(), labels.flatten())
+        giou, ctr = self._location_terms(model, anchors.flatten(0, 1)[rows],
+                                         outputs["bbox_regression"].flatten(0, 1)[rows],
+                                         outputs["bbox_ctrness"][..., 0].flatten()[rows], boxes.flatten(0, 1))
+        return {k: v.view(batch, count) for k, v in (("cls", focal), ("box", giou), ("ctrness", ctr))}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression", "bbox_ctrness"))

@@ -17,7 +17,14 @@ from torchvision.ops import boxes as box_ops
 
 from aidkd.models.gfl import GFL, GFLLossTerms
 from aidkd.models.gfl_losses import distance2bbox, integral
-from aidkd.models.ops.base import DetectorOps, TeacherLosses, per_instance_parts, per_instance_totals
+from aidkd.models.ops.base import (
+    DetectorOps,
+    TeacherLosses,
+    _instance_term_means,
+    batched_instance_terms,
+    cls_box_split,
+    summed_terms,
+)
 
 
 class GFLOps(DetectorOps):
@@ -89,7 +96,7 @@ class GFLOps(DetectorOps):
         A box no location is assigned to (tiny, or lost every conflict) is scored at the anchor overlapping it most,
         taken as a positive for it (:meth:`_fallback_parts`), so that every box gets a finite loss.
         """
-        return per_instance_totals(*self._instance_terms(model, terms, targets, head_outputs, anchors))
+        return self._instance_reduction(model, terms, targets, head_outputs, anchors, summed_terms)["total"]
 
     def instance_loss_parts(
         self,
@@ -102,16 +109,23 @@ class GFLOps(DetectorOps):
         """:meth:`instance_losses` split in two, per box: ``"cls"`` (``qfl_weight * QFL``) and ``"box"``
         (``bbox_weight * GIoU + dfl_weight * DFL``), same locations and fallback; ``cls + box`` is
         :meth:`instance_losses` up to rounding. For analysis (``aidkd analyze``), not used in training."""
-        return per_instance_parts(*self._instance_terms(model, terms, targets, head_outputs, anchors))
+        return self._instance_reduction(model, terms, targets, head_outputs, anchors, cls_box_split)
 
-    def _instance_terms(self, model: GFL, terms: GFLLossTerms, targets, head_outputs, anchors):
-        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: the weighted per-location terms (in the
-        order :meth:`location_losses` adds them), matches, fallback."""
+    def _instance_reduction(self, model: GFL, terms: GFLLossTerms, targets, head_outputs, anchors, view
+                            ) -> dict[str, list[Tensor]]:
+        """The weighted per-location terms (in the order :meth:`location_losses` adds them) averaged per box, with
+        the fallback: batched over images when they share their anchors (always, with GFL's own anchors)."""
         weighted = {"cls": model.qfl_weight * terms.qfl, "box": model.bbox_weight * terms.bbox,
                     "dfl": model.dfl_weight * terms.dfl}
+        if all(a is anchors[0] for a in anchors):
+            return batched_instance_terms(weighted, terms.matched_idxs, targets, lambda boxes, labels:
+                                          self._fallback_parts_batch(model, head_outputs, boxes, labels, anchors[0],
+                                                                     terms.levels), view)
         per_location = [{k: v[b] for k, v in weighted.items()} for b in range(len(targets))]
-        return per_location, list(terms.matched_idxs), targets, lambda b, which: self._fallback_parts(
-            model, head_outputs, b, targets[b], which, anchors[b], terms.levels)
+        parts = _instance_term_means(per_location, list(terms.matched_idxs), targets, lambda b, which:
+                                     self._fallback_parts(model, head_outputs, b, targets[b], which, anchors[b],
+                                                          terms.levels), view)
+        return {k: parts.get(k, []) for k in view({"cls": weighted["cls"], "box": weighted["box"]})}
 
     @staticmethod
     def _fallback_parts(model: GFL, outputs: dict, i: int, target: dict, which: Tensor,
@@ -120,10 +134,30 @@ class GFLOps(DetectorOps):
         overlapping each most."""
         boxes, labels = target["boxes"][which].float(), target["labels"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)  # [k]
-        cls_logits = outputs["cls_logits"][i, best].float()
-        bbox_regression = outputs["bbox_regression"][i, best].float()
-        strides = torch.tensor(model.anchor_strides, dtype=torch.float32, device=anchors.device)[levels[best]]
-        centres = (anchors[best, :2] + anchors[best, 2:]) / 2
+        return GFLOps._terms_at(model, outputs["cls_logits"][i, best], outputs["bbox_regression"][i, best],
+                                anchors[best], levels[best], boxes, labels)
+
+    @staticmethod
+    def _fallback_parts_batch(model: GFL, outputs: dict, boxes: Tensor, labels: Tensor, anchors: Tensor,
+                              levels: Tensor) -> dict[str, Tensor]:
+        """:meth:`_fallback_parts` of every box of the padded batch (``[B, M, 4]``): ``{name: [B, M]}``."""
+        batch, num = boxes.shape[:2]
+        flat_boxes = boxes.reshape(-1, 4).float()
+        best = box_ops.box_iou(flat_boxes, anchors).argmax(dim=1)  # [B * M]
+        image = torch.arange(batch, device=anchors.device).repeat_interleave(num, output_size=batch * num)
+        terms = GFLOps._terms_at(model, outputs["cls_logits"][image, best], outputs["bbox_regression"][image, best],
+                                 anchors[best], levels[best], flat_boxes, labels.flatten())
+        return {k: v.view(batch, num) for k, v in terms.items()}
+
+    @staticmethod
+    def _terms_at(model: GFL, cls_logits: Tensor, bbox_regression: Tensor, anchors: Tensor, levels: Tensor,
+                  boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The weighted QFL / GIoU / DFL of locations (their outputs, anchors and levels) taken as positives of
+        ``boxes``."""
+        cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
+        strides = torch.stack([torch.full((), s, dtype=torch.float32, device=anchors.device)  # no host copy
+                               for s in model.anchor_strides])[levels]
+        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
         bbox, dfl, _, quality = model._positive_terms(cls_logits, bbox_regression, centres, strides, boxes)
         qfl = model.qfl_loss(cls_logits, labels, quality)
         return {"cls": model.qfl_weight * qfl, "box": model.bbox_weight * bbox, "dfl": model.dfl_weight * dfl}

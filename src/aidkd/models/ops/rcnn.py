@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
@@ -39,9 +40,13 @@ from aidkd.models.ops.base import (
 from aidkd.models.targets import (
     BELOW_LOW_THRESHOLD,
     BETWEEN_THRESHOLDS,
+    batched_box_iou,
     box_centres,
     centres_in_boxes,
+    ignore_background_batch,
     ignore_boxes_of,
+    match_batch,
+    pad_per_image,
 )
 
 SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
@@ -51,7 +56,7 @@ SMOOTH_L1_BETA = 1 / 9  # torchvision's RPN and RoI box losses
 def _sampled_means(sampled: list[Tensor], *per_image_terms: list[Tensor]) -> list[Tensor]:
     """Each term summed over the sampled anchors / RoIs of every image, divided by their total count (torchvision's
     RPN and RoI-head reduction)."""
-    n = max(1, int(sum(int(s.sum()) for s in sampled)))
+    n = torch.stack([s.sum() for s in sampled]).sum().clamp(min=1)  # a tensor: no host sync
     return [torch.stack([(t * s).sum() for t, s in zip(terms, sampled)]).sum() / n for terms in per_image_terms]
 
 @dataclass
@@ -93,8 +98,39 @@ class FasterRCNNOps(DetectorOps):
 
     def rpn_terms(self, model, outputs, targets, *, sample: bool = True) -> RPNTerms:
         rpn = model.rpn
-        matched, labels, obj_terms, box_terms = [], [], [], []
-        for i, (anchors_i, t) in enumerate(zip(outputs["anchors"], targets)):
+        anchors = torch.stack(outputs["anchors"])  # [B, A, 4]: the images share their anchors
+        m = self._rpn_match(rpn, outputs["anchors"], anchors, targets)  # [B, A]
+        pos = m >= 0
+        lab = torch.where(pos, 1.0, torch.where(m == BETWEEN_THRESHOLDS, -1.0, 0.0))  # torchvision's RPN labels
+        obj = outputs["objectness"].float()
+        obj_terms = F.binary_cross_entropy_with_logits(obj, lab.clamp(min=0), reduction="none")
+        # every anchor's box loss, the non-positives' then zeroed (their target is the anchor itself, so that the
+        # discarded values and gradients stay finite); no loop over images, no boolean indexing
+        boxes, _ = pad_per_image([t["boxes"] for t in targets])
+        gt = boxes.gather(1, m.clamp(min=0)[..., None].expand(-1, -1, 4)).to(anchors.dtype)
+        gt = torch.where(pos[..., None], gt, anchors)
+        target = rpn.box_coder.encode_single(gt.flatten(0, 1), anchors.flatten(0, 1))
+        per = F.smooth_l1_loss(outputs["rpn_deltas"].float().flatten(0, 1), target, beta=SMOOTH_L1_BETA,
+                               reduction="none").sum(-1).view_as(m)
+        box_terms = torch.where(pos, per, 0.0)
+        matched, labels = list(m.unbind(0)), list(lab.unbind(0))
+        obj_terms, box_terms = list(obj_terms.unbind(0)), list(box_terms.unbind(0))
+        sampled = None
+        if sample:
+            pos_masks, neg_masks = rpn.fg_bg_sampler(labels)  # same RNG use as torchvision's RPN.compute_loss
+            sampled = [(p | n).bool() for p, n in zip(pos_masks, neg_masks)]
+        return RPNTerms(matched, labels, obj_terms, box_terms, sampled, outputs["num_per_level"])
+
+    @staticmethod
+    def _rpn_match(rpn, anchors: list[Tensor], stacked: Tensor, targets) -> Tensor:
+        """``Int64[B, A]`` RPN matches with the ignore rule: batched for torchvision's ``Matcher`` on IoU, per image
+        for another matcher or similarity."""
+        if type(rpn.proposal_matcher) is det_utils.Matcher and rpn.box_similarity is box_ops.box_iou:
+            boxes, valid = pad_per_image([t["boxes"].to(stacked) for t in targets])
+            matched = match_batch(rpn.proposal_matcher, batched_box_iou(boxes, stacked), valid)
+            return ignore_background_batch(matched, stacked, targets)
+        out = []
+        for anchors_i, t in zip(anchors, targets):
             gt = t["boxes"]
             if gt.numel() == 0:
                 m = torch.full((anchors_i.shape[0],), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors_i.device)
@@ -104,22 +140,8 @@ class FasterRCNNOps(DetectorOps):
             if ign is not None:
                 inside = centres_in_boxes(box_centres(anchors_i), ign)
                 m = torch.where((m == BELOW_LOW_THRESHOLD) & inside, torch.full_like(m, BETWEEN_THRESHOLDS), m)
-            lab = (m >= 0).to(torch.float32)
-            lab[m == BETWEEN_THRESHOLDS] = -1.0
-            obj = outputs["objectness"][i].float()
-            obj_terms.append(F.binary_cross_entropy_with_logits(obj, lab.clamp(min=0), reduction="none"))
-            pos = torch.where(m >= 0)[0]
-            target = rpn.box_coder.encode_single(gt[m[pos]].to(anchors_i.dtype), anchors_i[pos])
-            per = F.smooth_l1_loss(outputs["rpn_deltas"][i][pos].float(), target, beta=SMOOTH_L1_BETA,
-                                   reduction="none").sum(-1)
-            box_terms.append(obj.new_zeros(m.shape[0]).scatter(0, pos, per))
-            matched.append(m)
-            labels.append(lab)
-        sampled = None
-        if sample:
-            pos_masks, neg_masks = rpn.fg_bg_sampler(labels)  # same RNG use as torchvision's RPN.compute_loss
-            sampled = [(p | n).bool() for p, n in zip(pos_masks, neg_masks)]
-        return RPNTerms(matched, labels, obj_terms, box_terms, sampled, outputs["num_per_level"])
+            out.append(m)
+        return torch.stack(out)
 
     @staticmethod
     def reduce_rpn(terms: RPNTerms) -> dict[str, Tensor]:
@@ -212,16 +234,14 @@ class FasterRCNNOps(DetectorOps):
         per_instance = [a + b for a, b in zip(rpn_means, roi_means)]
         # per level: positive RPN anchors of each level / all positive RPN anchors, + the positive-RoI loss mean
         L = len(rpn.num_per_level)
-        per_level = rpn.objectness[0].new_zeros(L)
-        n_pos = 0
-        for m, o, b in zip(rpn.matched_idxs, rpn.objectness, rpn.box):
-            pos = m >= 0
-            lvl = level_index(rpn.num_per_level, o.device)
-            per_level = per_level.index_add(0, lvl[pos], (o + b)[pos])
-            n_pos += int(pos.sum())
+        m = torch.stack(rpn.matched_idxs)  # images share their anchors
+        total = torch.where(m >= 0, torch.stack(rpn.objectness) + torch.stack(rpn.box), 0.0)
+        lvl = level_index(rpn.num_per_level, m.device)
+        per_level = total.new_zeros(L).index_add_(0, lvl.repeat(m.shape[0]), total.flatten())
+        n_pos = (m >= 0).sum().clamp(min=1)
         roi_sum = sum(((c + b) * (lab > 0)).sum() for c, b, lab in zip(roi.cls, roi.box, roi.labels))
-        roi_n = sum(int((lab > 0).sum()) for lab in roi.labels)
-        return TeacherLosses(per_instance, per_level / max(1, n_pos) + roi_sum / max(1, roi_n))
+        roi_n = torch.stack([(lab > 0).sum() for lab in roi.labels]).sum().clamp(min=1)
+        return TeacherLosses(per_instance, per_level / n_pos + roi_sum / roi_n)
 
     def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
         """cls: the RPN objectness BCE + the RoI cross-entropy; box: the RPN + RoI smooth-L1; the same anchors, RoIs

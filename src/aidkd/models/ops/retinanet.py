@@ -21,25 +21,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import (
-    complete_box_iou_loss,
-    distance_box_iou_loss,
-    generalized_box_iou_loss,
-)
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss
 
+from aidkd.models.gfl_losses import giou_loss
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
-    anchor_focal_terms,
+    batched_instance_terms,
+    cls_box_split,
+    focal_terms,
     level_index,
-    per_instance_parts,
-    per_instance_totals,
     positive_focal_terms,
+    shared_anchors,
+    summed_terms,
 )
 from aidkd.models.targets import (
+    batched_box_iou,
     ignore_background,
+    ignore_background_batch,
     ignore_boxes_of,
+    match_batch,
+    pad_per_image,
 )
 
 
@@ -53,8 +57,8 @@ def box_loss_per_element(loss_type: str, box_coder, anchors: Tensor, gt_boxes: T
         target = box_coder.encode_single(gt_boxes, anchors)
         return F.smooth_l1_loss(regression, target, reduction="none", beta=beta).sum(-1)
     pred = box_coder.decode_single(regression, anchors)
-    if loss_type == "giou":
-        return generalized_box_iou_loss(pred, gt_boxes, reduction="none", eps=eps)
+    if loss_type == "giou":  # torchvision's arithmetic, without its host syncs
+        return giou_loss(pred, gt_boxes, eps=eps)
     if loss_type == "ciou":
         return complete_box_iou_loss(pred, gt_boxes, reduction="none", eps=eps)
     if loss_type == "diou":
@@ -79,21 +83,32 @@ class RetinaNetOps(DetectorOps):
     def head_outputs(self, model, images, features) -> dict:
         feats = list(features.values())
         out = model.head(feats)
-        anchors = model.anchor_generator(images, feats)
+        anchors = shared_anchors(model.anchor_generator, images, feats)
         hw = [f.shape[-2] * f.shape[-1] for f in feats]
         a = out["cls_logits"].shape[1] // sum(hw)
         return {"cls_logits": out["cls_logits"], "bbox_regression": out["bbox_regression"], "anchors": anchors,
                 "num_per_level": [n * a for n in hw]}
 
     def match(self, model, anchors: list[Tensor], targets: list[dict]) -> list[Tensor]:
+        return list(self._match_batch(model, anchors, targets).unbind(0))
+
+    def _match_batch(self, model, anchors: list[Tensor], targets: list[dict]) -> Tensor:
+        """:meth:`match` as one ``Int64[B, A]`` tensor: batched over images (padded boxes) for torchvision's
+        ``Matcher``, per image for another matcher."""
+        matcher = model.proposal_matcher
+        if type(matcher) is det_utils.Matcher and len({a.shape for a in anchors}) == 1:
+            anchors_t = torch.stack(anchors)
+            boxes, valid = pad_per_image([t["boxes"].to(anchors_t) for t in targets])
+            matched = match_batch(matcher, batched_box_iou(boxes, anchors_t), valid)
+            return ignore_background_batch(matched, anchors_t, targets)
         matched = []
         for anchors_i, t in zip(anchors, targets):
             if t["boxes"].numel() == 0:
                 m = torch.full((anchors_i.shape[0],), -1, dtype=torch.int64, device=anchors_i.device)
             else:
-                m = model.proposal_matcher(box_ops.box_iou(t["boxes"], anchors_i))
+                m = matcher(box_ops.box_iou(t["boxes"], anchors_i))
             matched.append(ignore_background(m, anchors_i, ignore_boxes_of(t)))
-        return matched
+        return torch.stack(matched)
 
     def assign(self, model, outputs: dict, targets) -> list[Tensor]:
         return self.match(model, outputs["anchors"], targets)
@@ -107,29 +122,32 @@ class RetinaNetOps(DetectorOps):
     # ------------------------------------------------------------------ per-anchor terms
     def loss_terms(self, model, images, features, targets, outputs=None) -> tuple[RetinaNetTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        anchors = outputs["anchors"]
-        matched = self.match(model, anchors, targets)
+        anchors = torch.stack(outputs["anchors"])  # [B, A, 4]
+        matched = self._match_batch(model, outputs["anchors"], targets)  # [B, A]
         reg_head = model.head.regression_head
         loss_type = getattr(reg_head, "_loss_type", "l1")
-        cls_terms, box_terms = [], []
-        for i, (t, m) in enumerate(zip(targets, matched)):
-            logits = outputs["cls_logits"][i].float()
-            cls_terms.append(anchor_focal_terms(logits, m, t["labels"]))
-            pos = torch.where(m >= 0)[0]
-            per = box_loss_per_element(loss_type, reg_head.box_coder, anchors[i][pos], t["boxes"][m[pos]],
-                                       outputs["bbox_regression"][i][pos].float())
-            box_terms.append(logits.new_zeros(m.shape[0]).scatter(0, pos, per))
-        return RetinaNetTerms(matched, cls_terms, box_terms, outputs["num_per_level"]), outputs
+        # every anchor's box and class from the padded targets: no loop over images, no boolean indexing
+        boxes, _ = pad_per_image([t["boxes"] for t in targets])
+        labels, _ = pad_per_image([t["labels"] for t in targets])
+        index = matched.clamp(min=0)
+        pos = matched >= 0
+        cls = focal_terms(outputs["cls_logits"].float(), matched, labels.gather(1, index))
+        # the box loss of every anchor, the non-positives' then zeroed (their target is the anchor itself, so
+        # that their discarded values and gradients stay finite)
+        gt_boxes = torch.where(pos[..., None], boxes.gather(1, index[..., None].expand(-1, -1, 4)).to(anchors),
+                               anchors)
+        per = box_loss_per_element(loss_type, reg_head.box_coder, anchors.flatten(0, 1), gt_boxes.flatten(0, 1),
+                                   outputs["bbox_regression"].float().flatten(0, 1)).view_as(matched)
+        box = torch.where(pos, per, 0.0)
+        return RetinaNetTerms(list(matched.unbind(0)), list(cls.unbind(0)), list(box.unbind(0)),
+                              outputs["num_per_level"]), outputs
 
     @staticmethod
     def reduce(terms: RetinaNetTerms) -> dict[str, Tensor]:
-        cls, box = [], []
-        for m, c, b in zip(terms.matched_idxs, terms.cls, terms.box):
-            nfg = (m >= 0).sum().clamp(min=1).to(c.dtype)
-            cls.append(c.sum() / nfg)
-            box.append(b.sum() / nfg)
-        n = max(1, len(cls))
-        return {"classification": torch.stack(cls).sum() / n, "bbox_regression": torch.stack(box).sum() / n}
+        m, c, b = (torch.stack(v) for v in (terms.matched_idxs, terms.cls, terms.box))
+        nfg = (m >= 0).sum(dim=1).clamp(min=1).to(c.dtype)  # per image
+        n = max(1, m.shape[0])
+        return {"classification": (c.sum(dim=1) / nfg).sum() / n, "bbox_regression": (b.sum(dim=1) / nfg).sum() / n}
 
     # ------------------------------------------------------------------ public ops
     def detection_losses(self, model, images, features, targets, outputs=None) -> dict[str, Tensor]:
@@ -138,38 +156,57 @@ class RetinaNetOps(DetectorOps):
 
     def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        per_instance = per_instance_totals(*self._instance_terms(model, terms, outputs, targets))
-        L = len(terms.num_per_level)
-        per_level = None
-        for m, c, b in zip(terms.matched_idxs, terms.cls, terms.box):
-            total = c + b
-            lvl = level_index(terms.num_per_level, total.device)
-            nfg = (m >= 0).sum().clamp(min=1).to(total.dtype)
-            pos = m >= 0
-            pl = total.new_zeros(L).index_add(0, lvl[pos], total[pos]) / nfg
-            per_level = pl if per_level is None else per_level + pl
+        per_instance = self._instance_reduction(model, terms, outputs, targets, summed_terms)["total"]
+        m = torch.stack(terms.matched_idxs)
+        total = torch.stack(terms.cls) + torch.stack(terms.box)
+        batch, num_levels = m.shape[0], len(terms.num_per_level)
+        # each image's positives summed per level, over its foreground count; then averaged over images
+        slot = (torch.arange(batch, device=m.device)[:, None] * num_levels
+                + level_index(terms.num_per_level, m.device)).flatten()
+        per_image = total.new_zeros(batch * num_levels).index_add_(0, slot, torch.where(m >= 0, total, 0.0).flatten())
+        nfg = (m >= 0).sum(dim=1).clamp(min=1).to(total.dtype)
+        per_level = (per_image.view(batch, num_levels) / nfg[:, None]).sum(dim=0)
         return TeacherLosses(per_instance, per_level / max(1, len(targets)))
 
     def teacher_loss_parts(self, model, images, features, targets, outputs=None) -> dict[str, list[Tensor]]:
         """cls: the focal loss, box: the box loss, of the same anchors (and fallback) as :meth:`teacher_losses`."""
         terms, outputs = self.loss_terms(model, images, features, targets, outputs)
-        return per_instance_parts(*self._instance_terms(model, terms, outputs, targets))
+        return self._instance_reduction(model, terms, outputs, targets, cls_box_split)
 
-    def _instance_terms(self, model, terms: RetinaNetTerms, outputs, targets):
-        """The arguments of ``per_instance_totals`` / ``per_instance_parts``: per-anchor terms, matches, fallback."""
-        per_anchor = [{"cls": c, "box": b} for c, b in zip(terms.cls, terms.box)]
-        return per_anchor, terms.matched_idxs, targets, lambda i, which: self._fallback_terms(
-            model, outputs, i, targets[i], which)
+    def _instance_reduction(self, model, terms: RetinaNetTerms, outputs, targets, view) -> dict[str, list[Tensor]]:
+        """Per box, the mean of its anchors' terms (``view``: their total or cls / box split), or the fallback
+        where no anchor was matched to it; batched over images."""
+        per_anchor = {"cls": torch.stack(terms.cls), "box": torch.stack(terms.box)}
+        return batched_instance_terms(per_anchor, torch.stack(terms.matched_idxs), targets, lambda boxes, labels:
+                                      self._fallback_terms_batch(model, outputs, boxes, labels), view)
 
     def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
         """Focal and box loss of boxes ``which`` at their best-IoU anchors, taken as matched to them."""
         anchors = outputs["anchors"][i]
         boxes = target["boxes"][which]
         best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
-        focal = positive_focal_terms(outputs["cls_logits"][i][best].float(), target["labels"][which])
+        return self._terms_at(model, outputs["cls_logits"][i][best], outputs["bbox_regression"][i][best],
+                              anchors[best], boxes, target["labels"][which])
+
+    def _fallback_terms_batch(self, model, outputs, boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """:meth:`_fallback_terms` of every box of the padded batch (``[B, M, 4]``): ``{name: [B, M]}``."""
+        anchors = torch.stack(outputs["anchors"])  # [B, A, 4]
+        batch, num = boxes.shape[:2]
+        best = batched_box_iou(boxes.to(anchors), anchors).argmax(dim=2)  # [B, M]
+        rows = (best + anchors.shape[1] * torch.arange(batch, device=best.device)[:, None]).flatten()
+        terms = self._terms_at(model, outputs["cls_logits"].flatten(0, 1)[rows],
+                               outputs["bbox_regression"].flatten(0, 1)[rows], anchors.flatten(0, 1)[rows],
+                               boxes.flatten(0, 1).to(anchors), labels.flatten())
+        return {k: v.view(batch, num) for k, v in terms.items()}
+
+    @staticmethod
+    def _terms_at(model, cls_logits: Tensor, regression: Tensor, anchors: Tensor, boxes: Tensor, labels: Tensor
+                  ) -> dict[str, Tensor]:
+        """Focal and box loss of anchors (their outputs) each taken as a positive of one of ``boxes``."""
+        focal = positive_focal_terms(cls_logits.float(), labels)
         reg_head = model.head.regression_head
-        box = box_loss_per_element(getattr(reg_head, "_loss_type", "l1"), reg_head.box_coder, anchors[best], boxes,
-                                   outputs["bbox_regression"][i][best].float())
+        box = box_loss_per_element(getattr(reg_head, "_loss_type", "l1"), reg_head.box_coder, anchors, boxes,
+                                   regression.float())
         return {"cls": focal, "box": box}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
