@@ -45,7 +45,10 @@ DESCRIPTIONS: dict[str, str] = {
     "data.hflip": "probability of a horizontal flip of a training image",
     "data.batch_size": "training images per device and step",
     "data.val_batch_size": "validation batch size (default: `batch_size`)",
-    "data.num_workers": "data-loader worker processes",
+    "data.num_workers": "loader processes per training process; unset: min(4, CPU cores per process) on a GPU, "
+                        "0 on the CPU",
+    "data.check": "the data check before training: `full` decodes every image (headers only while the run "
+                  "folder's `data_check.json` shows the files unchanged), `header` reads headers only, `off` skips it",
     "data.skip_invalid": "drop (and count) invalid images instead of refusing the dataset (`--skip-invalid`)",
     "data.synth.num_images": "generated scenes (train + val)",
     "data.synth.seed": "generator seed (same seed and settings, same scenes)",
@@ -83,8 +86,11 @@ DESCRIPTIONS: dict[str, str] = {
     "train.milestones": "`step` scheduler: where the rate drops, as fractions of all steps",
     "train.gamma": "`step` scheduler: the factor at each milestone",
     "train.grad_clip": "gradient-norm clipping (null: none)",
-    "train.precision": "Lightning precision; `auto`: 16-mixed on GPU, 32 on CPU (the teacher's AID losses are "
-                       "always computed in float32)",
+    "train.precision": "Lightning precision; `auto`: bf16-mixed on a GPU that supports it, else 16-mixed; 32 on "
+                       "the CPU (the teacher's AID losses are always computed in float32)",
+    "train.compile": "torch.compile the student's backbone and heads in place (checkpoint keys unchanged)",
+    "train.channels_last": "student and teacher weights in channels-last memory format",
+    "train.cudnn_benchmark": "cuDNN autotuning per input shape (off with `train.deterministic`)",
     "train.accelerator": "Lightning accelerator (`auto`, `cpu`, `gpu`)",
     "train.devices": "Lightning devices (`auto`, a count, or a list of ids)",
     "train.num_nodes": "machines of a multi-node run",
@@ -118,6 +124,8 @@ DESCRIPTIONS: dict[str, str] = {
     "distill.aid.decoupled": "head methods weight their classification terms by exp(-alpha * D^T_cls) and their box "
                              "terms by exp(-alpha * D^T_box) (the AID + LD form); feature methods keep exp(-alpha * "
                              "D^T); `instance` granularity only",
+    "distill.aid.cache_max_items": "most samples x flips the teacher-loss cache holds; past it the least recently "
+                                   "used entries are dropped (warned once)",
     "distill.aid.cache": "keep each sample's teacher losses (key: image, flip, resized size) so the teacher's head "
                          "runs once per sample, not every step; exact when the flip is the only random "
                          "augmentation; warns when fewer than half the samples hit from the third epoch on; "
