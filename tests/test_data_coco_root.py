@@ -100,11 +100,11 @@ def test_data_check_takes_a_coco_root(tmp_path, capsys):
     problems = check_dataset(root, fmt="coco")
     assert len(problems) == 1 and "3.jpg" in str(problems[0])
     assert main(["data", "check", str(_kitti(tmp_path / "k")), "--format", "coco"]) == 2
-    assert "looks like a KITTI dataset" in capsys.readouterr().out
+    assert "looks like a KITTI dataset" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["data", "check", str(empty), "--format", "coco"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "no annotations/instances_train*.json" in out and "pass an instances json as ROOT" in out
     assert "Is a directory" not in out
 

@@ -214,12 +214,13 @@ def test_quick_demo_writes_the_table(tmp_path, capsys):
     val = load_kitti_records(data_folder(tmp_path, quick=True), "val")
     assert a["instances"] == sum(o.cls == "Car" for r in val for o in r.objects) > 0
     assert 0 <= a["found"] <= a["instances"] and (tmp_path / "kd_aid" / "analysis" / "instances.csv").exists()
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"aidkd report {tmp_path}" in printed.replace("\n", "") and "results.md" in printed
     assert demo.teacher_analysis_text(a) in printed
     assert printed.startswith("torch threads: ")
-    # outside a terminal every run prints one line per epoch (one epoch each here)
-    assert [line.split(":")[0] for line in printed.splitlines() if ": epoch 1/1  loss " in line] == list(results)
+    # outside a terminal every run prints one line per epoch (one epoch each here), on stderr like all progress
+    assert [line.split(":")[0] for line in captured.err.splitlines() if ": epoch 1/1  loss " in line] == list(results)
     # a second run reuses every finished stage, with its numbers and AID weights
     again = run_demo(tmp_path, quick=True)
     for name in results:

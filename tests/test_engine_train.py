@@ -257,11 +257,11 @@ def test_a_run_writes_its_split_and_eval_kitti_reads_it(deterministic_run, synth
     assert main(["eval-kitti", str(labels), str(preds), "--split", str(run), "--json", str(with_run)]) == 0
     assert "no prediction file" not in capsys.readouterr().out
     main(["eval-kitti", str(labels), str(preds), "--json", str(everything)])
-    assert "16 of 20 label files have no prediction file" in capsys.readouterr().out
+    assert "16 of 20 label files have no prediction file" in capsys.readouterr().err
     main(["eval-kitti", str(labels), str(preds), "--split", str(run / "split" / "val.txt"), "--json", str(with_file)])
     assert with_run.read_text() == with_file.read_text() != everything.read_text()
     assert main(["eval-kitti", str(labels), str(preds), "--split", str(tmp_path)]) == 2
-    assert "without split/val.txt" in capsys.readouterr().out
+    assert "without split/val.txt" in capsys.readouterr().err
 
 
 def test_resumed_run_drops_interrupted_ckpt_and_sums_its_train_time(tiny_cfg, capsys):
@@ -279,7 +279,7 @@ def test_resumed_run_drops_interrupted_ckpt_and_sums_its_train_time(tiny_cfg, ca
     assert not (ckpts / "interrupted.ckpt").exists() and (ckpts / "last.ckpt").exists()
     record = json.loads((Path(cfg.output_dir) / "train_time.json").read_text())
     assert record["segments"] == 2 and record["seconds"] > first["seconds"]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("segments: epoch")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("segments: epoch")]
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]  # the resumed epoch 1 and epoch 2
     assert all("loss " in line and " elapsed " in line and " ETA " in line for line in lines)
     assert lines[-1].endswith("ETA 0:00") and float(lines[-1].split("loss ")[1].split()[0]) > 0

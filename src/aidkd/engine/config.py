@@ -229,6 +229,7 @@ NUMERIC_RANGES: dict[str, tuple[Any, str]] = {
                                       "a fraction in [0, 1] or a number of batches >= 0"),
     "EvalConfig.score_thresh": _FRACTION,
     "AIDConfig.alpha": _NON_NEGATIVE,
+    "AIDConfig.cache_max_items": (lambda v: v >= 1, ">= 1"),
     "DistillConfig.loss_scale": _NON_NEGATIVE,
     "DistillConfig.image_log_every": _NON_NEGATIVE,
     "RunConfig.seed": _SEED,

@@ -29,6 +29,7 @@ from aidkd.eval.evaluator import (
     VOC_METRIC,
     coco_class_key,
     coco_key,
+    read_metrics,
     strict_json,
 )
 
@@ -307,7 +308,7 @@ def run_demo(out: Path = Path(DEFAULT_OUT), quick: bool = False, arch: str = "gf
         if state == "finished":
             console.print(f"reusing {name}, finished by an earlier run with the same configuration ({run_dir}); "
                           f"`{again} --fresh` trains everything again", highlight=False)
-            metrics = json.loads((run_dir / "final_metrics.json").read_text())
+            metrics = read_metrics((run_dir / "final_metrics.json").read_text())
             seconds = _train_seconds(run_dir, float(previous.get(name, {}).get("seconds", 0.0)))
             results[name] = {"metrics": metrics, "seconds": seconds, "reused": True}
             continue
