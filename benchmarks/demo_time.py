@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"aidkd demo failed (exit {proc.returncode})")
     measured = parse_time_v(proc.stderr)
     threads = re.search(r"^torch threads: (\d+)", proc.stdout, re.MULTILINE)
-    table = (out / "demo" / "results.md").read_text()
+    # the demo's own text names its (temporary) folder: a committed result names no machine path
+    table = (out / "demo" / "results.md").read_text().replace(str(out / "demo"), "DEMO_DIR")
     record = {"command": "aidkd demo (fresh folder), under /usr/bin/time -v", "commit": revision,
               "cpu_s": round(measured["user_s"] + measured["sys_s"], 1), **measured,
               "torch_threads": int(threads.group(1)) if threads else None, "cores": len(os.sched_getaffinity(0)),
