@@ -245,17 +245,19 @@ class Distiller(nn.Module):
         t_sel = [t_all[i].detach() for i in self.levels.teacher_idx]
         boxes = [t["boxes"] for t in targets]
 
-        pixel_w = image_w = level_w = None
+        pixel_w = image_w = level_w = location_w = None
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
             with torch.no_grad(), torch.autocast(image_list.tensors.device.type, enabled=False):
                 per_instance, per_level = self._teacher_losses(image_list, t_feats, targets)
-                pixel_w, image_w, level_w = self.aid.make(
-                    per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
-                    self.levels.strides, len(images))
+                weights = self.aid.make(per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
+                                        self.levels.strides, len(images))
+                pixel_w, image_w, level_w = weights
+                location_w = self.aid.location_weights(weights)
                 self._last_per_instance, self._last_per_level = per_instance, per_level
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
-                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w)
+                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w,
+                               location_weights=location_w)
         self.last_inputs = inputs
         for name, method in self.methods.items():
             for term, value in method(inputs).items():

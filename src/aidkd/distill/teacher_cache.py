@@ -8,7 +8,7 @@ batch it came in: the key holds no batch shape, so mixed aspect ratios (COCO) st
 the teacher's head forward and per-instance loss every step, most of AID's overhead over plain feature KD
 (benchmarks/results/overhead_cpu.md).
 
-Only instance / image granularity can use it: ``level`` needs the batch's per-level loss, which mixes images.
+Only instance / image / batch granularity can use it: ``level`` needs the batch's per-level loss, which mixes images.
 A pipeline with other random augmentations (crops, colour jitter) must turn it off: ``distill.aid.cache: false``
 (``Distiller.end_epoch`` warns when the hit rate stays low after the first epoch). Every entry is checked against
 the number of boxes of the current target, so a reused key with different labels is recomputed rather than
