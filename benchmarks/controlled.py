@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
 import shutil
 import sys
-import itertools
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -483,10 +483,10 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     if t:
         lines.append("| teacher (1 run) | 1 | " + " | ".join(f"{t['affected'][n]:.1f}" for _, n in SUBSET_METRICS)
                      + " | " + " | ".join(f"{t['rest'][n]:.1f}" for _, n in SUBSET_METRICS) + " |")
-    for v in SPECS:
+    for v, spec in SPECS.items():
         e = summ["variants"].get(v)
         if e:
-            lines.append(f"| {SPECS[v].label} | {len(e['seeds'])} | "
+            lines.append(f"| {spec.label} | {len(e['seeds'])} | "
                          + " | ".join(_fmt(e[f"affected/{n}"]) for _, n in SUBSET_METRICS) + " | "
                          + " | ".join(_fmt(e[f"rest/{n}"]) for _, n in SUBSET_METRICS) + " |")
     lines += ["", ("Paired by seed: mean ± std of the difference [bootstrap 90 % interval of the mean over seeds, from 3 "
@@ -499,12 +499,12 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     if t:
         lines.append("| teacher | " + " | ".join(f"{t[k]['COCO AP']:.1f}" for k in CLASSES) + " |")
-    for v in SPECS:
+    for v, spec in SPECS.items():
         seeds = summ["per_seed"].get(v)
         if seeds:
             cells = [_fmt(dict(zip(("mean", "std", "n"), acc.mean_std([seeds[s][k]["COCO AP"] for s in seeds]))))
                      for k in CLASSES]
-            lines.append(f"| {SPECS[v].label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {spec.label} | " + " | ".join(cells) + " |")
     lines += ["", "Per class, paired COCO AP differences:", "", "| difference | " + " | ".join(CLASSES) + " |",
               "|---|" + "---|" * len(CLASSES)]
     for name, d in summ["paired"].items():

@@ -24,14 +24,14 @@ Granularities (``AIDWeighting.granularity``):
   well the teacher fits the objects alike everywhere. (The published GFL code's per-level loss also holds the
   negatives' QFL; a level with few objects would then be weighted by its background.)
 
-``global_terms`` (default ``"image_mean"``): what the global terms -- those without a per-pixel weight map in the
-paper's wording -- take under ``instance`` granularity. ``"image_mean"``: the image's mean instance weight, on the whole
-term. ``"pixel"``: every global term with a per-location residual (spatial attention transfer, the non-local output,
-FGD's spatial attention and global terms) takes the instance pixel map per location, as the pixel-wise terms do, so
-the student stops imitating the teacher at a low-weight instance's footprint without imitating it less elsewhere;
-terms with no location (channel attention transfer, FGD's channel attention) keep the image mean. The maps go to the
-methods as ``DistillInputs.location_weights`` (``AIDWeighting.location_weights``); ``image`` and ``batch`` maps are constant per image, so there the two
-choices are equal, and ``level`` has no maps.
+``global_terms`` (not in the paper; default ``"image_mean"``): what the global terms take under ``instance``
+granularity. ``"image_mean"``: the image's mean instance weight, on the whole term. ``"pixel"``: every global term
+with a per-location residual (spatial attention transfer, the non-local output, FGD's spatial attention and global
+terms) takes the instance pixel map per location, as the pixel-wise terms do, so the student imitates the teacher
+less at a low-weight instance's footprint and no less elsewhere; terms with no location (channel attention
+transfer, FGD's channel attention) keep the image mean. The maps reach the methods as
+``DistillInputs.location_weights`` (``AIDWeighting.location_weights``). ``image`` and ``batch`` maps are constant
+per image, so there the two settings agree; ``level`` has no maps.
 
 ``normalize`` (not in the paper; default off): divide each batch's weights by their mean (over the batch's
 instances, images or levels, as the granularity applies them), so they average 1. The weights in (0, 1] also lower
