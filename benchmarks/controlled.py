@@ -47,6 +47,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from fractions import Fraction
@@ -519,7 +520,8 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     run_s = sum(f["seconds"] for f in finished.values() if f.get("seconds"))
     lines += [(f"Wall time of this invocation {elapsed / 60:.1f} min; sum of the runs' training times "
               f"{run_s / 60:.1f} min (finished runs are skipped on a re-run)."), "",
-              "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "`. Reproduce or "
+              "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "` at commit "
+              + source_commit() + ". Reproduce or "
               "continue: `.venv/bin/python benchmarks/controlled.py --jobs 1 --threads 1"
               + (f" --name {args.name}" if args.name != default_name(args) else "")
               + (f" --seeds {' '.join(map(str, args.seeds))}" if list(args.seeds) != [0, 1, 2] else "")
@@ -579,6 +581,20 @@ def parse_args(argv):
         args.num_images, args.width, args.height, args.seeds = 12, 160, 64, [0]
         args.teacher_epochs = args.student_epochs = 1
     return args
+
+
+def source_commit(repo: Path = REPO) -> str:
+    """The checkout's commit, with a note when its tracked files differ from it ('unknown' outside git): what a
+    results file names as the code it was written by."""
+    try:
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        sha, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha[:12] + (" with uncommitted changes" if changed else "")
 
 
 def default_name(args) -> str:

@@ -324,3 +324,24 @@ def test_markdown_pairs_aid_with_the_weakening_control(ctl, tmp_path):
     assert ("--name controlled_synth_car_side_selective --seeds 0 1 2 3 4 --variants kd kd_weak kd_aid_instance "
             "student am am_aid_instance kd_aid_pixel kd_aid_pixel_a1n --distill-scale 1/10") in md
     assert "Not run yet (budget or failure): 26 of 41" in md
+    assert f"` at commit {ctl.source_commit()}. Reproduce" in md
+
+
+def test_source_commit_names_the_commit_and_uncommitted_changes(ctl, tmp_path):
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *cmd],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert ctl.source_commit(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "x")
+    sha = git("rev-parse", "HEAD")
+    assert ctl.source_commit(tmp_path) == sha[:12]
+    (tmp_path / "new.txt").write_text("untracked files are not the code\n")
+    assert ctl.source_commit(tmp_path) == sha[:12]
+    (tmp_path / "f.txt").write_text("b\n")
+    assert ctl.source_commit(tmp_path) == sha[:12] + " with uncommitted changes"
