@@ -25,19 +25,36 @@ The prediction (what supports and what refutes the claim) is written to ``predic
 
 Alpha other than 0.1 puts the AID runs in their own folders (``kd_aid_instance_a1_seed0``) and results in
 ``results/controlled_synth_a1/``; the teacher, student-alone and KD runs are shared.
+
+Beyond the default variants (``--variants``; ``SPECS`` says what each trains): ``kd_weak``, the pure-weakening
+control (KD with every term of every image scaled by the batch's mean AID weight: AID's weakening without its
+contrast, ``distill.aid.granularity: batch``); ``am`` / ``am_aid_instance`` / ``am_weak``, the attention-masked
+feature loss alone (a purely pixel-wise term), without AID, with AID and with the weakening control;
+``kd_aid_pixel``, KD + AID with ``global_terms: pixel`` (attention transfer and non-local weighted per location
+too); ``kd_aid_pixel_a1n``, the same at alpha 1 with normalised weights (contrast at KD's strength). Each is paired with its own reference (``PAIRS``), with a bootstrap
+90 % interval over seeds:
+
+    .venv/bin/python benchmarks/controlled.py --name controlled_synth_car_side_selective --subset-class Car \
+        --subset-view side --distill-scale 1/10 --seeds 0 1 2 3 4 --jobs 1 --threads 1 \
+        --variants kd kd_weak kd_aid_instance student am am_aid_instance kd_aid_pixel kd_aid_pixel_a1n
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -48,7 +65,46 @@ from aidkd.data.kitti import KITTI_DEFAULT_CLASSES
 
 REPO = HERE.parent
 CLASSES = tuple(KITTI_DEFAULT_CLASSES)  # the generated set's classes are KITTI's
-VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")
+
+
+class Variant(NamedTuple):
+    """What a student run trains: ``methods`` ``"kd"`` (the family's attention + non-local), ``"am"`` (the
+    attention-masked feature loss alone: attention transfer weighted 0, no non-local) or None (no distillation);
+    ``aid`` the AID granularity (None: off); ``alpha`` / ``normalize`` fixed by the variant (None: ``--alpha`` /
+    ``--aid-normalize``, and the run folder carries their tag)."""
+
+    label: str
+    methods: str | None = "kd"
+    aid: str | None = None
+    global_terms: str = "image_mean"
+    alpha: float | None = None
+    normalize: bool | None = None
+
+
+SPECS = {
+    "student": Variant("student alone", methods=None),
+    "kd": Variant("KD (attention + non-local)"),
+    "kd_aid_instance": Variant("KD + AID (instance)", aid="instance"),
+    "kd_aid_level": Variant("KD + AID (level)", aid="level"),
+    "kd_weak": Variant("KD x the batch's mean AID weight (weakening control)", aid="batch"),
+    "am": Variant("L_AM alone", methods="am"),
+    "am_aid_instance": Variant("L_AM + AID (instance)", methods="am", aid="instance"),
+    "am_weak": Variant("L_AM x the batch's mean AID weight (weakening control)", methods="am", aid="batch"),
+    "kd_aid_pixel": Variant("KD + AID (instance, global terms per pixel)", aid="instance", global_terms="pixel"),
+    "kd_aid_pixel_a1n": Variant("KD + AID (instance, global terms per pixel, alpha 1, normalised)", aid="instance",
+                                global_terms="pixel", alpha=1.0, normalize=True),
+}
+VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")  # the default set
+# Plan order: blocks of variants, each block for every seed before the next, so that a complete comparison
+# (the weakening control against AID first) finishes early; in a block, per seed in this order.
+BLOCKS = (("kd", "kd_weak", "kd_aid_instance"), ("student",), ("am", "am_aid_instance"),
+          ("kd_aid_pixel", "kd_aid_pixel_a1n"), ("am_weak",), ("kd_aid_level",))
+# Paired differences (variant, reference), each where both ran: against the student (harm), against its own KD,
+# and AID against the weakening control (selectivity).
+PAIRS = (("kd", "student"), ("kd_aid_instance", "student"), ("kd_aid_level", "student"), ("kd_aid_instance", "kd"),
+         ("kd_aid_level", "kd"), ("kd_weak", "kd"), ("kd_aid_instance", "kd_weak"), ("am", "student"),
+         ("am_aid_instance", "am"), ("am_weak", "am"), ("am_aid_instance", "am_weak"), ("kd_aid_pixel", "kd"), ("kd_aid_pixel", "kd_weak"), ("kd_aid_pixel_a1n", "kd"),
+         ("kd_aid_pixel_a1n", "kd_weak"))
 SUBSET_METRICS = [("coco/AP/{c}", "COCO AP"), ("voc/AP50/{c}", "VOC AP50"), ("kitti/{c}/moderate", "KITTI mod.")]
 
 PREDICTION = """\
@@ -216,27 +272,64 @@ def results_name(args) -> str:
 
 
 def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]) -> list[dict]:
-    """accuracy.py's plan with the teacher trained on the corrupted copy and, for an alpha other than 0.1, the AID
-    runs in folders of their own (the teacher, student and KD runs do not depend on alpha). Order: the teacher,
-    then per seed student, KD, KD + AID (instance), then KD + AID (level) for every seed."""
-    plan = acc.plan_runs(prof, runs_dir, ["one-stage"], seeds)
-    normalize = bool(prof.get("aid_normalize", False))
-    tag = alpha_tag(float(prof["aid_alpha"]), normalize)
-    for r in plan:
-        if r["variant"] == "teacher":
-            r["cfg"]["data"] = dict(r["cfg"]["data"], root=str((data_dir / "teacher").resolve()))
-        if r["variant"] == "kd":  # AID off: its alpha means nothing, and one KD run serves every alpha
-            r["cfg"]["distill"]["aid"]["alpha"] = 0.1
-        if normalize and r["variant"].startswith("kd_aid"):
-            r["cfg"]["distill"]["aid"]["normalize"] = True
-        if tag and r["variant"].startswith("kd_aid"):
-            name = Path(r["cfg"]["output_dir"]).name.replace(f"_seed{r['seed']}", f"_{tag}_seed{r['seed']}")
-            r["cfg"]["output_dir"] = str(Path(r["cfg"]["output_dir"]).with_name(name))
-            r["cfg"]["name"] = r["cfg"]["name"].rsplit("/", 1)[0] + "/" + name
-            r["key"] = f"{r['family']}/{name}"
-    # the comparison the claim rests on (student, KD, KD + AID instance) for every seed first, level AID after
-    plan.sort(key=lambda r: (r["variant"] != "teacher", r["variant"] == "kd_aid_level", r["seed"]))
+    """accuracy.py's plan (the teacher, trained on the corrupted copy; the student alone; KD) and every other variant
+    of ``prof["variants"]`` as KD's run with its own methods and AID section (``variant_run``). Order: the teacher,
+    then ``BLOCKS``, each for every seed before the next."""
+    variants = list(dict.fromkeys(prof["variants"]))
+    unknown = sorted(set(variants) - set(SPECS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {sorted(SPECS)}")
+    base = acc.plan_runs(dict(prof, variants=["student", "kd"]), runs_dir, ["one-stage"], seeds)
+    teacher = next(r for r in base if r["variant"] == "teacher")
+    teacher["cfg"]["data"] = dict(teacher["cfg"]["data"], root=str((data_dir / "teacher").resolve()))
+    by_seed = {(r["variant"], r["seed"]): r for r in base}
+    plan = [teacher]
+    for seed in seeds:
+        for v in variants:
+            plan.append(by_seed[(v, seed)] if v == "student" else variant_run(by_seed[("kd", seed)], v, prof))
+    block = {v: (i, j) for i, vs in enumerate(BLOCKS) for j, v in enumerate(vs)}
+    plan.sort(key=lambda r: (r["variant"] != "teacher", block.get(r["variant"], (len(BLOCKS), 0))[0], r["seed"],
+                             block.get(r["variant"], (0, 0))[1]))
     return plan
+
+
+def variant_run(kd: dict, variant: str, prof: dict) -> dict:
+    """Variant ``variant`` (``SPECS``) of one seed, from that seed's KD run: its methods, its AID section (keys left
+    out where they are the defaults, so a run's config is the one accuracy.py plans for the same variant) and its
+    folder ``<variant>_<scale>[_<alpha tag>]_seed<N>``; KD itself with AID's alpha reset to 0.1 (AID off: one KD run
+    serves every alpha)."""
+    spec = SPECS[variant]
+    run = copy.deepcopy(kd)
+    distill = run["cfg"]["distill"]
+    distill["aid"]["alpha"] = 0.1
+    if spec.methods == "am":
+        distill["methods"] = am_only(distill["methods"])
+    tag = ""
+    if spec.aid:
+        alpha = float(prof["aid_alpha"]) if spec.alpha is None else spec.alpha
+        normalize = bool(prof.get("aid_normalize", False)) if spec.normalize is None else spec.normalize
+        distill["aid"] = {"enabled": True, "granularity": spec.aid, "alpha": alpha}
+        if normalize:
+            distill["aid"]["normalize"] = True
+        if spec.global_terms != "image_mean":
+            distill["aid"]["global_terms"] = spec.global_terms
+        if spec.alpha is None and spec.normalize is None:  # a variant that fixes them says so in its name
+            tag = alpha_tag(alpha, normalize)
+    name = "_".join(filter(None, [variant, acc.scale_tag(distill["loss_scale"]), tag, f"seed{run['seed']}"]))
+    run["variant"] = variant
+    run["key"] = f"{run['family']}/{name}"
+    run["cfg"]["output_dir"] = str(Path(run["cfg"]["output_dir"]).with_name(name))
+    run["cfg"]["name"] = run["cfg"]["name"].rsplit("/", 1)[0] + "/" + name
+    return run
+
+
+def am_only(methods: list[dict]) -> list[dict]:
+    """The attention-masked feature loss alone: the attention method with its attention transfer weighted 0, no other
+    method (a ``distill.methods`` list)."""
+    attention = [m for m in methods if m["name"] == "attention"]
+    if not attention:
+        raise ValueError("the 'am' variants need an attention method in the family's methods")
+    return [{"name": "attention", "params": {**attention[0]["params"], "at_weight": 0.0}}]
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -270,8 +363,24 @@ def paired(by_seed: dict[str, dict[int, dict]], variant: str, ref: str) -> dict:
                      if part in by_seed[variant][s]]
             m, sd, n = acc.mean_std(diffs)
             out[f"{part}/{name}"] = {"seeds": common, "diffs": diffs, "mean": m, "std": sd, "n": n,
-                                     "wins": sum(d > 0 for d in diffs)}
+                                     "wins": sum(d > 0 for d in diffs), "ci90": bootstrap_interval(diffs)}
     return out
+
+
+def bootstrap_interval(diffs: list[float], level: float = 0.9, draws: int = 20000) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``diffs`` (per-seed paired differences): seeds resampled with
+    replacement; exact (every one of the n**n resamples) for n <= 6, else ``draws`` resamples of a fixed generator.
+    NaN below 3 values (an interval from one or two seeds says nothing)."""
+    values = np.array([d for d in diffs if not math.isnan(d)], dtype=float)
+    n = len(values)
+    if n < 3:
+        return [math.nan, math.nan]
+    if n <= 6:
+        means = values[np.array(list(itertools.product(range(n), repeat=n)))].mean(axis=1)
+    else:
+        means = values[np.random.default_rng(0).integers(0, n, size=(draws, n))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
 def summarize(plan: list[dict], finished: dict, subset_class: str, views: dict | None = None) -> dict:
@@ -293,9 +402,7 @@ def summarize(plan: list[dict], finished: dict, subset_class: str, views: dict |
             for _, name in SUBSET_METRICS:
                 m, sd, n = acc.mean_std([seeds[s][part][name] for s in sorted(seeds)])
                 rows[v][f"{part}/{name}"] = {"mean": m, "std": sd, "n": n}
-    diffs = {f"{v} - {ref}": paired(by_seed, v, ref) for v, ref in (
-        ("kd", "student"), ("kd_aid_instance", "student"), ("kd_aid_level", "student"),
-        ("kd_aid_instance", "kd"), ("kd_aid_level", "kd")) if v in by_seed and ref in by_seed}
+    diffs = {f"{v} - {ref}": paired(by_seed, v, ref) for v, ref in PAIRS if v in by_seed and ref in by_seed}
     return {"teacher": teacher, "variants": rows, "paired": diffs, "per_seed": by_seed}
 
 
@@ -310,7 +417,9 @@ def _fmt_d(d: dict) -> str:
         return "n/a"
     per = ", ".join(f"{x:+.1f}" for x in d["diffs"])
     sd = "" if math.isnan(d["std"]) else f" ± {d['std']:.2f}"
-    return f"{d['mean']:+.2f}{sd} ({d['wins']}/{d['n']}; {per})"
+    lo, hi = d.get("ci90", (math.nan, math.nan))
+    ci = "" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"
+    return f"{d['mean']:+.2f}{sd}{ci} ({d['wins']}/{d['n']}; {per})"
 
 
 def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | None,
@@ -364,6 +473,8 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               f"(method.md's one-stage weights) x loss scale {Fraction(args.distill_scale).limit_denominator(1000)}"
               f"; AID alpha {args.alpha:g}" + (" with normalised weights (each batch's divided by their mean)"
                                               if args.aid_normalize else "") + f". Seeds {list(args.seeds)}."),
+             *([] if list(args.variants) == list(VARIANTS) else [
+                 "Variants: " + "; ".join(f"`{v}`: {SPECS[v].label}" for v in args.variants) + "."]),
              "", prediction.strip(), "",
              "## Outcome", "", f"Affected = {c}; rest = {rest_is}. Mean ± std over seeds.", "",
              "| run | seeds | " + " | ".join(f"{c}: {n}" for _, n in SUBSET_METRICS) + " | "
@@ -373,13 +484,14 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     if t:
         lines.append("| teacher (1 run) | 1 | " + " | ".join(f"{t['affected'][n]:.1f}" for _, n in SUBSET_METRICS)
                      + " | " + " | ".join(f"{t['rest'][n]:.1f}" for _, n in SUBSET_METRICS) + " |")
-    for v in VARIANTS:
+    for v, spec in SPECS.items():
         e = summ["variants"].get(v)
         if e:
-            lines.append(f"| {acc.LABELS[v]} | {len(e['seeds'])} | "
+            lines.append(f"| {spec.label} | {len(e['seeds'])} | "
                          + " | ".join(_fmt(e[f"affected/{n}"]) for _, n in SUBSET_METRICS) + " | "
                          + " | ".join(_fmt(e[f"rest/{n}"]) for _, n in SUBSET_METRICS) + " |")
-    lines += ["", "Paired by seed: mean ± std of the difference (seeds where the first is better; per seed).", "",
+    lines += ["", ("Paired by seed: mean ± std of the difference [bootstrap 90 % interval of the mean over seeds, from 3 "
+                   "seeds] (seeds where the first is better; per seed)."), "",
               f"| difference | {c}: COCO AP | {c}: VOC AP50 | rest: COCO AP | rest: VOC AP50 |", "|---|---|---|---|---|"]
     for name, d in summ["paired"].items():
         lines.append(f"| {name} | {_fmt_d(d['affected/COCO AP'])} | {_fmt_d(d['affected/VOC AP50'])} | "
@@ -388,12 +500,12 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     if t:
         lines.append("| teacher | " + " | ".join(f"{t[k]['COCO AP']:.1f}" for k in CLASSES) + " |")
-    for v in VARIANTS:
+    for v, spec in SPECS.items():
         seeds = summ["per_seed"].get(v)
         if seeds:
             cells = [_fmt(dict(zip(("mean", "std", "n"), acc.mean_std([seeds[s][k]["COCO AP"] for s in seeds]))))
                      for k in CLASSES]
-            lines.append(f"| {acc.LABELS[v]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {spec.label} | " + " | ".join(cells) + " |")
     lines += ["", "Per class, paired COCO AP differences:", "", "| difference | " + " | ".join(CLASSES) + " |",
               "|---|" + "---|" * len(CLASSES)]
     for name, d in summ["paired"].items():
@@ -408,8 +520,12 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     run_s = sum(f["seconds"] for f in finished.values() if f.get("seconds"))
     lines += [(f"Wall time of this invocation {elapsed / 60:.1f} min; sum of the runs' training times "
               f"{run_s / 60:.1f} min (finished runs are skipped on a re-run)."), "",
-              "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "`. Reproduce or "
+              "Written by: `.venv/bin/python benchmarks/controlled.py " + " ".join(args.argv) + "` at commit "
+              + source_commit() + ". Reproduce or "
               "continue: `.venv/bin/python benchmarks/controlled.py --jobs 1 --threads 1"
+              + (f" --name {args.name}" if args.name != default_name(args) else "")
+              + (f" --seeds {' '.join(map(str, args.seeds))}" if list(args.seeds) != [0, 1, 2] else "")
+              + (f" --variants {' '.join(args.variants)}" if list(args.variants) != list(VARIANTS) else "")
               + (f" --alpha {args.alpha:g}" if not math.isclose(args.alpha, 0.1) else "")
               + (" --aid-normalize" if args.aid_normalize else "")
               + ("" if math.isclose(args.distill_scale, 1e-3)
@@ -432,9 +548,9 @@ def parse_args(argv):
                     help="distill.loss_scale of every distillation run (default 1/1000, the CPU profiles': 1/100 of "
                          "the published loss forms; the committed partial results ran at 1/100 of those)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                    help="a subset, e.g. to add one AID setting to runs that exist (the student alone and KD are "
-                         "shared)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(SPECS),
+                    help="default: student kd kd_aid_instance kd_aid_level; a subset, e.g. to add one AID setting to "
+                         "runs that exist (the student alone and KD are shared), or others of SPECS (module doc)")
     ap.add_argument("--subset-class", default="Cyclist", choices=CLASSES)
     ap.add_argument("--subset-view", choices=["side", "rear", "front"],
                     help="only the subset class's instances seen from this view (synth_meta.json), e.g. Car side: "
@@ -460,12 +576,29 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     args.argv = list(argv)
     if args.name is None:
-        args.name = "controlled_synth" + (f"_{args.subset_class.lower()}_{args.subset_view}" if args.subset_view
-                                          else "")
+        args.name = default_name(args)
     if args.smoke:
         args.num_images, args.width, args.height, args.seeds = 12, 160, 64, [0]
         args.teacher_epochs = args.student_epochs = 1
     return args
+
+
+def source_commit(repo: Path = REPO) -> str:
+    """The checkout's commit, with a note when its tracked files differ from it ('unknown' outside git): what a
+    results file names as the code it was written by."""
+    try:
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        sha, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha[:12] + (" with uncommitted changes" if changed else "")
+
+
+def default_name(args) -> str:
+    return "controlled_synth" + (f"_{args.subset_class.lower()}_{args.subset_view}" if args.subset_view else "")
 
 
 def main(argv=None) -> int:
@@ -570,7 +703,10 @@ def teacher_analysis(plan: list[dict], results_dir: Path, args) -> tuple[dict | 
     ckpt = Path(teacher["cfg"]["output_dir"]) / "model_best.pt"
     if not ckpt.exists():
         return None, None
-    student_cfg = copy.deepcopy(next(r for r in plan if r["variant"] == "kd_aid_instance")["cfg"])
+    aid_runs = [r for r in plan if r["cfg"]["distill"] and r["cfg"]["distill"]["aid"]["enabled"]]
+    if not aid_runs:
+        return None, None
+    student_cfg = copy.deepcopy(next((r for r in aid_runs if r["variant"] == "kd_aid_instance"), aid_runs[0])["cfg"])
     out = results_dir / "analysis"
     analyze(config_from_dict(student_cfg), ckpt, out, split="val")
     # committed results name no machine path: the summary file is rewritten with repository-relative paths

@@ -99,8 +99,10 @@ def test_plan_teacher_on_the_corrupted_copy_students_on_clean(ctl, tmp_path):
     assert kd["cfg"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "runs" / "one-stage" / "teacher" /
                                                                 "model_best.pt")
     order = [(r["variant"], r["seed"]) for r in plan]
-    assert order[1:4] == [("student", 0), ("kd", 0), ("kd_aid_instance", 0)]
-    assert order[-3:] == [("kd_aid_level", 0), ("kd_aid_level", 1), ("kd_aid_level", 2)]
+    assert order[1:7] == [("kd", 0), ("kd_aid_instance", 0), ("kd", 1), ("kd_aid_instance", 1), ("kd", 2),
+                          ("kd_aid_instance", 2)]
+    assert order[7:] == [("student", 0), ("student", 1), ("student", 2), ("kd_aid_level", 0), ("kd_aid_level", 1),
+                         ("kd_aid_level", 2)]
     default = ctl.plan_experiment(ctl.make_profile(ctl.parse_args([]), data), tmp_path / "runs", data, [0])
     assert not any("_a0.1" in r["key"] for r in default)
     assert not any(r["cfg"]["distill"] and r["cfg"]["distill"]["aid"].get("normalize") for r in default)
@@ -155,8 +157,9 @@ def test_markdown_of_partial_results(ctl, tmp_path):
     prof = ctl.make_profile(args, data)
     plan = ctl.plan_experiment(prof, tmp_path / "runs", data, [0, 1, 2])
     metrics = {f"coco/AP/{c}": v for c, v in zip(ctl.CLASSES, (30.0, 2.0, 1.0))}
-    finished = {r["key"]: {"metrics": dict(metrics), "seconds": 60.0} for r in plan[:3]}  # teacher, student, KD
-    finished[plan[2]["key"]]["metrics"]["coco/AP/Cyclist"] = 0.5
+    first = [next(r for r in plan if (r["variant"], r["seed"]) == (v, 0)) for v in ("teacher", "student", "kd")]
+    finished = {r["key"]: {"metrics": dict(metrics), "seconds": 60.0} for r in first}
+    finished[first[2]["key"]]["metrics"]["coco/AP/Cyclist"] = 0.5
     summ = ctl.summarize(plan, finished, "Cyclist")
     assert summ["paired"]["kd - student"]["affected/COCO AP"]["diffs"] == [-0.5]
     info = {"params": {"num_images": 240, "seed": 0, "hard_fraction": 0.2, "val_fraction": 1 / 3},
@@ -227,3 +230,118 @@ def test_analysis_compares_a_view_subset_with_its_own_class(ctl):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[4:] == [f"{math.exp(-0.1):.3f}", f"{math.exp(-0.3):.3f}", f"{math.exp(0.2):.2f}", "1.000"]
     assert "AUC of w, other Car vs Car (side view)" in "\n".join(lines)
+
+
+SELECTIVE = ["--name", "controlled_synth_car_side_selective", "--subset-class", "Car", "--subset-view", "side",
+             "--distill-scale", "1/10", "--seeds", "0", "1", "2", "3", "4", "--variants", "kd", "kd_weak",
+             "kd_aid_instance", "student", "am", "am_aid_instance", "kd_aid_pixel", "kd_aid_pixel_a1n"]
+
+
+def test_selective_variants_plan_order_folders_and_configs(ctl, tmp_path):
+    from aidkd.engine.config import config_from_dict
+
+    args = ctl.parse_args(SELECTIVE)
+    data = tmp_path / "data"
+    plan = ctl.plan_experiment(ctl.make_profile(args, data), tmp_path / "runs", data, args.seeds)
+    assert len(plan) == 1 + 5 * 8 and ctl.results_name(args) == "controlled_synth_car_side_selective_div10"
+    order = [(r["variant"], r["seed"]) for r in plan]
+    seeds = range(5)
+    assert order == [("teacher", 0),
+                     *[(v, s) for s in seeds for v in ("kd", "kd_weak", "kd_aid_instance")],
+                     *[("student", s) for s in seeds],
+                     *[(v, s) for s in seeds for v in ("am", "am_aid_instance")],
+                     *[(v, s) for s in seeds for v in ("kd_aid_pixel", "kd_aid_pixel_a1n")]]
+    runs = {r["key"].split("/")[1]: r["cfg"] for r in plan}
+    assert len(runs) == len(plan)  # one folder each
+    d = {k: v["distill"] for k, v in runs.items() if v["distill"]}
+    kd_methods = d["kd_div10_seed3"]["methods"]
+    assert [m["name"] for m in kd_methods] == ["attention", "nonlocal"]
+    assert d["kd_weak_div10_seed3"]["aid"] == {"enabled": True, "granularity": "batch", "alpha": 0.1}
+    assert d["kd_weak_div10_seed3"]["methods"] == kd_methods
+    am = [{"name": "attention", "params": {**kd_methods[0]["params"], "at_weight": 0.0}}]
+    assert am[0]["params"]["am_weight"] == 5.6e-4 and d["am_div10_seed3"]["methods"] == am
+    assert not d["am_div10_seed3"]["aid"]["enabled"]
+    assert d["am_aid_instance_div10_seed3"]["methods"] == am
+    assert d["am_aid_instance_div10_seed3"]["aid"] == {"enabled": True, "granularity": "instance", "alpha": 0.1}
+    assert d["kd_aid_pixel_div10_seed3"]["aid"] == {"enabled": True, "granularity": "instance", "alpha": 0.1,
+                                                    "global_terms": "pixel"}
+    assert d["kd_aid_pixel_a1n_div10_seed3"]["aid"] == {"enabled": True, "granularity": "instance", "alpha": 1.0,
+                                                        "normalize": True, "global_terms": "pixel"}
+    assert all(v["distill"]["loss_scale"] == pytest.approx(0.1) for v in runs.values() if v["distill"])
+    for name, cfg in runs.items():  # every config is a valid run config
+        aid = config_from_dict(cfg).distill
+        assert aid is None or aid.aid.alpha in (0.1, 1.0), name
+    # KD and KD + AID (instance) are the runs the default variants plan: shared, not stale, across invocations
+    plain = ctl.parse_args(["--subset-class", "Car", "--subset-view", "side", "--distill-scale", "1/10", "--name",
+                            args.name])
+    default = {r["key"]: r["cfg"] for r in ctl.plan_experiment(ctl.make_profile(plain, data), tmp_path / "runs",
+                                                                data, [0])}
+    for key in ("one-stage/kd_div10_seed0", "one-stage/kd_aid_instance_div10_seed0", "one-stage/student_seed0"):
+        assert default[key] == next(r["cfg"] for r in plan if r["key"] == key)
+    # --alpha / --aid-normalize reach the variants that do not fix them, and tag their folders
+    a3 = ctl.parse_args([*SELECTIVE, "--alpha", "3"])
+    keys = {r["key"].split("/")[1] for r in ctl.plan_experiment(ctl.make_profile(a3, data), tmp_path / "r", data, [0])}
+    assert {"kd_weak_div10_a3_seed0", "am_aid_instance_div10_a3_seed0", "kd_aid_pixel_div10_a3_seed0",
+            "kd_aid_pixel_a1n_div10_seed0", "am_div10_seed0", "kd_div10_seed0"} <= keys
+    with pytest.raises(SystemExit, match="unknown variant"):
+        ctl.plan_experiment(dict(ctl.make_profile(args, data), variants=["kd_nope"]), tmp_path / "r", data, [0])
+    with pytest.raises(ValueError, match="attention"):
+        ctl.am_only([{"name": "nonlocal", "params": {}}])
+
+
+def test_bootstrap_interval_of_the_mean_over_seeds(ctl):
+    # [0, 0, 3]: the 27 resamples' means are 0 (8 of them), 1 (12), 2 (6), 3 (1): the 5 % and 95 % points are 0, 2
+    assert ctl.bootstrap_interval([0.0, 0.0, 3.0]) == [0.0, 2.0]
+    assert ctl.bootstrap_interval([1.5] * 5) == [1.5, 1.5]
+    assert all(math.isnan(x) for x in ctl.bootstrap_interval([1.0, 2.0]))
+    lo, hi = ctl.bootstrap_interval([-1.0, 0.5, 2.0, 3.0, -0.5])
+    assert -1.0 < lo < 0.8 < hi < 3.0  # around the mean 0.8, inside the values' range
+    wide = [float(x) for x in range(8)]  # more than 6 seeds: fixed-seed resampling, reproducible
+    assert ctl.bootstrap_interval(wide) == ctl.bootstrap_interval(wide)
+    assert 1.5 < ctl.bootstrap_interval(wide)[0] < 3.5 < ctl.bootstrap_interval(wide)[1] < 5.5
+
+
+def test_markdown_pairs_aid_with_the_weakening_control(ctl, tmp_path):
+    args = ctl.parse_args(SELECTIVE)
+    data = tmp_path / "data"
+    prof = ctl.make_profile(args, data)
+    plan = ctl.plan_experiment(prof, tmp_path / "runs", data, args.seeds)
+    ap = {"kd": [5.0, 4.0, 6.0, 5.0, 5.0], "kd_weak": [5.5, 5.0, 6.0, 5.5, 5.0],
+          "kd_aid_instance": [6.0, 5.0, 7.5, 5.0, 6.0]}
+    finished = {r["key"]: {"metrics": {"coco/AP/Car": ap[r["variant"]][r["seed"]]}, "seconds": 60.0} for r in plan
+                if r["variant"] in ap}
+    summ = ctl.summarize(plan, finished, "Car")
+    d = summ["paired"]["kd_aid_instance - kd_weak"]["affected/COCO AP"]
+    assert d["diffs"] == [0.5, 0.0, 1.5, -0.5, 1.0] and d["wins"] == 3
+    assert d["ci90"] == ctl.bootstrap_interval(d["diffs"]) and d["ci90"][0] < 0.5 < d["ci90"][1]
+    assert set(summ["paired"]) == {"kd_weak - kd", "kd_aid_instance - kd", "kd_aid_instance - kd_weak"}
+    info = {"params": {"num_images": 240, "seed": 0, "hard_fraction": 0.2, "val_fraction": 1 / 3},
+            "train_affected": 83, "val_affected": 32, "train_frames_touched": 65}
+    md = ctl.markdown(args, prof, info, plan, finished, {}, summ, None, None, "## Prediction\n", 61.0)
+    lo, hi = d["ci90"]
+    assert f"| kd_aid_instance - kd_weak | +0.50 ± 0.79 [{lo:+.2f}, {hi:+.2f}] (3/5; +0.5, +0.0, +1.5, -0.5, +1.0)" in md
+    assert "| KD x the batch's mean AID weight (weakening control) | 5 |" in md
+    assert ("--name controlled_synth_car_side_selective --seeds 0 1 2 3 4 --variants kd kd_weak kd_aid_instance "
+            "student am am_aid_instance kd_aid_pixel kd_aid_pixel_a1n --distill-scale 1/10") in md
+    assert "Not run yet (budget or failure): 26 of 41" in md
+    assert f"` at commit {ctl.source_commit()}. Reproduce" in md
+
+
+def test_source_commit_names_the_commit_and_uncommitted_changes(ctl, tmp_path):
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *cmd],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert ctl.source_commit(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "x")
+    sha = git("rev-parse", "HEAD")
+    assert ctl.source_commit(tmp_path) == sha[:12]
+    (tmp_path / "new.txt").write_text("untracked files are not the code\n")
+    assert ctl.source_commit(tmp_path) == sha[:12]
+    (tmp_path / "f.txt").write_text("b\n")
+    assert ctl.source_commit(tmp_path) == sha[:12] + " with uncommitted changes"

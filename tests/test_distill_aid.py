@@ -243,3 +243,29 @@ def test_normalize_leaves_nothing_to_normalise_alone():
     _, image, _ = aid.make([torch.zeros(0), torch.zeros(0)], None, [torch.zeros(0, 4)] * 2, SHAPES, STRIDES, 2)
     torch.testing.assert_close(image, torch.ones(2))
     assert AIDWeighting(alpha=1.0) == AIDWeighting(alpha=1.0, normalize=False)  # off by default
+
+
+def test_aid_weighting_batch_is_one_weight_on_every_term():
+    """The weakening control: the batch's mean instance weight on every pixel and image, background included."""
+    pixel, image, level = AIDWeighting("batch", alpha=0.2).make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    mean = (math.exp(-0.2) + math.exp(-0.6)) / 2  # the batch's two instances; the empty image adds none
+    assert level is None
+    torch.testing.assert_close(image, torch.full((2,), mean))
+    for p in pixel:
+        torch.testing.assert_close(p, torch.full_like(p, mean))
+    empty = AIDWeighting("batch").make([torch.zeros(0)] * 2, None, [torch.zeros(0, 4)] * 2, SHAPES, STRIDES, 2)
+    assert empty.image_weights.eq(1).all() and all(p.eq(1).all() for p in empty.pixel_weights)
+    # normalised, a single weight divided by its mean is 1: KD itself
+    _, image, _ = AIDWeighting("batch", alpha=0.2, normalize=True).make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    torch.testing.assert_close(image, torch.ones(2))
+    assert AIDWeighting("batch", alpha=0.2).stats(LOSSES)["batch_w_mean"] == pytest.approx(mean)
+
+
+def test_global_terms_pixel_hands_the_pixel_maps_to_the_global_terms():
+    weights = AIDWeighting("instance").make(LOSSES, None, BOXES, SHAPES, STRIDES, 2)
+    assert AIDWeighting("instance").location_weights(weights) is None  # default: the image mean
+    assert AIDWeighting("instance", global_terms="pixel").location_weights(weights) is weights.pixel_weights
+    level = AIDWeighting("level", global_terms="pixel")
+    assert level.location_weights(level.make(None, torch.ones(3), BOXES, SHAPES, STRIDES, 2)) is None
+    with pytest.raises(ValueError, match="global_terms"):
+        AIDWeighting(global_terms="box")

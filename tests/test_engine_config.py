@@ -20,6 +20,7 @@ def test_defaults_and_overrides(tmp_path):
     ("data.classes=[1]", "config key 'data.classes[0]': expected str"),
     ("bogus=1", "unknown config key 'bogus'"),
     ("distill.aid.granularity=pixel", "config key 'distill.aid.granularity'"),
+    ("distill.aid.global_terms=instance", "config key 'distill.aid.global_terms'"),
     ("train.epochs=1.5", "config key 'train.epochs': expected int"),
 ])
 def test_errors_name_the_key(override, needle):

@@ -32,7 +32,7 @@ def make_task(tiny_cfg, teacher_file, aid=True, granularity="instance", **distil
     return DetectionTask(cfg, CLASSES)
 
 
-@pytest.mark.parametrize("granularity", ["instance", "image", "level"])
+@pytest.mark.parametrize("granularity", ["instance", "image", "batch", "level"])
 def test_teacher_frozen_and_outside_the_module(tiny_cfg, teacher_file, batch, granularity):
     task = make_task(tiny_cfg, teacher_file, granularity=granularity)
     teacher = task.distiller.teacher.model
@@ -51,6 +51,21 @@ def test_teacher_frozen_and_outside_the_module(tiny_cfg, teacher_file, batch, gr
     stats = task.distiller.last_stats
     applied = "level_w" if granularity == "level" else "instance_w"  # level applies (and logs) level weights only
     assert 0 < stats[f"{applied}_min"] <= stats[f"{applied}_mean"] <= stats[f"{applied}_max"] <= 1
+
+
+def test_global_terms_pixel_reaches_the_global_terms(tiny_cfg, teacher_file, batch):
+    """distill.aid.global_terms: pixel hands the instance maps to the global terms; the default hands them none."""
+    plain = make_task(tiny_cfg, teacher_file)
+    plain.compute_losses(*batch)
+    assert plain.distiller.last_inputs.location_weights is None
+    cfg = config_from_dict(tiny_cfg(distill={"teacher": {"checkpoint": str(teacher_file)}, "methods": METHODS,
+                                             "aid": {"global_terms": "pixel"}}))
+    task = DetectionTask(cfg, CLASSES)
+    assert task.distiller.aid.global_terms == "pixel"
+    losses = task.compute_losses(*batch)
+    inputs = task.distiller.last_inputs
+    assert inputs.location_weights is inputs.pixel_weights and inputs.location_weights is not None
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_optimizer_holds_student_and_adapters_only(tiny_cfg, teacher_file):

@@ -14,12 +14,24 @@ Granularities (``AIDWeighting.granularity``):
 - ``"image"``: one D^T per image, the mean of its instances' losses (0, hence weight 1, without boxes). The image
   weight scales *all* terms of that image: the pixel maps are filled with it everywhere (background included) and it
   is the image's ``image_weights`` entry.
+- ``"batch"``: one weight for the whole batch, the mean of its instances' weights (1 without boxes), on every term
+  of every image, background included: AID's weakening of KD without its contrast between instances. A control for
+  ablations (how much of AID's effect a uniformly weaker KD gives), not a method of the paper.
 - ``"level"``: the published code's behaviour: one weight per FPN level for the whole batch from the teacher's
   per-level loss, applied to all terms of that level (``pixel_weights`` and ``image_weights`` are ``None``). The
   per-level loss counts the level's *positive* locations / anchors only, normalised like the detector, in every
   family (RetinaNet, FCOS, GFL, Faster R-CNN: RPN positives plus the RoI head's positive mean), so it measures how
   well the teacher fits the objects alike everywhere. (The published GFL code's per-level loss also holds the
   negatives' QFL; a level with few objects would then be weighted by its background.)
+
+``global_terms`` (not in the paper; default ``"image_mean"``): what the global terms take under ``instance``
+granularity. ``"image_mean"``: the image's mean instance weight, on the whole term. ``"pixel"``: every global term
+with a per-location residual (spatial attention transfer, the non-local output, FGD's spatial attention and global
+terms) takes the instance pixel map per location, as the pixel-wise terms do, so the student imitates the teacher
+less at a low-weight instance's footprint and no less elsewhere; terms with no location (channel attention
+transfer, FGD's channel attention) keep the image mean. The maps reach the methods as
+``DistillInputs.location_weights`` (``AIDWeighting.location_weights``). ``image`` and ``batch`` maps are constant
+per image, so there the two settings agree; ``level`` has no maps.
 
 ``normalize`` (not in the paper; default off): divide each batch's weights by their mean (over the batch's
 instances, images or levels, as the granularity applies them), so they average 1. The weights in (0, 1] also lower
@@ -39,8 +51,10 @@ from aidkd.models.targets import pad_per_image
 
 from .base import box_cell_owner_batch
 
-Granularity = Literal["instance", "image", "level"]
-GRANULARITIES: tuple[str, ...] = ("instance", "image", "level")
+Granularity = Literal["instance", "image", "batch", "level"]
+GRANULARITIES: tuple[str, ...] = ("instance", "image", "batch", "level")
+GlobalTerms = Literal["image_mean", "pixel"]
+GLOBAL_TERMS: tuple[str, ...] = ("image_mean", "pixel")
 
 
 def aid_weights(teacher_loss: Tensor, alpha: float = 0.1) -> Tensor:
@@ -110,7 +124,7 @@ class AIDWeights(NamedTuple):
 class AIDWeighting:
     """Turns the teacher's own detection losses into AID weights.
 
-    granularity: ``"instance"`` | ``"image"`` | ``"level"`` (module docstring). alpha: the rate in
+    granularity: ``"instance"`` | ``"image"`` | ``"batch"`` | ``"level"`` (module docstring). alpha: the rate in
     ``exp(-alpha * D^T)`` (paper: 0.1). Every method applies the weights linearly (``aidkd.distill.base``): an
     instance of weight w gets w times the gradient of an unweighted one, so alpha means the same in every method.
     """
@@ -122,6 +136,8 @@ class AIDWeighting:
     #: head methods: classification terms weighted by exp(-alpha D^T_cls), box terms by exp(-alpha D^T_box)
     #: (``aidkd.distill.head``); feature methods keep exp(-alpha D^T)
     decoupled: bool = False
+    #: ``"image_mean"`` | ``"pixel"``: what the global terms with a per-location residual take (module docstring)
+    global_terms: GlobalTerms = "image_mean"
     #: instance weights (per image (N_i,)) of the last ``make`` call, for logging/visualisation; not configuration
     last_instance_weights: list[Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -130,6 +146,8 @@ class AIDWeighting:
             raise ValueError(f"unknown AID granularity {self.granularity!r}; expected one of {GRANULARITIES}")
         if not self.alpha >= 0:
             raise ValueError(f"AID alpha must be >= 0, got {self.alpha}")
+        if self.global_terms not in GLOBAL_TERMS:
+            raise ValueError(f"unknown AID global_terms {self.global_terms!r}; expected one of {GLOBAL_TERMS}")
 
     def instance_weights(self, per_instance_losses: Sequence[Tensor]) -> list[Tensor]:
         """Per image (N_i,) instance weights ``exp(-alpha * D^T)`` (divided by the batch's mean with ``normalize``)."""
@@ -140,6 +158,11 @@ class AIDWeighting:
         if self.normalize:
             weights = weights * _inverse_mean(weights)
         return list(weights.split([losses.numel() for losses in per_instance_losses]))
+
+    def location_weights(self, weights: AIDWeights) -> list[Tensor] | None:
+        """The per-location maps the global terms take (``DistillInputs.location_weights``): the pixel maps with
+        ``global_terms`` ``"pixel"``, else None (the global terms take ``image_weights``)."""
+        return weights.pixel_weights if self.global_terms == "pixel" else None
 
     def _level_or_image_weights(self, losses: Tensor) -> Tensor:
         weights = aid_weights(losses, self.alpha)
@@ -168,8 +191,9 @@ class AIDWeighting:
         per_level_losses: (L,) teacher loss per level for the whole batch (level); boxes: per image (N_i, 4) xyxy
         input pixels; feature_shapes: per level (H, W); strides: per level. Returns
         ``AIDWeights(pixel_weights, image_weights, level_weights)``: pixel maps per level (B, H, W) and image
-        weights (B,) for ``instance`` / ``image`` (``level_weights`` None), or level weights (L,) for ``level``
-        (the other two None). All detached.
+        weights (B,) for ``instance`` / ``image`` / ``batch`` (``level_weights`` None), or level weights (L,) for
+        ``level`` (the other two None). All detached. (``location_weights`` says which of them the global terms
+        take.)
         """
         self.last_instance_weights = (None if per_instance_losses is None
                                       else self.instance_weights(per_instance_losses))
@@ -200,9 +224,16 @@ class AIDWeighting:
             padded = _padded_boxes_and_weights(boxes, weights, device)  # once for every level
             pixel_weights = [_padded_pixel_weights(*padded, h, w, s) for (h, w), s in zip(feature_shapes, strides)]
             return AIDWeights(pixel_weights, image_weights, None)
-        # image granularity: D^T of an image = mean of its instances' losses (0 without boxes -> weight 1)
-        image_weights = self._level_or_image_weights(_per_image_mean(per_instance_losses, empty_value=0.0,
-                                                                     device=device))
+        if self.granularity == "image":
+            # D^T of an image = mean of its instances' losses (0 without boxes -> weight 1)
+            image_weights = self._level_or_image_weights(_per_image_mean(per_instance_losses, empty_value=0.0,
+                                                                         device=device))
+        else:  # batch: the mean instance weight of the batch, on every image (1 without boxes)
+            weights = self.last_instance_weights
+            assert weights is not None
+            flat = torch.cat([w.flatten().to(device=device, dtype=torch.float32) for w in weights])
+            mean = flat.mean() if flat.numel() else torch.ones((), device=device)
+            image_weights = mean.expand(batch_size).contiguous()
         pixel_weights = [image_weights[:, None, None].expand(batch_size, h, w).contiguous()
                          for h, w in feature_shapes]
         return AIDWeights(pixel_weights, image_weights, None)
@@ -239,6 +270,8 @@ class AIDWeighting:
             losses = torch.cat([v.detach().flatten().to(torch.float32) for v in per_instance_losses])
             add("teacher_loss", losses)
             add("instance_w", torch.cat([w.flatten() for w in self.instance_weights(per_instance_losses)]))
+            if self.granularity == "batch":
+                add("batch_w", torch.cat([w.flatten() for w in self.instance_weights(per_instance_losses)]).mean())
             if self.granularity == "image":
                 device = per_instance_losses[0].device
                 add("image_w", self._level_or_image_weights(_per_image_mean(per_instance_losses, 0.0, device)))

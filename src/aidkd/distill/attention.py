@@ -115,6 +115,7 @@ def attention_transfer_loss(
     image_weights: Tensor | None = None,
     reduction: Reduction = "normalized",
     stride: float = 8,
+    location_weights: Tensor | None = None,
 ) -> Tensor:
     """Attention-transfer loss L_AT of one level: channel term + spatial term, each an L2 norm over the batch.
 
@@ -126,6 +127,8 @@ def attention_transfer_loss(
 
     ``image_weights`` (B,) multiply each image's squared residual (``base.weighted_norm``): all ones give the
     unweighted loss exactly; an image of weight ``w`` gets ``w`` times the gradient of one of weight 1.
+    ``location_weights`` (B, H, W) weight the spatial term's residual per location instead (AID ``global_terms:
+    pixel``; the channel term has no location and keeps ``image_weights``).
     ``reduction``: ``"published"`` (each term the L2 norm over the whole batch, as the code) or ``"normalized"``
     (default; each term ``published * sqrt(reference / elements)`` with reference ``2 * 256`` for the channel term,
     ``2 * reference_cells(stride)`` for the spatial term; see ``masked_feature_loss``). The teacher is detached.
@@ -161,7 +164,8 @@ def attention_transfer_loss(
     channel_term = weighted_norm(t_channel - s_channel, image_weights, reduction=reduction,
                                  reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS)
     spatial_term = weighted_norm(t_spatial - s_spatial, image_weights, reduction=reduction,
-                                 reference_elements=REFERENCE_BATCH * reference_cells(stride))
+                                 reference_elements=REFERENCE_BATCH * reference_cells(stride),
+                                 location_weights=location_weights)
     return channel_term + spatial_term
 
 
@@ -181,7 +185,8 @@ class AttentionDistill(DistillMethod):
 
     The student-side attention (for ``mask_source="mean"`` and ``at_form="paper"``) is computed on the raw student
     features when the channel counts match, and on the adapted student features otherwise. AID: ``pixel_weights``
-    weight L_AM, ``image_weights`` weight L_AT, ``level_weights`` weight both (see ``aidkd.distill.base``).
+    weight L_AM, ``image_weights`` weight L_AT (``location_weights``, when given, its spatial term),
+    ``level_weights`` weight both (see ``aidkd.distill.base``).
     """
 
     name = "attention"
@@ -252,11 +257,11 @@ class AttentionDistill(DistillMethod):
                                              channel_adapter=self.channel_adapters[level],
                                              spatial_adapter=self.spatial_adapters[level],
                                              image_weights=inputs.image_weights, reduction=self.reduction,
-                                             stride=stride)
+                                             stride=stride, location_weights=self._location_weight(inputs, level))
             else:
                 at = attention_transfer_loss(self._student_for_attention(student, adapted), teacher, form="paper",
                                              image_weights=inputs.image_weights, reduction=self.reduction,
-                                             stride=stride)
+                                             stride=stride, location_weights=self._location_weight(inputs, level))
             level_weight = self._level_weight(inputs, level)
             am_total = am_total + level_weight * am
             at_total = at_total + level_weight * at

@@ -4,7 +4,10 @@ How AID weights reach a method (the same rule for every method in this package):
 
 - *pixel-wise* terms (attention-masked feature loss, FitNet, FGD fg/bg feature losses, PKD) use ``pixel_weights``
   (one (B, H, W) map per level: the instance weight inside a box's footprint, 1 elsewhere);
-- *global* terms (attention transfer, non-local, FGD attention and global terms) use ``image_weights`` (B,);
+- *global* terms (attention transfer, non-local, FGD attention and global terms) use ``image_weights`` (B,); those
+  with a per-location residual (spatial attention transfer, the non-local output, FGD's spatial attention and global
+  terms) use ``location_weights`` instead when given (one (B, H, W) map per level, weighting each location's
+  residual: AID's ``global_terms: pixel``); terms without a location (the channel attentions) keep ``image_weights``;
 - *every* term of level ``l`` is multiplied by ``level_weights[l]``.
 
 A weight that is missing (``None``) counts as 1. Weights enter *linearly* in every method: a weight always multiplies
@@ -80,6 +83,8 @@ class DistillInputs:
     level_weights: (L,) one weight per level for all its terms; ``None`` = all ones.
     head: the head outputs of both detectors and the student's assignment (``aidkd.distill.head.HeadInputs``),
         set when a head method is among the methods; ``None`` otherwise.
+    location_weights: per level (B, H, W): per-location weights of the global terms that have a per-location
+        residual, replacing ``image_weights`` for them (module docstring); ``None`` = they take ``image_weights``.
     """
 
     student: list[Tensor]
@@ -90,6 +95,7 @@ class DistillInputs:
     image_weights: Tensor | None = None
     level_weights: Tensor | None = None
     head: Any = None
+    location_weights: list[Tensor] | None = None
 
 
 class DistillMethod(nn.Module):
@@ -150,13 +156,14 @@ class DistillMethod(nn.Module):
             if t.shape[1] != self.teacher_channels:
                 raise ValueError(f"{where}: teacher has {t.shape[1]} channels but the adapter expects "
                                  f"{self.teacher_channels}")
-            if inputs.pixel_weights is not None:
-                if len(inputs.pixel_weights) != L:
-                    raise ValueError(f"{n}: got {len(inputs.pixel_weights)} pixel-weight maps for {L} levels")
-                pw = inputs.pixel_weights[i]
+            for what, maps in (("pixel_weights", inputs.pixel_weights), ("location_weights", inputs.location_weights)):
+                if maps is None:
+                    continue
+                if len(maps) != L:
+                    raise ValueError(f"{n}: got {len(maps)} {what} maps for {L} levels")
                 expected = (s.shape[0], s.shape[2], s.shape[3])
-                if tuple(pw.shape) != expected:
-                    raise ValueError(f"{where}: pixel_weights shape {tuple(pw.shape)} != {expected} (B, H, W)")
+                if tuple(maps[i].shape) != expected:
+                    raise ValueError(f"{where}: {what} shape {tuple(maps[i].shape)} != {expected} (B, H, W)")
         if inputs.image_weights is not None and tuple(inputs.image_weights.shape) != (batch,):
             raise ValueError(f"{n}: image_weights shape {tuple(inputs.image_weights.shape)} != ({batch},)")
         if inputs.level_weights is not None and tuple(inputs.level_weights.shape) != (L,):
@@ -173,6 +180,10 @@ class DistillMethod(nn.Module):
         return None if inputs.pixel_weights is None else inputs.pixel_weights[level]
 
     @staticmethod
+    def _location_weight(inputs: DistillInputs, level: int) -> Tensor | None:
+        return None if inputs.location_weights is None else inputs.location_weights[level]
+
+    @staticmethod
     def _level_weight(inputs: DistillInputs, level: int) -> Tensor | float:
         return 1.0 if inputs.level_weights is None else inputs.level_weights[level].detach()
 
@@ -183,15 +194,21 @@ def make_adapter(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 def weighted_norm(residual: Tensor, image_weights: Tensor | None = None, *, reduction: Reduction = "published",
-                  reference_elements: float = 1.0) -> Tensor:
+                  reference_elements: float = 1.0, location_weights: Tensor | None = None) -> Tensor:
     """L2 norm of ``residual`` (B, ...) over the whole batch, each image's squared residual times its weight.
 
     ``sqrt(sum_b w_b * ||r_b||**2)`` (``"published"``, the default here: the raw norm), or the ``"normalized"`` form
     of ``root_sum_squares``. Equal to ``||r||_2`` when all weights are 1; an image of weight ``w`` gets ``w`` times
-    the gradient of an image of weight 1 with the same residual.
+    the gradient of an image of weight 1 with the same residual. ``location_weights`` (B, H, W), for a residual
+    whose last two dimensions are H, W, weight each location's squared residual instead of the image weights.
     """
     weights = None
-    if image_weights is not None:
+    if location_weights is not None:
+        if tuple(location_weights.shape) != (residual.shape[0], *residual.shape[-2:]):
+            raise ValueError(f"weighted_norm: location_weights {tuple(location_weights.shape)} do not fit the "
+                             f"residual {tuple(residual.shape)}")
+        weights = location_weights.view(residual.shape[0], *([1] * (residual.dim() - 3)), *residual.shape[-2:])
+    elif image_weights is not None:
         weights = image_weights.view(-1, *([1] * (residual.dim() - 1)))
     return root_sum_squares(residual, weights, reduction=reduction, reference_elements=reference_elements)
 

@@ -372,7 +372,7 @@ class Distiller(nn.Module):
         t_sel = [t_all[i].detach() for i in self.levels.teacher_idx]
         boxes = [t["boxes"] for t in targets]
 
-        pixel_w = image_w = level_w = parts = None
+        pixel_w = image_w = level_w = location_w = parts = None
         if self.aid is not None:
             # the weights in float32 under autocast too (_teacher_losses: D^T as well)
             device = image_list.tensors.device.type
@@ -380,14 +380,16 @@ class Distiller(nn.Module):
             with torch.no_grad(), torch.autocast(device, enabled=False):
                 per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out,
                                                                      run_autocast)
-                pixel_w, image_w, level_w = self.aid.make(
-                    per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
-                    self.levels.strides, len(images))
+                weights = self.aid.make(per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
+                                        self.levels.strides, len(images))
+                pixel_w, image_w, level_w = weights
+                location_w = self.aid.location_weights(weights)
                 self._last_per_instance, self._last_per_level = per_instance, per_level
         head = (self._head_inputs(image_list, targets, s_feats, t_feats, s_out, t_out, parts, image_w)
                 if self.uses_head else None)
         inputs = DistillInputs(student=s_sel, teacher=t_sel, strides=self.levels.strides, boxes=boxes,
-                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w, head=head)
+                               pixel_weights=pixel_w, image_weights=image_w, level_weights=level_w, head=head,
+                               location_weights=location_w)
         self.last_inputs = inputs
         for name, method in self.methods.items():
             for term, value in method(inputs).items():

@@ -111,21 +111,35 @@ def fgd_attention_loss(
     *,
     reduction: Reduction = "normalized",
     stride: float = 8,
+    location_weights: Tensor | None = None,
 ) -> Tensor:
     """Attention loss: ``sum_b w_b * (sum |C_t - C_s| + sum |S_t - S_s|) / B`` (``"published"``); the default
     ``"normalized"`` form scales the channel sum by ``256 / C`` and the spatial sum by ``reference_cells(stride) /
-    (H*W)``. The teacher side is detached."""
+    (H*W)``. ``location_weights`` (B, H, W) weight each location of the spatial term instead of ``w_b`` (AID
+    ``global_terms: pixel``; the channel term keeps the image weights). The teacher side is detached."""
     if student_spatial.shape != teacher_spatial.shape or student_channel.shape != teacher_channel.shape:
         raise ValueError("fgd_attention_loss: student and teacher attention shapes differ: "
                          f"{tuple(student_spatial.shape)}/{tuple(teacher_spatial.shape)}, "
                          f"{tuple(student_channel.shape)}/{tuple(teacher_channel.shape)}")
     check_reduction(reduction, "fgd_attention_loss")
     channel_sum = (teacher_channel.detach() - student_channel).abs().flatten(1).sum(dim=1)
-    spatial_sum = (teacher_spatial.detach() - student_spatial).abs().flatten(1).sum(dim=1)
+    spatial = (teacher_spatial.detach() - student_spatial).abs()
+    if location_weights is not None:
+        spatial = spatial * _fit_location_weights(location_weights, spatial, "fgd_attention_loss")
+    spatial_sum = spatial.flatten(1).sum(dim=1)
     if reduction == "normalized":
         channel_sum = channel_sum * (REFERENCE_CHANNELS / teacher_channel.shape[1])
         spatial_sum = spatial_sum * (reference_cells(stride) / teacher_spatial[0].numel())
-    return weighted_batch_mean(channel_sum + spatial_sum, image_weights)
+    if location_weights is None:
+        return weighted_batch_mean(channel_sum + spatial_sum, image_weights)
+    return weighted_batch_mean(channel_sum, image_weights) + weighted_batch_mean(spatial_sum)
+
+
+def _fit_location_weights(location_weights: Tensor, per_location: Tensor, where: str) -> Tensor:
+    """``location_weights`` (B, H, W), detached, in ``per_location``'s dtype and device; checked against its shape."""
+    if tuple(location_weights.shape) != tuple(per_location.shape):
+        raise ValueError(f"{where}: location_weights {tuple(location_weights.shape)} != {tuple(per_location.shape)}")
+    return location_weights.detach().to(device=per_location.device, dtype=per_location.dtype)
 
 
 class GlobalContextBlock(nn.Module):
@@ -155,9 +169,11 @@ class GlobalContextBlock(nn.Module):
 
 
 def fgd_global_loss(student_out: Tensor, teacher_out: Tensor, image_weights: Tensor | None = None, *,
-                    reduction: Reduction = "normalized", stride: float = 8) -> Tensor:
+                    reduction: Reduction = "normalized", stride: float = 8,
+                    location_weights: Tensor | None = None) -> Tensor:
     """Global relation loss: ``sum_b w_b * sum (teacher_out - student_out)**2 / B`` (``"published"``); the default
-    ``"normalized"`` form scales the sum by ``256 * reference_cells(stride) / (C*H*W)``.
+    ``"normalized"`` form scales the sum by ``256 * reference_cells(stride) / (C*H*W)``. ``location_weights``
+    (B, H, W) weight each location's squared residual instead of ``w_b`` (AID ``global_terms: pixel``).
 
     Inputs are ``GlobalContextBlock`` outputs. The teacher side is not detached: as in the published code, the
     teacher's context block is trained through this loss (the teacher features themselves arrive detached).
@@ -165,7 +181,11 @@ def fgd_global_loss(student_out: Tensor, teacher_out: Tensor, image_weights: Ten
     if student_out.shape != teacher_out.shape:
         raise ValueError(f"fgd_global_loss: student {tuple(student_out.shape)} != teacher {tuple(teacher_out.shape)}")
     check_reduction(reduction, "fgd_global_loss")
-    per_image = (teacher_out - student_out).pow(2).flatten(1).sum(dim=1)
+    squared = (teacher_out - student_out).pow(2)
+    if location_weights is not None:
+        squared = squared.sum(dim=1) * _fit_location_weights(location_weights, squared[:, 0], "fgd_global_loss")
+        image_weights = None
+    per_image = squared.flatten(1).sum(dim=1)
     if reduction == "normalized":
         per_image = per_image * (REFERENCE_CHANNELS * reference_cells(stride) / student_out[0].numel())
     return weighted_batch_mean(per_image, image_weights)
@@ -184,7 +204,8 @@ class FGDDistill(DistillMethod):
 
     Owns per level an align 1x1 conv (only when the channel counts differ, as the published code), a student and a
     teacher ``GlobalContextBlock``. Needs ``inputs.boxes``. AID: ``pixel_weights`` weight the fg/bg feature losses,
-    ``image_weights`` the attention and global losses, ``level_weights`` all four.
+    ``image_weights`` the attention and global losses (``location_weights``, when given, the spatial attention and
+    the global losses), ``level_weights`` all four.
     """
 
     name = "fgd"
@@ -239,10 +260,12 @@ class FGDDistill(DistillMethod):
             stride = inputs.strides[level]
             fg, bg = fgd_feature_loss(student, teacher, fg_mask, bg_mask, t_spatial, t_channel,
                                       self._pixel_weight(inputs, level), reduction=self.reduction)
+            location = self._location_weight(inputs, level)
             attention = fgd_attention_loss(s_spatial, s_channel, t_spatial, t_channel, inputs.image_weights,
-                                           reduction=self.reduction, stride=stride)
+                                           reduction=self.reduction, stride=stride, location_weights=location)
             global_ = fgd_global_loss(self.student_context[level](student), self.teacher_context[level](teacher),
-                                      inputs.image_weights, reduction=self.reduction, stride=stride)
+                                      inputs.image_weights, reduction=self.reduction, stride=stride,
+                                      location_weights=location)
             level_weight = self._level_weight(inputs, level)
             for key, value in (("fg", fg), ("bg", bg), ("attention", attention), ("global", global_)):
                 totals[key] = totals[key] + level_weight * value

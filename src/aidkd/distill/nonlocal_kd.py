@@ -86,7 +86,8 @@ class NonLocalBlock2d(nn.Module):
 
 
 def nonlocal_loss(student_relation: Tensor, teacher_relation: Tensor, image_weights: Tensor | None = None, *,
-                  reduction: Reduction = "normalized", stride: float = 8) -> Tensor:
+                  reduction: Reduction = "normalized", stride: float = 8,
+                  location_weights: Tensor | None = None) -> Tensor:
     """L_NL of one level: ``|| student_relation - teacher_relation ||_2`` over the whole batch (``"published"``), or
     by default its ``"normalized"`` form ``published * sqrt(2 * 256 * reference_cells(stride) / (B*C*H*W))``
     (invariant to batch size, resolution and width; the published value at the reference setting, see
@@ -96,14 +97,16 @@ def nonlocal_loss(student_relation: Tensor, teacher_relation: Tensor, image_weig
     ``NL_T(F^T)``. The teacher side is *not* detached here: the teacher's non-local block may be trained through
     this loss (the reference code does); detach it yourself if it should not be. ``image_weights`` (B,) multiply
     each image's squared residual (``base.weighted_norm``): all ones give the unweighted loss exactly, an image of
-    weight ``w`` gets ``w`` times the gradient of one of weight 1.
+    weight ``w`` gets ``w`` times the gradient of one of weight 1. ``location_weights`` (B, H, W) weight each
+    location's squared residual (over all channels) instead (AID ``global_terms: pixel``).
     """
     if student_relation.shape != teacher_relation.shape:
         raise ValueError(f"nonlocal_loss: student {tuple(student_relation.shape)} != teacher "
                          f"{tuple(teacher_relation.shape)}")
     check_reduction(reduction, "nonlocal_loss")
     return weighted_norm(teacher_relation - student_relation, image_weights, reduction=reduction,
-                         reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS * reference_cells(stride))
+                         reference_elements=REFERENCE_BATCH * REFERENCE_CHANNELS * reference_cells(stride),
+                         location_weights=location_weights)
 
 
 def default_nonlocal_plan(num_levels: int, channels: int) -> tuple[list[int], list[int]]:
@@ -127,7 +130,8 @@ class NonLocalDistill(DistillMethod):
         reduction: ``"normalized"`` (default) or ``"published"`` (``nonlocal_loss``).
 
     Owns per level a student block (C_s), a teacher block (C_t) and a 1x1 adapter C_s -> C_t applied after the
-    student block. AID: ``image_weights`` and ``level_weights`` apply (L_NL is a global term).
+    student block. AID: ``image_weights`` (or, when given, ``location_weights``) and ``level_weights`` apply (L_NL
+    is a global term with a per-location residual).
     """
 
     name = "nonlocal"
@@ -181,6 +185,6 @@ class NonLocalDistill(DistillMethod):
             if not self.train_teacher_block:
                 teacher_relation = teacher_relation.detach()
             loss = nonlocal_loss(student_relation, teacher_relation, inputs.image_weights, reduction=self.reduction,
-                                 stride=inputs.strides[level])
+                                 stride=inputs.strides[level], location_weights=self._location_weight(inputs, level))
             total = total + self._level_weight(inputs, level) * loss
         return {"nl": self.nl_weight * total}

@@ -12,7 +12,7 @@ With several processes (DDP) each sees a shard of the samples per epoch; :func:`
 every epoch end) gives every process the entries the others computed, so the hit rate does not depend on the
 number of GPUs (an all-gather of the epoch's new entries, a few floats per sample, once an epoch: no cost per step).
 
-Only instance / image granularity can use it: ``level`` needs the batch's per-level loss, which mixes images.
+Only instance / image / batch granularity can use it: ``level`` needs the batch's per-level loss, which mixes images.
 A pipeline with other random augmentations (crops, colour jitter) must turn it off: ``distill.aid.cache: false``
 (``Distiller.end_epoch`` warns when the hit rate stays low after the first epoch). Every entry is checked against
 the number of boxes of the current target, so a reused key with different labels is recomputed rather than

@@ -137,7 +137,9 @@ class MethodConfig:
 @dataclass
 class AIDConfig:
     enabled: bool = True
-    granularity: Literal["instance", "image", "level"] = "instance"
+    # instance (the paper) | image | level (the published code) | batch (one weight per batch: AID's weakening of KD
+    # without its contrast, a control for ablations); distill/aid.py
+    granularity: Literal["instance", "image", "batch", "level"] = "instance"
     alpha: float = 0.1
     # Divide each batch's weights by their mean (not in the paper): only their contrast acts, KD's overall strength
     # stays (distill/aid.py).
@@ -145,6 +147,10 @@ class AIDConfig:
     # Head methods (ld, logit_kd): weight their classification terms by exp(-alpha D^T_cls) and their box terms by
     # exp(-alpha D^T_box), the teacher's loss split in two (distill/head.py); feature methods keep exp(-alpha D^T).
     decoupled: bool = False
+    # What the global terms with a per-location residual (spatial attention transfer, non-local, FGD's spatial
+    # attention and global terms) take: image_mean (the image's mean instance weight) or pixel (the instance pixel
+    # map per location, as the pixel-wise terms); channel terms keep the image mean (distill/aid.py).
+    global_terms: Literal["image_mean", "pixel"] = "image_mean"
     # Remember each sample's teacher losses (key: image, flip, resized size) instead of rerunning the teacher's
     # head every step; exact for aidkd's datasets, whose only random augmentation is the flip (teacher_cache.py).
     cache: bool = True

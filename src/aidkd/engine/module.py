@@ -90,7 +90,7 @@ class DetectionTask(L.LightningModule):
             key = mc.name if mc.name not in methods else f"{mc.name}_{len(methods)}"
             methods[key] = {"name": mc.name, **mc.params}
         aid = (AIDWeighting(granularity=d.aid.granularity, alpha=d.aid.alpha, normalize=d.aid.normalize,
-                            decoupled=d.aid.decoupled)
+                            decoupled=d.aid.decoupled, global_terms=d.aid.global_terms)
                if d.aid.enabled else None)
         if d.loss_scale > LARGE_LOSS_SCALE:
             log.warning("distill.loss_scale=%g multiplies every distillation term by more than %g: they will dwarf "
