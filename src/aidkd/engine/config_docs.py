@@ -115,8 +115,13 @@ DESCRIPTIONS: dict[str, str] = {
     "distill.methods[].params": "the method's parameters (see *Method parameters*)",
     "distill.aid.enabled": "weight the distillation terms by AID",
     "distill.aid.granularity": "`instance` (the paper: each box's weight on its footprint, the image's mean weight "
-                               "for global terms), `image`, or `level` (the published code: one weight per FPN "
-                               "level)",
+                               "for global terms), `image`, `level` (the published code: one weight per FPN "
+                               "level), or `batch` (the batch's mean instance weight on every term: a control with "
+                               "no contrast between instances)",
+    "distill.aid.global_terms": "what the global terms with a per-location residual (spatial attention transfer, "
+                                "non-local, FGD's spatial and global terms) take: `image_mean` (the image's mean "
+                                "instance weight) or `pixel` (each location its instance's weight, as the pixel-wise "
+                                "terms); channel terms keep the image mean",
     "distill.aid.alpha": "w = exp(-alpha * D^T), D^T the teacher's loss on the instance",
     "distill.aid.normalize": "divide each batch's weights by their mean (not in the paper): only their contrast "
                              "acts, KD's overall strength stays; the logged `aid/instance_w_*` are then the "
