@@ -139,6 +139,15 @@ def parse_kitti_label_file(path: str | Path, with_score: bool = False, image_siz
     ``errors`` list every problem is appended there and the bad lines are skipped.
     """
     path = Path(path)
+    return parse_label_lines(path, lambda raw, no: parse_kitti_line(raw, file=path, line=no, with_score=with_score,
+                                                                  image_size=image_size,
+                                                                  box_tolerance=box_tolerance), errors)
+
+
+def parse_label_lines(path: Path, parse_line, errors: list[DatasetError] | None = None) -> list[ObjectAnnotation]:
+    """The objects of a text label file (KITTI, YOLO), ``parse_line(raw, line_number)`` a line (None: a line
+    without an object). Without ``errors`` the first problem raises; with an ``errors`` list every problem is
+    appended there and the bad lines are skipped (an unreadable file: no objects)."""
     try:
         text = read_text_file(path, "label file")
     except DatasetError as e:
@@ -149,8 +158,7 @@ def parse_kitti_label_file(path: str | Path, with_score: bool = False, image_siz
     objects: list[ObjectAnnotation] = []
     for no, raw in _lines(text):
         try:
-            obj = parse_kitti_line(raw, file=path, line=no, with_score=with_score, image_size=image_size,
-                                   box_tolerance=box_tolerance)
+            obj = parse_line(raw, no)
         except DatasetError as e:
             if errors is None:
                 raise

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from .images import read_image_size
-from .kitti import _lines, read_text_file
+from .kitti import _lines, parse_label_lines, read_text_file
 from .scan import ScanResult, combine_errors, sort_errors, stem_image_ids
 from .structures import BOX_TOLERANCE, DatasetError, ImageRecord, ObjectAnnotation
 
@@ -270,26 +270,9 @@ def parse_yolo_label_file(path: str | Path, names: list[str], image_size: tuple[
     """Objects of one label file (boxes in pixels of ``image_size``). Without ``errors`` the first problem
     raises; with an ``errors`` list every problem is appended there and the bad lines are skipped."""
     path = Path(path)
-    try:
-        text = read_text_file(path, "label file")
-    except DatasetError as e:
-        if errors is None:
-            raise
-        errors.append(e)
-        return []
-    objects = []
-    for no, raw in _lines(text):
-        try:
-            obj = parse_yolo_line(raw, names, image_size, file=path, line=no, with_score=with_score,
-                                  box_tolerance=box_tolerance)
-        except DatasetError as e:
-            if errors is None:
-                raise
-            errors.append(e)
-            continue
-        if obj is not None:
-            objects.append(obj)
-    return objects
+    return parse_label_lines(path, lambda raw, no: parse_yolo_line(raw, names, image_size, file=path, line=no,
+                                                                 with_score=with_score,
+                                                                 box_tolerance=box_tolerance), errors)
 
 
 def format_yolo_line(class_index: int, box: tuple[float, float, float, float], image_size: tuple[int, int],
