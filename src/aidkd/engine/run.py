@@ -119,7 +119,9 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     check_ranges(cfg)  # (a config from load_config is checked already; this one may have been edited since)
     out_dir, ckpt = resolve_resume(cfg.output_dir, resume, missing_ok=resume_missing_ok)
     cfg.output_dir = str(out_dir)
-    finished = _finished_run_metrics(ckpt, cfg) if ckpt is not None else None
+    # the checkpoint to resume, read once for both checks below (Lightning reads it again to restore it)
+    resumed_state = load_checkpoint(ckpt) if ckpt is not None else None
+    finished = _finished_run_metrics(ckpt, resumed_state, cfg) if ckpt is not None else None
     if finished is not None:
         return finished
     owner = is_rank_zero_process()  # a distributed run's other processes re-run this: rank 0 owns the folder
@@ -138,7 +140,8 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
                          "holds no image: check the split files, or data.val_fraction")
     task = DetectionTask(cfg, dm.classes, val_records=dm.val_set.records, kitti_metrics=uses_kitti_metrics(cfg))
     if ckpt is not None:
-        check_resume(cfg, task, ckpt)
+        check_resume(cfg, task, ckpt, resumed_state)
+        del resumed_state
     lock = RunFolderLock(out_dir)
     if owner:
         lock.acquire()
@@ -175,13 +178,12 @@ def train(cfg: RunConfig, resume: str | Path | bool | None = None, extra_callbac
     return metrics
 
 
-def _finished_run_metrics(ckpt: Path, cfg: RunConfig) -> dict | None:
-    """The stored final metrics when ``ckpt`` ends a run that already trained as far as ``cfg`` says (its
-    ``train.epochs``, or ``train.max_steps``): resuming it is a no-op that writes nothing. None otherwise."""
+def _finished_run_metrics(ckpt: Path, state: dict, cfg: RunConfig) -> dict | None:
+    """The stored final metrics when ``ckpt`` (read: ``state``) ends a run that already trained as far as ``cfg``
+    says (its ``train.epochs``, or ``train.max_steps``): resuming it is a no-op that writes nothing. None otherwise."""
     final = ckpt.parent.parent / "final_metrics.json"
     if not final.is_file():  # stopped before its final metrics: resuming finishes it
         return None
-    state = load_checkpoint(ckpt)
     epochs = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
     step, t = int(state.get("global_step", -1)), cfg.train
     if not (epochs == t.epochs or 0 < t.max_steps <= step):
@@ -214,11 +216,10 @@ def config_differences(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
-def check_resume(cfg: RunConfig, task: DetectionTask, ckpt: Path) -> None:
-    """Refuse a resume that cannot continue the run in ``ckpt``, before anything is written: an unreadable file,
+def check_resume(cfg: RunConfig, task: DetectionTask, ckpt: Path, state: dict) -> None:
+    """Refuse a resume that cannot continue the run in ``ckpt`` (read: ``state``), before anything is written:
     weights of another model, ``train.epochs`` below the epochs already done, or config changes beyond
     ``RESUME_MAY_CHANGE`` (the allowed ones are listed in the log)."""
-    state = load_checkpoint(ckpt)
     got = renamed_state(state.get("state_dict") or {})
     want = task.state_dict()
     problems = [f"size mismatch for {k}: checkpoint {list(got[k].shape)}, model {list(v.shape)}"
