@@ -106,14 +106,19 @@ def test_location_weights_follow_the_students_assignment_and_decoupled_parts():
         assert torch.all(w[m < 0] == 1)
 
 
-def test_image_granularity_weights_every_location_of_an_image_alike():
+@pytest.mark.parametrize("granularity", ["image", "batch"])
+def test_image_and_batch_granularity_weight_every_location_of_an_image_alike(granularity):
+    """image: the image's weight on all its locations; batch (the weakening control): the batch's mean instance
+    weight on every location of every image -- never the instance weights, background 1."""
     from aidkd.distill import location_weights
 
-    d = make_distiller("gfl", {"logit_kd": {}}, aid=AIDWeighting("image", alpha=0.5))
+    d = make_distiller("gfl", {"logit_kd": {}}, aid=AIDWeighting(granularity, alpha=0.5))
     images, targets = make_batch()
     d(images, targets)
     head, image_w = d.last_inputs.head, d.last_inputs.image_weights
     assert torch.all(image_w < 1)
+    if granularity == "batch":
+        torch.testing.assert_close(image_w, torch.cat(d.aid.last_instance_weights).mean().expand(len(images)))
     for b, w in enumerate(location_weights(head.matched, head.cls_weights, head.background_weights)):
         torch.testing.assert_close(w, image_w[b].expand_as(w))
 

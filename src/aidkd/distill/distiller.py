@@ -115,7 +115,7 @@ class Distiller(nn.Module):
         self.family = self._check_heads(sample_shape) if self.uses_head else None
         if self.uses_head and aid is not None and aid.granularity == "level":
             raise ValueError("head methods (" + ", ".join(k for k, m in self.methods.items() if m.uses_head)
-                             + ") take instance or image AID weights; set distill.aid.granularity to instance or image")
+                             + ") take instance, image or batch AID weights; set distill.aid.granularity to one of them")
         # decoupled AID splits D^T for the head methods' cls / box terms; feature methods use the total
         self.decoupled = bool(aid is not None and aid.decoupled and self.uses_head)
         if aid is not None and aid.decoupled and not self.uses_head:
@@ -400,12 +400,12 @@ class Distiller(nn.Module):
     def _head_inputs(self, image_list: ImageList, targets: list[dict], s_feats, t_feats, s_out: dict, t_out: dict,
                      parts: dict[str, list[Tensor]] | None, image_w: Tensor | None) -> HeadInputs:
         """The head methods' inputs: both heads' outputs, the student's assignment and the instance weights
-        (instance AID: each box's weight, background 1; image AID: the image's weight everywhere; decoupled:
-        separate cls / box weights)."""
+        (instance AID: each box's weight, background 1; image / batch AID: the image's weight -- for batch the
+        batch's mean -- everywhere; decoupled: separate cls / box weights)."""
         matched = None if self.family == "fasterrcnn" else assign_locations(self.student, s_out, targets)
         cls_w = box_w = background = None
         if self.aid is not None:
-            if self.aid.granularity == "image":
+            if self.aid.granularity in ("image", "batch"):
                 background = image_w
                 cls_w = box_w = [image_w[b].expand(t["boxes"].shape[0]) for b, t in enumerate(targets)]
             elif parts is not None:
