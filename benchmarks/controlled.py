@@ -31,12 +31,18 @@ control (KD with every term of every image scaled by the batch's mean AID weight
 contrast, ``distill.aid.granularity: batch``); ``am`` / ``am_aid_instance`` / ``am_weak``, the attention-masked
 feature loss alone (a purely pixel-wise term), without AID, with AID and with the weakening control;
 ``kd_aid_pixel``, KD + AID with ``global_terms: pixel`` (attention transfer and non-local weighted per location
-too); ``kd_aid_pixel_a1n``, the same at alpha 1 with normalised weights (contrast at KD's strength). Each is paired with its own reference (``PAIRS``), with a bootstrap
-90 % interval over seeds:
+too); ``kd_aid_pixel_a1n``, the same at alpha 1 with normalised weights (contrast at KD's strength); ``head`` /
+``head_weak`` / ``head_aid_instance`` / ``head_aid_decoupled``, one head-distillation method (``--head-method``: ld,
+logit_kd or cross_head, at loss scale ``--head-scale``) alone, with the weakening control, with AID (instance) and
+with decoupled AID (cls / box weights from the teacher's cls / box losses). Each is paired with its own reference
+(``PAIRS``), with a bootstrap 90 % interval over seeds:
 
     .venv/bin/python benchmarks/controlled.py --name controlled_synth_car_side_selective --subset-class Car \
         --subset-view side --distill-scale 1/10 --seeds 0 1 2 3 4 --jobs 1 --threads 1 \
         --variants kd kd_weak kd_aid_instance student am am_aid_instance kd_aid_pixel kd_aid_pixel_a1n
+    .venv/bin/python benchmarks/controlled.py --name controlled_synth_car_side_head --subset-class Car \
+        --subset-view side --head-method logit_kd --seeds 0 1 2 3 4 --jobs 1 --threads 1 \
+        --variants student head head_weak head_aid_instance head_aid_decoupled
 """
 from __future__ import annotations
 
@@ -69,9 +75,10 @@ CLASSES = tuple(KITTI_DEFAULT_CLASSES)  # the generated set's classes are KITTI'
 
 class Variant(NamedTuple):
     """What a student run trains: ``methods`` ``"kd"`` (the family's attention + non-local), ``"am"`` (the
-    attention-masked feature loss alone: attention transfer weighted 0, no non-local) or None (no distillation);
+    attention-masked feature loss alone: attention transfer weighted 0, no non-local), ``"head"`` (the head method
+    ``--head-method`` alone, at ``--head-scale``; ``{head}`` in the label is its name) or None (no distillation);
     ``aid`` the AID granularity (None: off); ``alpha`` / ``normalize`` fixed by the variant (None: ``--alpha`` /
-    ``--aid-normalize``, and the run folder carries their tag)."""
+    ``--aid-normalize``, and the run folder carries their tag); ``decoupled``: decoupled AID (head methods)."""
 
     label: str
     methods: str | None = "kd"
@@ -79,6 +86,7 @@ class Variant(NamedTuple):
     global_terms: str = "image_mean"
     alpha: float | None = None
     normalize: bool | None = None
+    decoupled: bool = False
 
 
 SPECS = {
@@ -93,18 +101,27 @@ SPECS = {
     "kd_aid_pixel": Variant("KD + AID (instance, global terms per pixel)", aid="instance", global_terms="pixel"),
     "kd_aid_pixel_a1n": Variant("KD + AID (instance, global terms per pixel, alpha 1, normalised)", aid="instance",
                                 global_terms="pixel", alpha=1.0, normalize=True),
+    "head": Variant("{head} alone", methods="head"),
+    "head_weak": Variant("{head} x the batch's mean AID weight (weakening control)", methods="head", aid="batch"),
+    "head_aid_instance": Variant("{head} + AID (instance)", methods="head", aid="instance"),
+    "head_aid_decoupled": Variant("{head} + AID (instance, decoupled cls / box)", methods="head", aid="instance",
+                                  decoupled=True),
 }
+HEAD_VARIANTS = tuple(v for v, spec in SPECS.items() if spec.methods == "head")
 VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level")  # the default set
 # Plan order: blocks of variants, each block for every seed before the next, so that a complete comparison
 # (the weakening control against AID first) finishes early; in a block, per seed in this order.
-BLOCKS = (("kd", "kd_weak", "kd_aid_instance"), ("student",), ("am", "am_aid_instance"),
+BLOCKS = (("kd", "kd_weak", "kd_aid_instance"), ("student",), ("head",),
+          ("head_weak", "head_aid_instance", "head_aid_decoupled"), ("am", "am_aid_instance"),
           ("kd_aid_pixel", "kd_aid_pixel_a1n"), ("am_weak",), ("kd_aid_level",))
 # Paired differences (variant, reference), each where both ran: against the student (harm), against its own KD,
 # and AID against the weakening control (selectivity).
 PAIRS = (("kd", "student"), ("kd_aid_instance", "student"), ("kd_aid_level", "student"), ("kd_aid_instance", "kd"),
          ("kd_aid_level", "kd"), ("kd_weak", "kd"), ("kd_aid_instance", "kd_weak"), ("am", "student"),
-         ("am_aid_instance", "am"), ("am_weak", "am"), ("am_aid_instance", "am_weak"), ("kd_aid_pixel", "kd"), ("kd_aid_pixel", "kd_weak"), ("kd_aid_pixel_a1n", "kd"),
-         ("kd_aid_pixel_a1n", "kd_weak"))
+         ("am_aid_instance", "am"), ("am_weak", "am"), ("am_aid_instance", "am_weak"), ("kd_aid_pixel", "kd"),
+         ("kd_aid_pixel", "kd_weak"), ("kd_aid_pixel_a1n", "kd"), ("kd_aid_pixel_a1n", "kd_weak"),
+         ("head", "student"), ("head_weak", "head"), ("head_aid_instance", "head"), ("head_aid_decoupled", "head"),
+         ("head_aid_instance", "head_weak"), ("head_aid_decoupled", "head_weak"))
 SUBSET_METRICS = [("coco/AP/{c}", "COCO AP"), ("voc/AP50/{c}", "VOC AP50"), ("kitti/{c}/moderate", "KITTI mod.")]
 
 PREDICTION = """\
@@ -256,7 +273,8 @@ def make_profile(args, data_dir: Path) -> dict:
                      "student": {"epochs": args.student_epochs, "lr": 0.001, "warmup_steps": 100}},
         "train": {"optimizer": "adamw", "weight_decay": 1.0e-4, "grad_clip": 10.0},
         "seeds": list(args.seeds), "teacher_seed": 0, "aid_alpha": args.alpha, "aid_normalize": args.aid_normalize,
-        "variants": list(args.variants), "distill_scale": args.distill_scale}
+        "variants": list(args.variants), "distill_scale": args.distill_scale, "head_method": args.head_method,
+        "head_scale": args.head_scale}
 
 
 def alpha_tag(alpha: float, normalize: bool = False) -> str:
@@ -265,10 +283,12 @@ def alpha_tag(alpha: float, normalize: bool = False) -> str:
 
 
 def results_name(args) -> str:
-    """``<name>[_div<N>][_<alpha tag>]``: the scale only when it is not the default 1/1000 (the runs folder is shared:
-    the teacher and the student-alone runs do not depend on scale or alpha)."""
+    """``<name>[_div<N>][_<alpha tag>][_<head method>[_<head scale tag>]]``: the scale only when it is not the default
+    1/1000, the head method only when head variants run (the runs folder is shared: the teacher and the student-alone
+    runs do not depend on scale, alpha or method)."""
     scale = "" if math.isclose(args.distill_scale, 1e-3) else acc.scale_tag(args.distill_scale)
-    return "_".join(filter(None, [args.name, scale, alpha_tag(args.alpha, args.aid_normalize)]))
+    head = ([args.head_method, acc.scale_tag(args.head_scale)] if set(args.variants) & set(HEAD_VARIANTS) else [])
+    return "_".join(filter(None, [args.name, scale, alpha_tag(args.alpha, args.aid_normalize), *head]))
 
 
 def plan_experiment(prof: dict, runs_dir: Path, data_dir: Path, seeds: list[int]) -> list[dict]:
@@ -304,6 +324,14 @@ def variant_run(kd: dict, variant: str, prof: dict) -> dict:
     distill["aid"]["alpha"] = 0.1
     if spec.methods == "am":
         distill["methods"] = am_only(distill["methods"])
+    if spec.methods == "head":  # folders named by the method: logit_kd_aid_instance_x3_seed0
+        if not prof.get("head_method"):
+            raise SystemExit(f"variant {variant} needs --head-method (ld, logit_kd or cross_head)")
+        distill["methods"] = [{"name": prof["head_method"], "params": {}}]
+        distill["loss_scale"] = prof["head_scale"]
+        variant_dir = variant.replace("head", prof["head_method"], 1)
+    else:
+        variant_dir = variant
     tag = ""
     if spec.aid:
         alpha = float(prof["aid_alpha"]) if spec.alpha is None else spec.alpha
@@ -313,9 +341,11 @@ def variant_run(kd: dict, variant: str, prof: dict) -> dict:
             distill["aid"]["normalize"] = True
         if spec.global_terms != "image_mean":
             distill["aid"]["global_terms"] = spec.global_terms
+        if spec.decoupled:
+            distill["aid"]["decoupled"] = True
         if spec.alpha is None and spec.normalize is None:  # a variant that fixes them says so in its name
             tag = alpha_tag(alpha, normalize)
-    name = "_".join(filter(None, [variant, acc.scale_tag(distill["loss_scale"]), tag, f"seed{run['seed']}"]))
+    name = "_".join(filter(None, [variant_dir, acc.scale_tag(distill["loss_scale"]), tag, f"seed{run['seed']}"]))
     run["variant"] = variant
     run["key"] = f"{run['family']}/{name}"
     run["cfg"]["output_dir"] = str(Path(run["cfg"]["output_dir"]).with_name(name))
@@ -406,6 +436,16 @@ def summarize(plan: list[dict], finished: dict, subset_class: str, views: dict |
     return {"teacher": teacher, "variants": rows, "paired": diffs, "per_seed": by_seed}
 
 
+def _num(x: float | None, spec: str) -> str:
+    """A summary value (``null`` in the strict JSON where it is undefined, e.g. no instance found) formatted."""
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+
+def label(variant: str, args) -> str:
+    """A variant's row label, the head method named."""
+    return SPECS[variant].label.format(head=args.head_method)
+
+
 def _fmt(e: dict) -> str:
     if e is None or math.isnan(e["mean"]):
         return "n/a"
@@ -434,7 +474,7 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
     lines = ["## Instance analysis of the teacher (clean val labels, `aidkd analyze`)", "",
              (f"{summary['instances']} instances; the teacher finds {summary['found']} (IoU above the KITTI threshold "
              f"of the class, score >= {summary.get('score_thresh', 0.3)}); ROC AUC of w, found vs missed: "
-             f"{summary['auc_found_vs_missed']:.3f}."), "",
+             f"{_num(summary['auc_found_vs_missed'], '.3f')}."), "",
              (f"| alpha | w range | mean w: found | missed | {rest_name} | {subset_class} | {rest_name} / "
               f"{subset_class} | AUC of w, {rest_name} vs {subset_class} |"), "|---|---|---|---|---|---|---|---|"]
     if affected is None:
@@ -447,10 +487,11 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
         ms = acc.mean_std([x for x, f in zip(w, affected) if f])[0]
         pick = [i for i, (f, g) in enumerate(zip(affected, rest)) if f or g]
         auc = roc_auc([w[i] for i in pick], [rest[i] for i in pick]) if rows else math.nan
-        lines.append(f"| {a} | {s['min']:.2f}-{s['max']:.2f} | {s['mean_found']:.3f} | {s['mean_missed']:.3f} | "
+        lines.append(f"| {a} | {s['min']:.2f}-{s['max']:.2f} | {_num(s['mean_found'], '.3f')} | "
+                     f"{_num(s['mean_missed'], '.3f')} | "
                      f"{mr:.3f} | {ms:.3f} | {mr / ms if ms else math.nan:.2f} | {auc:.3f} |")
     lines += ["", "Per class (configured alpha): " + "; ".join(
-        f"{c} {g['instances']} instances, found {g['found']}, mean w {g['mean_weight']:.3f}"
+        f"{c} {g['instances']} instances, found {g['found']}, mean w {_num(g['mean_weight'], '.3f')}"
         for c, g in summary["by_class"].items()), ""]
     return lines
 
@@ -474,7 +515,7 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               f"; AID alpha {args.alpha:g}" + (" with normalised weights (each batch's divided by their mean)"
                                               if args.aid_normalize else "") + f". Seeds {list(args.seeds)}."),
              *([] if list(args.variants) == list(VARIANTS) else [
-                 "Variants: " + "; ".join(f"`{v}`: {SPECS[v].label}" for v in args.variants) + "."]),
+                 "Variants: " + "; ".join(f"`{v}`: {label(v, args)}" for v in args.variants) + "."]),
              "", prediction.strip(), "",
              "## Outcome", "", f"Affected = {c}; rest = {rest_is}. Mean ± std over seeds.", "",
              "| run | seeds | " + " | ".join(f"{c}: {n}" for _, n in SUBSET_METRICS) + " | "
@@ -484,10 +525,10 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
     if t:
         lines.append("| teacher (1 run) | 1 | " + " | ".join(f"{t['affected'][n]:.1f}" for _, n in SUBSET_METRICS)
                      + " | " + " | ".join(f"{t['rest'][n]:.1f}" for _, n in SUBSET_METRICS) + " |")
-    for v, spec in SPECS.items():
+    for v in SPECS:
         e = summ["variants"].get(v)
         if e:
-            lines.append(f"| {spec.label} | {len(e['seeds'])} | "
+            lines.append(f"| {label(v, args)} | {len(e['seeds'])} | "
                          + " | ".join(_fmt(e[f"affected/{n}"]) for _, n in SUBSET_METRICS) + " | "
                          + " | ".join(_fmt(e[f"rest/{n}"]) for _, n in SUBSET_METRICS) + " |")
     lines += ["", ("Paired by seed: mean ± std of the difference [bootstrap 90 % interval of the mean over seeds, from 3 "
@@ -500,12 +541,12 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
               "| run | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
     if t:
         lines.append("| teacher | " + " | ".join(f"{t[k]['COCO AP']:.1f}" for k in CLASSES) + " |")
-    for v, spec in SPECS.items():
+    for v in SPECS:
         seeds = summ["per_seed"].get(v)
         if seeds:
             cells = [_fmt(dict(zip(("mean", "std", "n"), acc.mean_std([seeds[s][k]["COCO AP"] for s in seeds]))))
                      for k in CLASSES]
-            lines.append(f"| {spec.label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(v, args)} | " + " | ".join(cells) + " |")
     lines += ["", "Per class, paired COCO AP differences:", "", "| difference | " + " | ".join(CLASSES) + " |",
               "|---|" + "---|" * len(CLASSES)]
     for name, d in summ["paired"].items():
@@ -532,6 +573,8 @@ def markdown(args, prof, info, plan, finished, failed, summ, analysis, rows, pre
                  else f" --distill-scale {Fraction(args.distill_scale).limit_denominator(1000)}")
               + (f" --subset-class {args.subset_class}" if args.subset_class != "Cyclist" else "")
               + (f" --subset-view {args.subset_view}" if args.subset_view else "")
+              + (f" --head-method {args.head_method}" if args.head_method else "")
+              + ("" if args.head_scale == 1 else f" --head-scale {Fraction(args.head_scale).limit_denominator(1000)}")
               + "` (finished runs are skipped, a killed one resumes from its last checkpoint)."]
     return "\n".join(lines)
 
@@ -551,6 +594,12 @@ def parse_args(argv):
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(SPECS),
                     help="default: student kd kd_aid_instance kd_aid_level; a subset, e.g. to add one AID setting to "
                          "runs that exist (the student alone and KD are shared), or others of SPECS (module doc)")
+    ap.add_argument("--head-method", choices=["ld", "logit_kd", "cross_head"],
+                    help="the head-distillation method of the head variants (head, head_weak, head_aid_instance, "
+                         "head_aid_decoupled)")
+    ap.add_argument("--head-scale", type=acc.parse_scale, default=1.0,
+                    help="distill.loss_scale of the head variants (default 1: the head methods are normalised like "
+                         "the detection loss)")
     ap.add_argument("--subset-class", default="Cyclist", choices=CLASSES)
     ap.add_argument("--subset-view", choices=["side", "rear", "front"],
                     help="only the subset class's instances seen from this view (synth_meta.json), e.g. Car side: "
@@ -575,6 +624,8 @@ def parse_args(argv):
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(argv)
+    if set(args.variants) & set(HEAD_VARIANTS) and not args.head_method:
+        ap.error("the head variants need --head-method")
     if args.name is None:
         args.name = default_name(args)
     if args.smoke:
@@ -621,6 +672,9 @@ def main(argv=None) -> int:
         prof["seeds"] = list(args.seeds)
     plan = plan_experiment(prof, runs_dir, data_dir, list(args.seeds))
     pred_path = results_dir / "prediction.md"
+    if not pred_path.exists() and set(args.variants) & set(HEAD_VARIANTS) and not args.smoke:
+        raise SystemExit(f"the head variants' prediction depends on the strength where the head method hurts the "
+                         f"subset: write it to {pred_path} before they train")
     if not pred_path.exists():  # the prediction is fixed before anything trains; later invocations keep it
         how = "removed" if args.corruption == "drop" else f"relabelled {args.relabel_as}"
         label = args.subset_class + (f" ({args.subset_view} view)" if args.subset_view else "")

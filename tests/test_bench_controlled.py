@@ -289,6 +289,39 @@ def test_selective_variants_plan_order_folders_and_configs(ctl, tmp_path):
         ctl.am_only([{"name": "nonlocal", "params": {}}])
 
 
+HEAD = ["--name", "controlled_synth_car_side_head", "--subset-class", "Car", "--subset-view", "side", "--seeds", "0",
+        "1", "--head-method", "logit_kd", "--variants", "student", "head", "head_weak", "head_aid_instance",
+        "head_aid_decoupled"]
+
+
+def test_head_variants_plan_order_folders_and_configs(ctl, tmp_path):
+    from aidkd.engine.config import config_from_dict
+
+    data = tmp_path / "data"
+    for extra, scale, tag in (([], 1.0, ""), (["--head-scale", "3"], 3.0, "_x3")):
+        args = ctl.parse_args([*HEAD, *extra])
+        plan = ctl.plan_experiment(ctl.make_profile(args, data), tmp_path / "runs", data, args.seeds)
+        assert ctl.results_name(args) == "controlled_synth_car_side_head_logit_kd" + tag
+        assert [(r["variant"], r["seed"]) for r in plan] == [
+            ("teacher", 0), ("student", 0), ("student", 1), ("head", 0), ("head", 1),
+            *[(v, s) for s in (0, 1) for v in ("head_weak", "head_aid_instance", "head_aid_decoupled")]]
+        d = {r["key"].split("/")[1]: r["cfg"]["distill"] for r in plan if r["cfg"]["distill"]}
+        assert sorted(d) == sorted(f"logit_kd{v}{tag}_seed{s}" for s in (0, 1)
+                                   for v in ("", "_weak", "_aid_instance", "_aid_decoupled"))
+        assert all(x["methods"] == [{"name": "logit_kd", "params": {}}] and x["loss_scale"] == scale
+                   for x in d.values())
+        assert not d[f"logit_kd{tag}_seed1"]["aid"]["enabled"]
+        assert d[f"logit_kd_weak{tag}_seed1"]["aid"] == {"enabled": True, "granularity": "batch", "alpha": 0.1}
+        assert d[f"logit_kd_aid_instance{tag}_seed1"]["aid"] == {"enabled": True, "granularity": "instance",
+                                                                  "alpha": 0.1}
+        assert d[f"logit_kd_aid_decoupled{tag}_seed1"]["aid"] == {"enabled": True, "granularity": "instance",
+                                                                   "alpha": 0.1, "decoupled": True}
+        assert all(config_from_dict(r["cfg"]) for r in plan)
+    assert ctl.label("head_weak", args).startswith("logit_kd x the batch's mean AID weight")
+    with pytest.raises(SystemExit):  # a head variant names its method
+        ctl.parse_args([a for a in HEAD if a not in ("--head-method", "logit_kd")])
+
+
 def test_bootstrap_interval_of_the_mean_over_seeds(ctl):
     # [0, 0, 3]: the 27 resamples' means are 0 (8 of them), 1 (12), 2 (6), 3 (1): the 5 % and 95 % points are 0, 2
     assert ctl.bootstrap_interval([0.0, 0.0, 3.0]) == [0.0, 2.0]
@@ -345,3 +378,14 @@ def test_source_commit_names_the_commit_and_uncommitted_changes(ctl, tmp_path):
     assert ctl.source_commit(tmp_path) == sha[:12]
     (tmp_path / "f.txt").write_text("b\n")
     assert ctl.source_commit(tmp_path) == sha[:12] + " with uncommitted changes"
+
+
+def test_analysis_of_a_teacher_that_finds_nothing_prints_na(ctl):
+    """The strict summary JSON holds null where a value is undefined (no instance found): printed as n/a."""
+    from aidkd.eval.instances import summarize
+
+    rows = [{"class": "Car", "teacher_loss": 3.0, "found": False, "difficulty": "easy"}]
+    summary = json.loads(json.dumps(summarize(rows, 0.1), allow_nan=True).replace("NaN", "null"))
+    assert summary["auc_found_vs_missed"] is None
+    lines = "\n".join(ctl.analysis_lines(summary, "Car", rows))
+    assert "found vs missed: n/a" in lines and "| 0.1 | 0.74-0.74 | n/a | 0.741 |" in lines
