@@ -56,3 +56,25 @@ def test_a_process_pool_finds_the_same_problems(synth_root, monkeypatch):
     serial = dataset_mod.validate_records(records, decode=True)
     pooled = dataset_mod.validate_records(records, decode=True, workers=2)
     assert serial and [e.format() for e in pooled] == [e.format() for e in serial]
+
+
+def test_a_new_run_beside_a_checked_one_reads_headers_only(synth_root, tmp_path, calls):
+    """A second run on the same, unchanged data (a run folder beside the first) decodes nothing and records the
+    check in its own folder; the first run's folder is read, never written."""
+    first, second, third = (tmp_path / "runs" / n for n in ("a", "b", "c"))
+    for run in (first, second, third):
+        run.mkdir(parents=True)
+    datamodule.write_data_stamp(first, datamodule.check_configured_data(_data(synth_root), run_dir=first))
+    before = (first / datamodule.DATA_CHECK_STAMP).stat().st_mtime_ns
+    stamp = datamodule.check_configured_data(_data(synth_root), run_dir=second)
+    assert calls == [True, False] and stamp
+    datamodule.write_data_stamp(second, stamp)
+    assert (first / datamodule.DATA_CHECK_STAMP).stat().st_mtime_ns == before
+    (first / datamodule.DATA_CHECK_STAMP).unlink()
+    assert datamodule.check_configured_data(_data(synth_root), run_dir=third) is not None  # from b's stamp
+    assert calls == [True, False, False]
+    label = next((synth_root / "training" / "label_2").iterdir())
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    datamodule.check_configured_data(_data(synth_root), run_dir=third)
+    assert calls == [True, False, False, True]  # changed data: decoded again

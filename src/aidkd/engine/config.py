@@ -65,8 +65,8 @@ class DataConfig:
     # model needs the cores). Validation loaders use as many, not kept between validations.
     num_workers: int | None = None
     skip_invalid: bool = False
-    # Before training, on the first process only: "full" decodes every image, unless the run folder's stamp
-    # (data_check.json: every file's path, size and mtime) shows the data unchanged since a passed check, then
+    # Before training, on the first process only: "full" decodes every image, unless the stamp of the run folder or of
+    # a run folder beside it (data_check.json: every file's path, size and mtime) shows the data unchanged since a passed check, then
     # "header" reads; "header" reads image headers only; "off" skips the check.
     check: Literal["full", "header", "off"] = "full"
     synth: SynthConfig = field(default_factory=SynthConfig)

@@ -47,8 +47,8 @@ DESCRIPTIONS: dict[str, str] = {
     "data.val_batch_size": "validation batch size (default: `batch_size`)",
     "data.num_workers": "loader processes per training process; unset: min(4, CPU cores per process) on a GPU, "
                         "0 on the CPU",
-    "data.check": "the data check before training: `full` decodes every image (headers only while the run "
-                  "folder's `data_check.json` shows the files unchanged), `header` reads headers only, `off` skips it",
+    "data.check": "the data check before training: `full` decodes every image (headers only while the "
+                  "`data_check.json` of the run folder, or of a run folder beside it, shows the files unchanged), `header` reads headers only, `off` skips it",
     "data.skip_invalid": "drop (and count) invalid images instead of refusing the dataset (`--skip-invalid`)",
     "data.synth.num_images": "generated scenes (train + val)",
     "data.synth.seed": "generator seed (same seed and settings, same scenes)",

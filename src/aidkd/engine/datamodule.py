@@ -169,8 +169,8 @@ def check_configured_data(cfg: DataConfig, run_dir: Path | None = None) -> str |
     """The full check of ``aidkd data check`` on the configured data (every label line, split file and image,
     fully decoded): every problem is raised in one :class:`DatasetError` (all listed, the same messages as
     ``data check``; its headline names the dataset). ``data.skip_invalid`` or ``data.check: off`` skips this (bad
-    images are then left out and counted). ``data.check: full`` decodes every image unless ``run_dir``'s stamp
-    shows the data unchanged since a passed full check (then, like ``header``, only headers are read); returns the
+    images are then left out and counted). ``data.check: full`` decodes every image unless the stamp of
+    ``run_dir`` or of a run folder beside it shows the data unchanged since a passed full check (then, like ``header``, only headers are read); returns the
     stamp to record (``write_data_stamp``) after a passed full check, else None. Images are checked in a process
     pool."""
     from aidkd.data import check_dataset, combine_errors, sort_errors
@@ -190,16 +190,32 @@ def check_configured_data(cfg: DataConfig, run_dir: Path | None = None) -> str |
             raise ValueError("data.root is required for KITTI data")
         sources = [(ensure_synth(cfg) if cfg.format == "synth" else Path(cfg.root), None)]
         fmt = "kitti"
-    stamp = data_stamp(sources) if run_dir is not None else None
-    stamp_file = Path(run_dir) / DATA_CHECK_STAMP if run_dir is not None else None
-    decode = cfg.check == "full" and not (stamp_file is not None and _read_stamp(stamp_file) == stamp)
+    stamp = data_stamp(sources) if run_dir is not None and cfg.check == "full" else None
+    passed = _passed_check(Path(run_dir), stamp) if stamp is not None else None
+    decode = cfg.check == "full" and passed is None
+    if passed is not None:
+        log.info("data unchanged since the full check recorded in %s: reading image headers only", passed)
     workers = min(8, os.cpu_count() or 1)
     for path, images in sources:
         problems = sort_errors(check_dataset(path, fmt=fmt, image_dir=images, decode=decode, workers=workers))
         if problems:
             raise combine_errors(problems, what=f"{path} (found by the same check as `aidkd data check`)",
                                  limit=None, file=path)
-    return stamp if decode else None
+    # a check passed in another run folder is recorded in this one too
+    return stamp if decode or (passed is not None and passed.parent != Path(run_dir)) else None
+
+
+def _passed_check(run_dir: Path, stamp: str) -> Path | None:
+    """The stamp file recording a passed full check of exactly the files of ``stamp``: this run folder's, else one
+    of the run folders beside it (another run on the same data: read, never written), else None."""
+    own = run_dir / DATA_CHECK_STAMP
+    if _read_stamp(own) == stamp:
+        return own
+    siblings = run_dir.parent.glob(f"*/{DATA_CHECK_STAMP}") if run_dir.parent.is_dir() else ()
+    return next((f for f in sorted(siblings)[:MAX_STAMPS_READ] if f != own and _read_stamp(f) == stamp), None)
+
+
+MAX_STAMPS_READ = 1000  # run folders beside a new run whose stamps are read (bounded: a folder of many runs)
 
 
 def write_data_stamp(run_dir: Path, stamp: str | None) -> None:
