@@ -183,3 +183,18 @@ def test_predict_on_coco_writes_a_coco_results_json(tmp_path, coco_setup):
     names = {d.cls for p in (tmp_path / "k").glob("*.txt") for d in read_kitti_predictions(p)}
     assert names == {"car", "fire hydrant"}
     assert "fire%20hydrant" in (tmp_path / "k" / "000.txt").read_text() + (tmp_path / "k" / "001.txt").read_text()
+
+
+def test_images_that_share_a_name_are_refused_before_anything_is_written(tmp_path, model_file):
+    """a.png and a.jpg would both write a.txt (and drawn/a.png): one prediction would silently replace the other."""
+    src = tmp_path / "images"
+    src.mkdir()
+    frame = _scenes(1)[0]
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.fromarray(frame).save(src / name)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"a\.jpg.*a\.png|a\.png.*a\.jpg"):
+        predict_command(_cfg(), model_file, out, source=str(src))
+    assert not out.exists() or not any(out.iterdir())
+    # COCO results name images by index: no file per image, nothing to collide
+    assert predict_command(_cfg(), model_file, tmp_path / "coco", source=str(src), fmt="coco") == 3

@@ -106,15 +106,34 @@ def is_video_source(source: str | Path | None) -> bool:
     return not p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES
 
 
+def source_images(folder: Path) -> list[Path]:
+    """The image files of a folder ``--input``, sorted; an error when it holds none."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return files
+
+
+def check_unique_names(named: list[tuple[str, Path]]) -> None:
+    """Refuse images whose output files would share a name (``a.png`` and ``a.jpg`` both write ``a.txt``): one
+    prediction would silently replace the other."""
+    by_name: dict[str, list[str]] = {}
+    for name, path in named:
+        by_name.setdefault(name, []).append(str(path))
+    clashes = [paths for paths in by_name.values() if len(paths) > 1]
+    if clashes:
+        listed = "; ".join(" and ".join(paths) for paths in clashes[:5])
+        raise ValueError(f"{len(clashes)} image name(s) shared by several images, whose prediction files would "
+                         f"replace each other: {listed}{' ...' if len(clashes) > 5 else ''}. Rename them, predict "
+                         "them from separate folders, or write --format coco (one file for all images)")
+
+
 def iter_source(source: Path):
     """(name, PIL image) pairs from a folder of images, a single image file or a video file (one per frame)."""
     from aidkd.data.images import read_image
 
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
-        for p in files:
+        for p in source_images(source):
             yield p.stem, _as_pil(read_image(p))
         return
     if not source.exists():
@@ -156,14 +175,18 @@ def predict_command(cfg: RunConfig, checkpoint: str | Path, out: Path, source: s
     model, meta = load_detector(checkpoint, classes=classes)
     category_ids = _category_ids(cfg, meta["classes"]) if fmt == "coco" else None
     class_ids = _yolo_class_ids(cfg, meta["classes"]) if fmt == "yolo" else None
-    out = claim_output_folder(out, "--out", inputs=(source, checkpoint))
     if source is None:
         records = load_records(cfg.data, "val", classes)
-        items = ((r.stem or Path(r.image_path).stem, _load(r.image_path)) for r in records)
+        named = [(r.stem or Path(r.image_path).stem, r.image_path) for r in records]
+        items = ((name, _load(path)) for name, path in named)
         ids = (int(r.image_id) for r in records)
     else:
+        named = [(p.stem, p) for p in source_images(Path(source))] if Path(source).is_dir() else []
         items = iter_source(Path(source))
         ids = itertools.count()
+    if fmt != "coco" or draw:  # one file per image, named by the image
+        check_unique_names(named)
+    out = claim_output_folder(out, "--out", inputs=(source, checkpoint))
     results: list[dict] = []
     drawn_dir = out / "drawn"
     writer = None
