@@ -62,3 +62,29 @@ def test_a_float_key_takes_a_fraction(tmp_path):
             load_config(None, [f"distill.loss_scale={bad}"])
     with pytest.raises(ConfigError, match="config key 'train.epochs': expected int"):
         load_config(None, ["train.epochs=12/2"])  # an int key takes no fraction
+
+
+@pytest.mark.parametrize("fmt, override, needle", [
+    ("yolo", "data.val_fraction=0.3", "'data.val_fraction' does not apply to yolo data"),
+    ("yolo", "data.train_split_file=train.txt", "'data.train_split_file' does not apply to yolo data"),
+    ("coco", "data.val_split_file=val.txt", "'data.val_split_file' does not apply to coco data"),
+    ("coco", "data.split_seed=3", "'data.split_seed' does not apply to coco data"),
+    ("kitti", "data.train_ann=a.json", "'data.train_ann' does not apply to kitti data"),
+    ("synth", "data.val_images=imgs", "'data.val_images' does not apply to synth data"),
+])
+def test_a_data_key_the_format_would_ignore_is_refused(tmp_path, fmt, override, needle):
+    """A split setting the format never reads would be silently ignored: the run would not split as asked."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  format: {fmt}\n  root: {tmp_path}\n")
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(p, [override])
+    assert str(p) in str(e.value)
+
+
+def test_a_dumped_config_with_every_default_loads_again(tmp_path):
+    from aidkd.engine.config import dump_config
+
+    for fmt in ("yolo", "coco", "kitti"):
+        cfg = load_config(None, [f"data.format={fmt}", f"data.root={tmp_path}"])
+        dump_config(cfg, tmp_path / f"{fmt}.yaml")
+        assert load_config(tmp_path / f"{fmt}.yaml").data.format == fmt

@@ -349,7 +349,26 @@ def config_from_dict(data: dict) -> RunConfig:
     _require_format_with_root(data)
     cfg = _build(RunConfig, data)
     check_ranges(cfg)
+    _refuse_keys_the_format_ignores(cfg.data)
     return cfg
+
+
+# data keys that only some formats read: a value other than the default for another format would be ignored
+FORMAT_ONLY_KEYS = {"train_split_file": ("kitti", "synth"), "val_split_file": ("kitti", "synth"),
+                    "val_fraction": ("kitti", "synth"), "split_seed": ("kitti", "synth"),
+                    "train_ann": ("coco",), "train_images": ("coco",), "val_ann": ("coco",), "val_images": ("coco",)}
+
+
+def _refuse_keys_the_format_ignores(data: DataConfig) -> None:
+    defaults = DataConfig()
+    for key, formats in FORMAT_ONLY_KEYS.items():
+        if data.format not in formats and getattr(data, key) != getattr(defaults, key):
+            splits = {"yolo": "data.yaml's keys named by data.train_split / data.val_split",
+                      "coco": "data.train_ann / data.val_ann",
+                      "kitti": "ImageSets, data.train_split_file / data.val_split_file or data.val_fraction",
+                      "synth": "data.val_fraction"}[data.format]
+            raise ConfigError(f"config key 'data.{key}' does not apply to {data.format} data (it would be ignored): "
+                              f"its splits come from {splits}; remove the key")
 
 
 def _require_format_with_root(data: dict) -> None:

@@ -29,9 +29,10 @@ DESCRIPTIONS: dict[str, str] = {
     "data.val_split": "KITTI: the validation split's name, as `data.train_split`; YOLO: its `data.yaml` key",
     "data.train_split_file": "KITTI: a file listing the training frames (one stem per line); overrides `ImageSets`",
     "data.val_split_file": "KITTI: a file listing the validation frames",
-    "data.val_fraction": "without split files: the share of frames (sorted, shuffled with `split_seed`) that "
-                         "validates",
-    "data.split_seed": "seed of that shuffle",
+    "data.val_fraction": "KITTI / synth without split files: the share of frames (sorted, shuffled with "
+                         "`split_seed`) that validates. The split keys of one format are refused for another (they "
+                         "would be ignored)",
+    "data.split_seed": "KITTI / synth: seed of that shuffle",
     "data.train_ann": "COCO: the training instances json",
     "data.train_images": "COCO: the training image folder",
     "data.val_ann": "COCO: the validation instances json",
