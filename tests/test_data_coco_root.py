@@ -119,3 +119,11 @@ def test_shared_coco_mini_and_kitti_roots(capsys):
         DetectionDataModule(kitti)
     assert main(["data", "check", str(SHARED / "coco_mini"), "--format", "coco"]) == 0
     assert "159 images" in capsys.readouterr().out
+
+
+def test_data_check_detects_a_coco_root_without_format(tmp_path, capsys):
+    root = tmp_path / "coco"
+    _coco_split(root, "train2017", root / "train2017", [1, 2])
+    _coco_split(root, "val2017", root / "val2017", [3])
+    assert main(["data", "check", str(root)]) == 0
+    assert "3 images (0 without boxes); 3 boxes: car 3" in capsys.readouterr().out

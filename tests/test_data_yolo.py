@@ -404,3 +404,12 @@ def test_convert_coco_crowd_regions(tmp_path):
     convert_dataset(root / "annotations/instances_val.json", tmp_path / "k", "coco", "kitti")
     (rec,) = load_kitti_records(tmp_path / "k", split="val")
     assert [(o.cls, o.box) for o in rec.objects] == [("Car", (2.0, 4.0, 12.0, 12.0)), ("DontCare", (20.0, 0.0, 40.0, 20.0))]
+
+
+def test_data_check_detects_the_layout_without_format(tmp_path, capsys):
+    """Without --format a YOLO folder is checked as YOLO (it was read as a KITTI root and refused)."""
+    from aidkd.cli.main import main
+
+    data_yaml = small(tmp_path)
+    assert main(["data", "check", str(data_yaml.parent)]) == 0
+    assert "dataset OK" in capsys.readouterr().out

@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="kitti: a KITTI root (training/image_2, training/label_2); coco: a COCO root "
                                 "(annotations/instances_{train,val}*.json and their image folders, e.g. train2017/) "
                                 "or one instances json; yolo: a data.yaml (or its folder)")
-    p.add_argument("--format", choices=["kitti", "coco", "yolo"], default="kitti", help="dataset layout")
+    p.add_argument("--format", choices=["auto", "kitti", "coco", "yolo"], default="auto",
+                   help="dataset layout (default auto: coco for a json or a folder of annotations/*.json, yolo for a "
+                        "data.yaml or its folder, kitti otherwise)")
     p.add_argument("--images", help="with a COCO instances json: its image folder (default: DATA/NAME for "
                                     "DATA/annotations/instances_NAME.json, else the json's folder)")
     p.set_defaults(func=cmd_data_check)

@@ -40,7 +40,8 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
     ``width``/``height``.
     ``fmt="yolo"``: ``root_or_json`` is a ``data.yaml`` or its folder; checks the yaml, every label line of every
     split (train, val, test), every listed image, and images that are in two splits.
-    ``fmt="auto"`` picks coco for a ``.json`` path, yolo for a ``.yaml``, kitti otherwise. ``workers`` > 1 checks the
+    ``fmt="auto"`` picks coco for a ``.json`` path or a COCO root, yolo for a ``.yaml`` or a folder holding
+    ``data.yaml``, kitti otherwise. ``workers`` > 1 checks the
     images in a pool of that many processes.
     """
     path = Path(root_or_json)
@@ -60,7 +61,14 @@ def check_dataset(root_or_json: str | Path, fmt: str = "kitti", image_dir: str |
 
 
 def _auto_format(path: Path) -> str:
-    return {".json": "coco", ".yaml": "yolo", ".yml": "yolo"}.get(path.suffix.lower(), "kitti")
+    """coco for a ``.json`` file, else the layout a folder shows (``data.yaml``: yolo, ``annotations/*.json``:
+    coco), else kitti."""
+    from .layout import detect_layout
+
+    if path.suffix.lower() == ".json":
+        return "coco"
+    layout = detect_layout(path)
+    return layout if layout in ("coco", "yolo") else "kitti"
 
 
 def _yolo_scans(path: Path) -> list:
