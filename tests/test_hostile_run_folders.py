@@ -329,3 +329,15 @@ def test_divergence_advice_with_a_checkpoint_works_as_printed(tiny_cfg, tmp_path
     monkeypatch.undo()
     assert main(["train", str(cfg), *advice]) == 0
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_eval_beside_a_run_checkpoint_leaves_a_folder_overwrite_can_clear(finished_run, tmp_path, capsys):
+    """`aidkd eval RUN/model_best.pt` writes its metrics beside the checkpoint: the run records that file, so a later
+    `--overwrite` of the run is not refused as a folder holding a user's file."""
+    raw, out = finished_run
+    run = _copy(out, tmp_path / "run")
+    config = _yaml(dict(raw, output_dir=str(run)), tmp_path / "c.yaml")
+    assert main(["eval", str(config), "--checkpoint", str(run / "model_best.pt")]) == 0
+    assert (run / "model_best.val_metrics.json").is_file()
+    assert main(["train", str(config), "--overwrite"]) == 0, capsys.readouterr().err
+    assert not (run / "model_best.val_metrics.json").exists()

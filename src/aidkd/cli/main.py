@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from aidkd.engine.run_folder import check_output_file
+from aidkd.engine.run_folder import check_output_file, record_run_file, recorded_entries
 
 # soft_wrap: lines are never hard-wrapped at the terminal width (nor at 80 columns when written to a file).
 # Results go to stdout; errors, warnings and progress messages to stderr, so `aidkd ... > out` still shows them.
@@ -73,6 +73,8 @@ def cmd_eval(args) -> int:
     _print_metrics(metrics, f"{args.checkpoint} on {args.split}")
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(f".{args.split}_metrics.json")
     out.write_text(strict_json(metrics, indent=2))
+    if not args.json and recorded_entries(out.parent) is not None:  # beside a run's model file: the run's own
+        record_run_file(out.parent, out.name)
     console.print(f"metrics written to {out}", markup=False)
     return 0
 
