@@ -88,3 +88,12 @@ def test_a_dumped_config_with_every_default_loads_again(tmp_path):
         cfg = load_config(None, [f"data.format={fmt}", f"data.root={tmp_path}"])
         dump_config(cfg, tmp_path / f"{fmt}.yaml")
         assert load_config(tmp_path / f"{fmt}.yaml").data.format == fmt
+
+
+@pytest.mark.parametrize("value", [8, 9000])
+def test_synth_image_sides_outside_the_generators_range_are_refused_by_the_config(value):
+    """The config accepts what the generator accepts (16-8192 px a side), not a size it would refuse later."""
+    from aidkd.data.synth import MAX_SIDE, MIN_SIDE
+
+    with pytest.raises(ConfigError, match=f"data.synth.width.*{MIN_SIDE}.*{MAX_SIDE}"):
+        load_config(None, [f"data.synth.width={value}"])

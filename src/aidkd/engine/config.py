@@ -198,8 +198,8 @@ _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 NUMERIC_RANGES: dict[str, tuple[Any, str]] = {
     "SynthConfig.num_images": _POSITIVE,
     "SynthConfig.seed": _SEED,
-    "SynthConfig.width": (lambda v: v >= 16, ">= 16"),
-    "SynthConfig.height": (lambda v: v >= 16, ">= 16"),
+    "SynthConfig.width": (lambda v: 16 <= v <= 8192, "in [16, 8192] pixels (the generator's range)"),
+    "SynthConfig.height": (lambda v: 16 <= v <= 8192, "in [16, 8192] pixels (the generator's range)"),
     "SynthConfig.hard_fraction": _FRACTION,
     "SynthConfig.mislabel_fraction": _FRACTION,
     "SynthConfig.min_t": _FRACTION,
