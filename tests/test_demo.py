@@ -21,13 +21,13 @@ from aidkd.engine.demo import (
 
 def test_demo_plan(tmp_path):
     cfgs = demo_configs(tmp_path)
-    assert list(cfgs) == ["teacher", "student", "kd", "kd_aid"]
+    assert list(cfgs) == ["teacher", "student", "kd", "kd_aid", "head_aid"]
     t, s = cfgs["teacher"], cfgs["student"]
     assert t["train"]["epochs"] > s["train"]["epochs"], "the teacher needs the longer schedule to be the better model"
     # the teacher is the costlier model: ResNet-18 with a 64-channel FPN vs MobileNetV3-small with 32 channels
     assert (t["model"]["backbone"], t["model"]["fpn_channels"]) == ("resnet18", 64)
     assert (s["model"]["backbone"], s["model"]["fpn_channels"]) == ("mobilenet_v3_small", 32)
-    for name in ("student", "kd", "kd_aid"):  # one schedule, one model, one data setting for every student run
+    for name in ("student", "kd", "kd_aid", "head_aid"):  # one schedule, one model, one data setting for every student run
         assert cfgs[name]["train"] == s["train"] and cfgs[name]["model"] == s["model"]
         assert cfgs[name]["data"] == dict(t["data"], hflip=0.0)  # one teacher-loss cache entry an image
     for raw in cfgs.values():  # one validation, at the end of a cosine schedule
@@ -35,6 +35,9 @@ def test_demo_plan(tmp_path):
     assert cfgs["kd"]["distill"]["aid"]["enabled"] is False and cfgs["kd_aid"]["distill"]["aid"]["enabled"] is True
     assert cfgs["kd"]["distill"]["loss_scale"] == cfgs["kd_aid"]["distill"]["loss_scale"] < 1
     assert cfgs["kd_aid"]["distill"]["teacher"]["checkpoint"] == str(tmp_path / "teacher" / "model_best.pt")
+    head = cfgs["head_aid"]["distill"]  # the head method, normalised like the detection loss, with the same AID
+    assert [m["name"] for m in head["methods"]] == ["cross_head"] and head["loss_scale"] == 1.0
+    assert head["aid"] == cfgs["kd_aid"]["distill"]["aid"] and head["teacher"] == cfgs["kd_aid"]["distill"]["teacher"]
     # the easy profile: cars only, near (large) objects; generated and evaluated classes agree
     assert t["data"]["classes"] == t["data"]["synth"]["classes"] == ["Car"] and t["data"]["synth"]["min_t"] > 0
     assert t["data"]["root"] == str(data_folder(tmp_path)) and data_folder(tmp_path).parent == tmp_path / "data"
@@ -136,23 +139,24 @@ def test_reuse_and_fresh(tmp_path, monkeypatch, no_analysis):
     monkeypatch.setattr("aidkd.engine.run.train", _fake_train(tmp_path, calls))
     out = tmp_path / "demo"
     first = run_demo(out, quick=True)
-    assert [c[:2] for c in calls] == [(n, "overwrite") for n in ("teacher", "student", "kd", "kd_aid")]
+    assert [c[:2] for c in calls] == [(n, "overwrite") for n in ("teacher", "student", "kd", "kd_aid", "head_aid")]
     assert not any(r["reused"] for r in first.values())
     calls.clear()
     second = run_demo(out, quick=True)
     assert calls == [] and all(r["reused"] for r in second.values())
     assert {n: r["metrics"] for n, r in second.items()} == {n: r["metrics"] for n, r in first.items()}
-    assert (out / "results.md").read_text().count("| reused |") == 4
+    assert (out / "results.md").read_text().count("| reused |") == 5
     (out / "data" / "keep.txt").parent.mkdir(parents=True, exist_ok=True)
     (out / "data" / "keep.txt").write_text("x")
     run_demo(out, quick=True, fresh=True)
-    assert [c[0] for c in calls] == ["teacher", "student", "kd", "kd_aid"] and not (out / "data" / "keep.txt").exists()
+    assert [c[0] for c in calls] == ["teacher", "student", "kd", "kd_aid", "head_aid"]
+    assert not (out / "data" / "keep.txt").exists()
     calls.clear()
     monkeypatch.setattr(demo, "EPOCHS", {True: (2, 1), False: demo.EPOCHS[False]})
     printed = []
     monkeypatch.setattr(demo.console, "print", lambda *a, **k: printed.append(str(a[0]) if a else ""))
     run_demo(out, quick=True)
-    assert [c[0] for c in calls] == ["teacher", "kd", "kd_aid"], "the student does not depend on the teacher"
+    assert [c[0] for c in calls] == ["teacher", "kd", "kd_aid", "head_aid"], "the student does not depend on it"
     assert any(line.endswith("teacher: the run there is of another configuration") for line in printed)
     assert any(line.endswith("kd: its teacher was trained again") for line in printed)
     calls.clear()
@@ -175,7 +179,7 @@ def test_an_interrupted_demo_resumes_where_it_stopped(tmp_path, monkeypatch, no_
     monkeypatch.setattr("aidkd.engine.run.train", _fake_train(tmp_path, calls))
     run_demo(out, quick=True)
     assert [c[:2] for c in calls] == [("teacher", "resume"), ("student", "overwrite"), ("kd", "overwrite"),
-                                      ("kd_aid", "overwrite")]
+                                      ("kd_aid", "overwrite"), ("head_aid", "overwrite")]
     assert demo.demo_command(demo.Path(demo.DEFAULT_OUT), False, "fcos") == "aidkd demo --arch fcos"
 
 
@@ -194,12 +198,12 @@ def same(a: dict, b: dict) -> bool:
 @pytest.mark.timeout(300)
 def test_quick_demo_writes_the_table(tmp_path, capsys):
     results = run_demo(tmp_path, quick=True)
-    assert list(results) == ["teacher", "student", "kd", "kd_aid"]
+    assert list(results) == ["teacher", "student", "kd", "kd_aid", "head_aid"]
     for r in results.values():
         assert 0.0 <= r["metrics"]["coco/AP"] <= 100.0 and r["seconds"] > 0 and r["reused"] is False
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[0].startswith("| run | COCO AP") and table[2].startswith("| teacher (resnet18, 1 epoch) |")
-    assert len([line for line in table if line.startswith("|")]) == 2 + 4
+    assert len([line for line in table if line.startswith("|")]) == 2 + 5
     assert json.loads((tmp_path / "results.json").read_text()).keys() == results.keys()
     for name in results:
         assert (tmp_path / name / "model_best.pt").exists()
