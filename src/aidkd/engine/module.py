@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aidkd.data.transforms import resize_samples
 from aidkd.engine.config import RunConfig
 from aidkd.eval import DetectionEvaluator
 from aidkd.eval.evaluator import scored_detections
@@ -127,6 +128,10 @@ class DetectionTask(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        # The training loader's uint8 samples become float and are resized here, on the device, once for the
+        # student, the teacher and the distiller (float images are ready as they come).
+        d = self.cfg.data
+        images, targets = resize_samples(images, targets, d.min_size, d.max_size)
         if self.distiller is not None:
             return self.distiller(images, targets)
         image_list, targets = prepare_inputs(self.model, images, targets)
