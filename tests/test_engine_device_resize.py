@@ -130,13 +130,16 @@ def test_a_training_step_on_device_resized_samples_gives_the_cpu_resized_losses(
         assert [k[:2] for k in keys] == [[0, True], [3, False]] and keys[0][2] == [48, 143]
 
 
+def _synth_cfg(synth_root, **sections):
+    return config_from_dict({"data": {"format": "synth", "root": str(synth_root), "min_size": 48, "max_size": 150,
+                                      "batch_size": 4, "synth": {"num_images": 20, "seed": 3, "width": 192,
+                                                                 "height": 64}}, **sections})
+
+
 def test_the_training_loader_yields_uint8_images_of_the_original_size(synth_root):
     from aidkd.engine.datamodule import DetectionDataModule
 
-    cfg = config_from_dict({"data": {"format": "synth", "root": str(synth_root), "min_size": 48, "max_size": 150,
-                                     "batch_size": 4, "synth": {"num_images": 20, "seed": 3, "width": 192,
-                                                                "height": 64}}})
-    dm = DetectionDataModule(cfg.data)
+    dm = DetectionDataModule(_synth_cfg(synth_root).data)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     images, targets = [im for b in batches for im in b[0]], [t for b in batches for t in b[1]]
@@ -147,3 +150,29 @@ def test_the_training_loader_yields_uint8_images_of_the_original_size(synth_root
     assert max(float(t["boxes"][:, 2].max()) for t in targets if t["boxes"].numel()) > 150  # not resized to 150
     images, _ = next(iter(dm.val_dataloader()))  # evaluation: the original float image, resized by the model
     assert [(im.dtype, tuple(im.shape)) for im in images][0] == (torch.float32, (3, 64, 192))
+
+
+def test_the_training_step_and_callbacks_see_the_batch_the_model_trains_on(synth_root, tmp_path):
+    """In the Lightning loop the batch is prepared right after its transfer: the training step and every callback
+    (e.g. the AID weight images) see the float, resized images and the boxes in their pixels."""
+    import lightning as L
+
+    from aidkd.engine.datamodule import DetectionDataModule
+
+    cfg = _synth_cfg(synth_root, model={"arch": "gfl", "backbone": "mobilenet_v3_small", "fpn_channels": 16},
+                     output_dir=str(tmp_path / "run"))
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()])
+    trainer.fit(DetectionTask(cfg, CLASSES), datamodule=DetectionDataModule(cfg.data))
+    images, targets = seen[0]
+    assert [(im.dtype, tuple(im.shape)) for im in images] == [(torch.float32, (3, 48, 144))] * 4
+    assert all(0.0 <= float(im.min()) and float(im.max()) <= 1.0 for im in images)
+    assert all(t["scale"] == 0.75 and t["scale_xy"] == (0.75, 0.75) for t in targets)
+    boxes = torch.cat([torch.cat([t["boxes"], t["ignore_boxes"]]) for t in targets])
+    assert boxes.numel() and bool((boxes[:, 2:] <= torch.tensor([144.0, 48.0])).all())
