@@ -218,3 +218,26 @@ def test_eval_dataset_gives_original_images(tmp_path):
     assert t["boxes"].tolist() == [[20.0, 10.0, 60.0, 50.0]]
     img2, t2 = DetectionDataset([rec], min_size=50, max_size=1000)[0]
     assert img2.shape == (3, 50, 100) and t2["boxes"].tolist() == [[10.0, 5.0, 30.0, 25.0]]
+
+
+def test_uint8_samples_keep_the_original_image_and_pixels(tmp_path):
+    """``uint8=True``: the decoded image as it is, boxes in its pixels; resize_sample then makes the CPU-resized
+    sample (the flip aside, which the CPU path applies after the resize)."""
+    from aidkd.data import resize_sample
+
+    r = rec(tmp_path, OBJS)
+    img, t = DetectionDataset([r], min_size=50, max_size=1000, train=False, resize=False, uint8=True)[0]
+    assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(np.array(Image.open(r.image_path)))
+                                                    .permute(2, 0, 1))
+    assert t["boxes"].tolist() == [[10.0, 20.0, 50.0, 60.0], [100.0, 10.0, 120.0, 90.0], [180.0, 30.0, 200.0, 100.0]]
+    assert t["ignore_boxes"][0].tolist() == [0.0, 0.0, 30.0, 30.0] and (t["scale"], t["scale_xy"]) == (1.0, (1.0, 1.0))
+    flip, ft = DetectionDataset([r], min_size=50, max_size=1000, train=True, hflip_prob=1.0, resize=False,
+                                uint8=True)[0]
+    assert torch.equal(flip, img.flip(-1)) and ft["boxes"][0].tolist() == [150.0, 20.0, 190.0, 60.0]
+    ref_img, ref = DetectionDataset([r], min_size=50, max_size=1000, train=False)[0]
+    out_img, out = resize_sample(img, t, 50, 1000)
+    assert torch.equal(out_img, ref_img) and torch.equal(out["boxes"], ref["boxes"])
+    assert torch.equal(out["ignore_boxes"], ref["ignore_boxes"])
+    assert (out["scale"], out["scale_xy"], out["orig_size"]) == (ref["scale"], ref["scale_xy"], ref["orig_size"])
+    with pytest.raises(ValueError, match="resize=False with uint8=True"):
+        DetectionDataset([r], uint8=True)

@@ -13,7 +13,7 @@ from .coco import (
     scan_coco,
 )
 from .dataset import DetectionDataset, collate_fn, validate_record, validate_records
-from .images import check_image, image_to_tensor, read_image, read_image_size
+from .images import check_image, image_to_float, image_to_tensor, image_to_uint8, read_image, read_image_size
 from .kitti import (
     KITTI_CLASSES,
     KITTI_DEFAULT_CLASSES,
@@ -32,7 +32,7 @@ from .kitti import (
 from .scan import ScanResult, combine_errors, sort_errors
 from .structures import DatasetError, ImageRecord, ObjectAnnotation
 from .synth import generate_synth, render_scene
-from .transforms import resize_image, resize_scale, resize_tensor, resized_size
+from .transforms import resize_image, resize_sample, resize_samples, resize_scale, resize_tensor, resized_size
 from .yolo import format_yolo_line, load_yolo_records, parse_yolo_label_file, read_data_yaml, scan_yolo
 
 __all__ = [
@@ -57,7 +57,9 @@ __all__ = [
     "format_kitti_line",
     "format_yolo_line",
     "generate_synth",
+    "image_to_float",
     "image_to_tensor",
+    "image_to_uint8",
     "kitti_dirs",
     "load_coco_records",
     "load_kitti_records",
@@ -74,6 +76,8 @@ __all__ = [
     "read_split_file",
     "render_scene",
     "resize_image",
+    "resize_sample",
+    "resize_samples",
     "resize_scale",
     "resize_tensor",
     "resized_size",

@@ -9,11 +9,11 @@ from functools import partial
 import torch
 from torch.utils.data import Dataset
 
-from .images import check_image, image_to_tensor, read_image
+from .images import check_image, image_to_float, image_to_uint8, read_image
 from .kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
 from .scan import combine_errors, sort_errors
 from .structures import BOX_TOLERANCE, DatasetError, ImageRecord
-from .transforms import clip_boxes, hflip_boxes, hflip_image, resize_tensor, scale_boxes
+from .transforms import clip_boxes, hflip_boxes, hflip_image, resize_sample
 
 __all__ = ["DetectionDataset", "collate_fn", "validate_record", "validate_records"]
 
@@ -90,22 +90,25 @@ def validate_records(records: Sequence[ImageRecord], check_images: bool = True, 
 class DetectionDataset(Dataset):
     """Images + targets in the format of docs/architecture.md.
 
-    ``dataset[i] -> (image FloatTensor[3, H, W] in [0, 1], target)`` with ``boxes`` Float[N, 4] (xyxy, pixels of
-    the returned image), ``labels`` Int64[N] (class ``classes[k]`` -> ``k + 1``), ``ignore_boxes`` Float[M, 4],
-    ``image_id`` int, ``orig_size`` (H0, W0), ``scale`` float (resized = original * scale), ``flipped`` bool, and
-    ``scale_xy`` (sx, sy): the exact per-axis factors used for the boxes (equal to ``scale`` up to rounding of the
-    output size to whole pixels).
+    ``dataset[i] -> (image FloatTensor[3, H, W] in [0, 1], target)`` (``uint8=True``: ByteTensor[3, H, W]) with
+    ``boxes`` Float[N, 4] (xyxy, pixels of the returned image), ``labels`` Int64[N] (class ``classes[k]`` ->
+    ``k + 1``), ``ignore_boxes`` Float[M, 4], ``image_id`` int, ``orig_size`` (H0, W0), ``scale`` float (resized =
+    original * scale), ``flipped`` bool, and ``scale_xy`` (sx, sy): the exact per-axis factors used for the boxes
+    (equal to ``scale`` up to rounding of the output size to whole pixels).
 
     Class mapping: an object whose class is in ``classes`` is a positive; ``iscrowd`` objects (COCO), objects of
     ``ignore_classes`` and objects of any *other* class (neither in ``classes`` nor in ``ignore_classes``) become
     ignore regions -- an unlisted class is never treated as background.
 
-    Resize (``resize=True``, training): keep-ratio, ``scale = min(min_size / short, max_size / long)``
-    (torchvision's rule), bilinear on the float image as the model's own transform does it
-    (:func:`aidkd.data.transforms.resize_tensor`), so the model, built with the same ``min_size``/``max_size``,
-    leaves the image as it is. ``resize=False`` (evaluation): the original image, ``scale`` 1 -- the model's
-    transform resizes it, exactly as in ``predict`` and in the exported ONNX graph, so the metrics are those of the
-    path that ships. Horizontal flip with probability ``hflip_prob`` only when ``train``.
+    Resize (``resize=True``): keep-ratio, ``scale = min(min_size / short, max_size / long)`` (torchvision's rule),
+    bilinear on the float image as the model's own transform does it
+    (:func:`aidkd.data.transforms.resize_sample`), so the model, built with the same ``min_size``/``max_size``,
+    leaves the image as it is. ``uint8=True`` (training; needs ``resize=False``): the decoded uint8 image at its
+    original size, ``scale`` 1; the training step makes it the same float image on the device
+    (:func:`aidkd.data.transforms.resize_samples`, the same function), so the workers neither resize nor hand
+    over four times the bytes. ``resize=False`` (evaluation): the original float image, ``scale`` 1 -- the
+    model's transform resizes it, exactly as in ``predict`` and in the exported ONNX graph, so the metrics are those
+    of the path that ships. Horizontal flip with probability ``hflip_prob`` only when ``train``.
 
     Construction validates all records (:func:`validate_records`, image headers when ``check_images``): with
     ``skip_invalid=False`` problems raise one :class:`DatasetError` listing them (first 20 with file:line); with
@@ -116,7 +119,7 @@ class DetectionDataset(Dataset):
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str] = KITTI_DEFAULT_CLASSES,
                  ignore_classes: Sequence[str] = KITTI_DEFAULT_IGNORE, min_size: int = 800, max_size: int = 1333,
                  train: bool = False, hflip_prob: float = 0.5, skip_invalid: bool = False,
-                 check_images: bool = True, resize: bool = True):
+                 check_images: bool = True, resize: bool = True, uint8: bool = False):
         self.classes = list(classes)
         self.ignore_classes = list(ignore_classes)
         if not self.classes:
@@ -132,7 +135,10 @@ class DetectionDataset(Dataset):
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.min_size, self.max_size = int(min_size), int(max_size)
         self.train, self.hflip_prob = bool(train), float(hflip_prob)
-        self.resize = bool(resize)
+        if uint8 and resize:
+            raise ValueError("uint8 images keep their original size (resize_samples resizes them where the model "
+                             "runs): pass resize=False with uint8=True")
+        self.resize, self.uint8 = bool(resize), bool(uint8)
         self.label_of = {c: i + 1 for i, c in enumerate(self.classes)}
 
         records = list(records)
@@ -175,12 +181,7 @@ class DetectionDataset(Dataset):
         declared = (r.width, r.height) if r.width is not None and r.height is not None else None
         img = read_image(r.image_path, expected_size=declared, source=r.source or None)
         w0, h0 = img.size
-        image = image_to_tensor(img)
-        if self.resize:
-            image, scale, (sx, sy) = resize_tensor(image, self.min_size, self.max_size)
-        else:
-            scale, sx, sy = 1.0, 1.0, 1.0
-        nh, nw = image.shape[-2:]
+        image = image_to_uint8(img)
 
         boxes, labels, ignore = [], [], []
         for o in r.objects:
@@ -190,30 +191,29 @@ class DetectionDataset(Dataset):
                 labels.append(label)
             else:
                 ignore.append(o.box)
-        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        g = torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4)
-        lab = torch.tensor(labels, dtype=torch.int64)
-        b = clip_boxes(scale_boxes(b, sx, sy), nh, nw)
-        g = clip_boxes(scale_boxes(g, sx, sy), nh, nw)
-
-        flipped = bool(self.train and self.hflip_prob > 0 and torch.rand(()).item() < self.hflip_prob)
-        if flipped:
-            image = hflip_image(image)
-            b = hflip_boxes(b, nw)
-            g = hflip_boxes(g, nw)
-        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        b, lab = b[keep], lab[keep]
-        g = g[(g[:, 2] > g[:, 0]) & (g[:, 3] > g[:, 1])]
         target = {
-            "boxes": b,
-            "labels": lab,
-            "ignore_boxes": g,
+            "boxes": clip_boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), h0, w0),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "ignore_boxes": clip_boxes(torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4), h0, w0),
             "image_id": int(r.image_id),
             "orig_size": (int(h0), int(w0)),
-            "scale": float(scale),
-            "flipped": flipped,
-            "scale_xy": (float(sx), float(sy)),
+            "scale": 1.0,
+            "flipped": False,
+            "scale_xy": (1.0, 1.0),
         }
+        if self.resize:
+            image, target = resize_sample(image, target, self.min_size, self.max_size)
+        elif not self.uint8:
+            image = image_to_float(image)
+
+        b, g = target["boxes"], target["ignore_boxes"]
+        if self.train and self.hflip_prob > 0 and torch.rand(()).item() < self.hflip_prob:
+            nw = image.shape[-1]
+            image, b, g = hflip_image(image), hflip_boxes(b, nw), hflip_boxes(g, nw)
+            target["flipped"] = True
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        target["boxes"], target["labels"] = b[keep], target["labels"][keep]
+        target["ignore_boxes"] = g[(g[:, 2] > g[:, 0]) & (g[:, 3] > g[:, 1])]
         return image, target
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from .structures import DatasetError
 
-__all__ = ["check_image", "image_to_tensor", "read_image", "read_image_size"]
+__all__ = ["check_image", "image_to_float", "image_to_tensor", "image_to_uint8", "read_image",
+           "read_image_size"]
 
 # PIL refuses "decompression bombs" above this many pixels; real driving data is far below it.
 _MAX_PIXELS = 1 << 28
@@ -173,10 +174,19 @@ def check_image(path: str | Path, expected_size: tuple[int, int] | None = None, 
         return None, e
 
 
-def image_to_tensor(im: Image.Image | np.ndarray) -> torch.Tensor:
-    """RGB PIL image or HxWx3 uint8 array -> FloatTensor[3, H, W] in [0, 1]."""
+def image_to_uint8(im: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image or HxWx3 uint8 array -> ByteTensor[3, H, W] (a channel-first view of a writable copy)."""
     arr = np.array(im, dtype=np.uint8)  # a writable copy
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    return t.to(torch.float32).div_(255.0)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """ByteTensor[3, H, W] -> FloatTensor[3, H, W] in [0, 1], on the image's device."""
+    return image.to(torch.float32).div_(255.0)
+
+
+def image_to_tensor(im: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image or HxWx3 uint8 array -> FloatTensor[3, H, W] in [0, 1]."""
+    return image_to_float(image_to_uint8(im))

@@ -276,13 +276,16 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_set: DetectionDataset | None = None
 
     def make_dataset(self, split: str, train: bool, resize: bool | None = None) -> DetectionDataset:
-        """``resize`` defaults to ``train``: evaluation datasets hand the model original images, which its own
-        transform resizes exactly as ``predict`` and the exported ONNX graph do."""
+        """``resize`` None: training datasets hand over uint8 images at their original size, which the training
+        step makes float and resizes on the device (``aidkd.data.resize_samples``); evaluation datasets hand the
+        model original float images, which its own transform resizes exactly as ``predict`` and the exported ONNX
+        graph do. ``resize=True``: float images resized on the CPU (the tensors training sees, e.g. to draw them);
+        ``False``: original float images."""
         c = self.cfg
         return DetectionDataset(load_records(c, split, self.classes), self.classes, self.ignore_classes,
                                 min_size=c.min_size, max_size=c.max_size, train=train,
                                 hflip_prob=c.hflip if train else 0.0, skip_invalid=c.skip_invalid,
-                                resize=train if resize is None else resize)
+                                resize=bool(resize), uint8=train and resize is None)
 
     def prepare_data(self) -> None:
         if self.cfg.format == "synth":
@@ -300,7 +303,8 @@ class DetectionDataModule(L.LightningDataModule):
                           pin_memory=self.on_gpu)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Training targets are checked here, in host memory: on the device the check would stall every step.
+        # Training targets are checked here, in host memory (boxes in the original image's pixels): on the device
+        # the check would stall every step.
         if self.trainer is not None and self.trainer.training:
             from aidkd.models.targets import check_targets
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aidkd.data.transforms import resize_samples
 from aidkd.engine.config import RunConfig
 from aidkd.eval import DetectionEvaluator
 from aidkd.eval.evaluator import scored_detections
@@ -126,7 +127,22 @@ class DetectionTask(L.LightningModule):
             self.distiller.teacher.to(self.device)
 
     # ------------------------------------------------------------------ training
+    def prepare_batch(self, images: list[Tensor], targets: list[dict]) -> tuple[list[Tensor], list[dict]]:
+        """The training loader's uint8 samples (original size) as float images resized to ``data.min_size`` /
+        ``max_size``, boxes and ignore boxes following, where they lie (``aidkd.data.resize_samples``); float
+        images are ready and pass as they are."""
+        return resize_samples(images, targets, self.cfg.data.min_size, self.cfg.data.max_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # On the device, before the training step and the callbacks see the batch: they all see what the model does.
+        if self._trainer is not None and self._trainer.training:
+            return self.prepare_batch(*batch)
+        return batch
+
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        # one preparation for the student, the teacher and the distiller (a no-op after on_after_batch_transfer);
+        # a uint8 image must never reach the model's transform, which would normalise 0..255 values silently
+        images, targets = self.prepare_batch(images, targets)
         if self.distiller is not None:
             return self.distiller(images, targets)
         image_list, targets = prepare_inputs(self.model, images, targets)
