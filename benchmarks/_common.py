@@ -95,6 +95,22 @@ def portable(text: str) -> str:
     return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
+def source_commit(repo: Path | None = None) -> str:
+    """The checkout's commit (12 hex digits), with a note when its tracked files differ from it ('unknown' outside
+    git): what a results file names as the code it was written by."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(repo or REPO), *cmd], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        sha, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha[:12] + (" with uncommitted changes" if changed else "")
+
+
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, mp = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"

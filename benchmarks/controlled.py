@@ -53,7 +53,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from fractions import Fraction
@@ -65,7 +64,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import accuracy as acc
-from _common import portable
+from _common import portable, source_commit
 
 from aidkd.data.kitti import KITTI_DEFAULT_CLASSES
 
@@ -632,20 +631,6 @@ def parse_args(argv):
         args.num_images, args.width, args.height, args.seeds = 12, 160, 64, [0]
         args.teacher_epochs = args.student_epochs = 1
     return args
-
-
-def source_commit(repo: Path = REPO) -> str:
-    """The checkout's commit, with a note when its tracked files differ from it ('unknown' outside git): what a
-    results file names as the code it was written by."""
-    try:
-        def git(*cmd: str) -> str:
-            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-
-        sha, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha[:12] + (" with uncommitted changes" if changed else "")
 
 
 def default_name(args) -> str:

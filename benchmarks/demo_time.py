@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, write_results
+from _common import source_commit, write_results
 
 TIME_FIELDS = {"user_s": "User time (seconds)", "sys_s": "System time (seconds)",
                "wall": "Elapsed (wall clock) time (h:mm:ss or m:ss)", "max_rss_kb": "Maximum resident set size (kbytes)"}
@@ -38,17 +38,6 @@ def parse_time_v(text: str) -> dict:
             "max_rss_mb": int(values["max_rss_kb"]) / 1024}
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aidkd", default=str(Path(sys.executable).with_name("aidkd")),
@@ -57,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="aidkd_demo_time_"))
     cmd = ["/usr/bin/time", "-v", args.aidkd, "demo", "--out", str(out / "demo")]
-    revision = commit()  # of the sources the demo runs, before anything can change them
+    revision = source_commit()  # of the sources the demo runs, before anything can change them
     load_before = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KITTI_CLASSES, environment, write_results
-from host_overhead import Step, commit
+from _common import KITTI_CLASSES, environment, source_commit, write_results
+from host_overhead import Step
 
 VARIANTS = ("student", "kd", "kd_aid_instance")
 
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
                              fpn_channels=args.student_fpn)
     batch = random_batch(args, device)
     res = {"command": "benchmarks/gpu_smoke.sh " + " ".join(sys.argv[1:] if argv is None else argv),
-           "commit": commit(), "env": environment(device),
+           "commit": source_commit(), "env": environment(device),
            "settings": {k: getattr(args, k) for k in ("teacher", "student", "teacher_fpn", "student_fpn", "height",
                                                       "width", "batch", "budget")},
            "precision": str(autocast or torch.float32).replace("torch.", ""), "variants": {}}

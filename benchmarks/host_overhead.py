@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import KITTI_CLASSES, REPO, environment, synth_batches, write_results
+from _common import KITTI_CLASSES, environment, source_commit, synth_batches, write_results
 
 FAMILIES = ("gfl", "retinanet", "fcos", "fasterrcnn")
 VARIANTS = ("student", "kd", "kd_aid_instance", "kd_aid_level", "pkd")
@@ -321,17 +320,6 @@ def build(family: str, args):
     return teacher, student
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=False)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=False).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -366,7 +354,7 @@ def main(argv=None) -> dict:
     images, targets = data[0]
     res = {"command": "PYTHONPATH=src .venv/bin/python benchmarks/host_overhead.py "
                       + " ".join(sys.argv[1:] if argv is None else argv),
-           "commit": args.code or commit(), "env": environment(dev),
+           "commit": args.code or source_commit(), "env": environment(dev),
            "settings": {k: getattr(args, k) for k in ("teacher", "teacher_fpn", "student", "student_fpn", "height",
                                                       "width", "batches", "threads")},
            "counts": {}, "times": {}}

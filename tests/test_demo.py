@@ -230,3 +230,15 @@ def test_quick_demo_writes_the_table(tmp_path, capsys):
     for name in results:
         assert again[name]["reused"] and same(again[name]["metrics"], results[name]["metrics"]), name
     assert again["kd_aid"]["aid_weights"] == s
+
+
+def test_demo_heads_benchmark_changes_only_the_method_and_scale(tmp_path, load_benchmark):
+    heads = load_benchmark("demo_heads")
+    kd_aid = demo_configs(tmp_path)["kd_aid"]
+    raw = heads.head_config(kd_aid, "logit_kd", tmp_path)
+    assert raw["distill"]["methods"] == [{"name": "logit_kd", "params": {}}] and raw["distill"]["loss_scale"] == 1.0
+    assert raw["output_dir"] == str(tmp_path / "logit_kd_aid") and kd_aid["distill"]["methods"] == demo.KD_METHODS
+    same_keys = ("model", "train", "data", "seed")
+    assert {k: raw[k] for k in same_keys} == {k: kd_aid[k] for k in same_keys}
+    assert raw["distill"]["aid"] == kd_aid["distill"]["aid"] and config_from_dict(raw)
+    assert demo.HEAD_METHODS[0]["name"] in heads.METHODS
