@@ -243,3 +243,17 @@ def test_analyze_refuses_a_folder_that_is_not_an_analysis(tiny_cfg, teacher_file
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_cfg(model={"arch": "gfl"})))
     assert main(["analyze", str(cfg_path), "--teacher", str(teacher_file), "--out", str(data)]) == 2
+
+
+def test_analyze_advice_states_the_mean_weakening_and_its_control():
+    """AID measured as teacher-aware weakening: the advice gives the mean weight at the configured alpha (found and
+    missed apart when both exist) and the uniformly weakened KD to compare with."""
+    rows = [_row("Car", 0.0, True), _row("Car", 1.0, True), _row("Car", 4.0, False)]
+    s = ins.summarize(rows, alpha=0.5)
+    text = ins.weakening_advice(s)
+    mean = (1 + math.exp(-0.5) + math.exp(-2.0)) / 3
+    assert f"at alpha 0.5 AID scales the distillation terms by {mean:.2f} on average" in text
+    assert f"{(1 + math.exp(-0.5)) / 2:.2f} on the instances the teacher finds, {math.exp(-2.0):.2f} on those" in text
+    assert f"distill.loss_scale x {mean:.2f}" in text and "teacher-aware weakening" in text
+    none_found = ins.weakening_advice(ins.summarize([_row("Car", 1.0, False)], alpha=0.1))
+    assert "nan" not in none_found.lower() and "on the instances the teacher finds" not in none_found

@@ -191,12 +191,13 @@ def cmd_report(args) -> int:
 
 def cmd_analyze(args) -> int:
     from aidkd.engine.analysis import analyze
-    from aidkd.eval.instances import format_summary
+    from aidkd.eval.instances import format_summary, weakening_advice
 
     cfg = _load(args)
     summary = analyze(cfg, args.teacher, Path(args.out), split=args.split, student=args.student,
                       score_thresh=args.score_thresh)
     console.print(format_summary(summary), markup=False, highlight=False, soft_wrap=True)
+    console.print(weakening_advice(summary), markup=False, highlight=False)
     console.print(f"instances.csv, summary.json and weights.png written to {args.out}", markup=False)
     return 0
 

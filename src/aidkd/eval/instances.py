@@ -212,6 +212,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def weakening_advice(summary: dict) -> str:
+    """What to expect from AID with this teacher, as measured where it could be tested (the controlled experiment of
+    docs/results.md): AID lowers KD where the teacher's loss is high, and no form of it protected the student on the
+    teacher's wrong instances more than KD weakened uniformly by the same mean weight. So: how much it weakens KD
+    here, and the control to compare it with."""
+    s = summary["by_alpha"][f"{summary['alpha']:g}"]
+    where = ("" if summary["found"] == 0 or summary["missed"] == 0 else
+             f" ({s['mean_found']:.2f} on the instances the teacher finds, {s['mean_missed']:.2f} on those it misses)")
+    return (f"What to expect: at alpha {summary['alpha']:g} AID scales the distillation terms by {s['mean']:.2f} on "
+            f"average{where}. In a controlled test with a teacher wrong on a known subset, AID acted as "
+            "teacher-aware weakening: it did not protect the student on that subset more than KD weakened uniformly "
+            "by the same mean weight (docs/results.md, controlled experiment). Before crediting AID's weighting, "
+            f"compare it with KD at distill.loss_scale x {s['mean']:.2f} (or distill.aid.granularity: batch).")
+
+
 def nothing_found_text(summary: dict) -> str:
     """One line for an analysis in which the teacher finds no instance: why AUC and the found / missed means are
     missing, and what to do."""
