@@ -19,6 +19,7 @@ from aidkd.data import (
     load_kitti_records,
     load_yolo_records,
     read_data_yaml,
+    resize_samples,
 )
 from aidkd.data.kitti import KITTI_DEFAULT_CLASSES, KITTI_DEFAULT_IGNORE
 from aidkd.engine.config import DataConfig
@@ -309,6 +310,13 @@ class DetectionDataModule(L.LightningDataModule):
             from aidkd.models.targets import check_targets
 
             check_targets(batch[1])
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # On the device, before the training step and the callbacks see the batch: they all see what the model
+        # trains on (uint8 originals -> float, resized; DetectionTask.prepare_batch does the same for direct calls).
+        if self.trainer is not None and self.trainer.training:
+            return resize_samples(*batch, self.cfg.min_size, self.cfg.max_size)
         return batch
 
     def train_dataloader(self) -> DataLoader:

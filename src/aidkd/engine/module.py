@@ -133,14 +133,9 @@ class DetectionTask(L.LightningModule):
         images are ready and pass as they are."""
         return resize_samples(images, targets, self.cfg.data.min_size, self.cfg.data.max_size)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # On the device, before the training step and the callbacks see the batch: they all see what the model does.
-        if self._trainer is not None and self._trainer.training:
-            return self.prepare_batch(*batch)
-        return batch
-
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
-        # one preparation for the student, the teacher and the distiller (a no-op after on_after_batch_transfer);
+        # one preparation for the student, the teacher and the distiller (a no-op after the data module's
+        # on_after_batch_transfer);
         # a uint8 image must never reach the model's transform, which would normalise 0..255 values silently
         images, targets = self.prepare_batch(images, targets)
         if self.distiller is not None:
