@@ -61,7 +61,8 @@ KD_METHODS = [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 
 # +1.0, 1/200 +0.9.
 DISTILL_SCALE = 0.0025
 # Head distillation (docs/method.md §6): the best head method + AID on this demo, one seed, 2-epoch students
-# (COCO AP): cross_head 6.5, logit_kd 5.5, ld 3.6, vs KD + AID 3.8 and the student alone 2.8. Normalised like the
+# (COCO AP, benchmarks/results/demo_heads.md): cross_head 6.5, logit_kd 5.5, ld 3.6, vs KD + AID 3.7 and the
+# student alone 2.8. Normalised like the
 # detection loss, so at loss_scale 1.
 HEAD_METHODS = [{"name": "cross_head", "params": {}}]
 DEFAULT_OUT = "runs/demo"
