@@ -62,8 +62,7 @@ KD_METHODS = [{"name": "attention", "params": {"temperature": 0.1, "am_weight": 
 DISTILL_SCALE = 0.0025
 # Head distillation (docs/method.md §6): the best head method + AID on this demo, one seed, 2-epoch students
 # (COCO AP, benchmarks/results/demo_heads.md): cross_head 6.5, logit_kd 5.5, ld 3.6, vs KD + AID 3.7 and the
-# student alone 2.8. Normalised like the
-# detection loss, so at loss_scale 1.
+# student alone 2.8. Normalised like the detection loss, so at loss_scale 1.
 HEAD_METHODS = [{"name": "cross_head", "params": {}}]
 DEFAULT_OUT = "runs/demo"
 DISTILLED = ("kd", "kd_aid", "head_aid")  # the runs that depend on the teacher
