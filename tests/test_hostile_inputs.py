@@ -786,3 +786,25 @@ def test_json_outputs_are_strict_json(finished_run):
     for line in (out / "metrics_history.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=refuse)
     json.loads((out / "best_metrics.json").read_text(), parse_constant=refuse)
+
+
+def test_links_out_of_a_dataset_are_warned_once_a_process(tmp_path, caplog):
+    """A training run reads its dataset several times (data check, train split, val split): one warning, not one
+    per read; another set of links out of the same root is warned again."""
+    from aidkd.data.scan import warn_links_out
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    links = []
+    for name in ("a.txt", "b.txt"):
+        (outside / name).write_text("x")
+        (root / name).symlink_to(outside / name)
+        links.append(root / name)
+    with caplog.at_level("WARNING", logger="aidkd.data"):
+        for _ in range(3):
+            assert warn_links_out(root, links[:1]) == links[:1]
+        warn_links_out(root, links)
+    assert [r.getMessage().split(" are ")[0] for r in caplog.records] == [f"1 file(s) of {root}",
+                                                                        f"2 file(s) of {root}"]

@@ -15,6 +15,7 @@ __all__ = ["MAX_LISTED_ERRORS", "ScanResult", "combine_errors", "sort_errors", "
 
 MAX_LISTED_ERRORS = 20
 log = logging.getLogger("aidkd.data")
+_WARNED_LINKS: set[tuple] = set()
 
 
 def warn_links_out(root: Path, files: list[Path], limit: int = 5) -> list[Path]:
@@ -22,7 +23,9 @@ def warn_links_out(root: Path, files: list[Path], limit: int = 5) -> list[Path]:
     it: they are read, but what they show is not in the dataset's folder. Returns them."""
     base = root.resolve()
     out = [p for p in files if not p.resolve().is_relative_to(base)]
-    if out:
+    key = (str(base), len(out), tuple(str(p) for p in out[:limit]))
+    if out and key not in _WARNED_LINKS:  # once a process: a run reads its dataset several times
+        _WARNED_LINKS.add(key)
         names = ", ".join(f"{p} -> {p.resolve()}" for p in out[:limit])
         more = f" and {len(out) - limit} more" if len(out) > limit else ""
         log.warning("%d file(s) of %s are symbolic links out of it (read as they are): %s%s", len(out), root, names,
