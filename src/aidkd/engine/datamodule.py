@@ -171,9 +171,9 @@ def check_configured_data(cfg: DataConfig, run_dir: Path | None = None) -> str |
     fully decoded): every problem is raised in one :class:`DatasetError` (all listed, the same messages as
     ``data check``; its headline names the dataset). ``data.skip_invalid`` or ``data.check: off`` skips this (bad
     images are then left out and counted). ``data.check: full`` decodes every image unless the stamp of
-    ``run_dir`` or of a run folder beside it shows the data unchanged since a passed full check (then, like ``header``, only headers are read); returns the
-    stamp to record (``write_data_stamp``) after a passed full check, else None. Images are checked in a process
-    pool."""
+    ``run_dir`` or of a run folder beside it shows the data unchanged since a passed full check (then, like
+    ``header``, only headers are read); returns the stamp to record (``write_data_stamp``) after a passed full
+    check, else None. Images are checked in a process pool."""
     from aidkd.data import check_dataset, combine_errors, sort_errors
 
     if cfg.skip_invalid or cfg.check == "off":

@@ -135,8 +135,8 @@ class DetectionTask(L.LightningModule):
 
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         # one preparation for the student, the teacher and the distiller (a no-op after the data module's
-        # on_after_batch_transfer);
-        # a uint8 image must never reach the model's transform, which would normalise 0..255 values silently
+        # on_after_batch_transfer): a uint8 image must never reach the model's transform, which would normalise
+        # 0..255 values silently
         images, targets = self.prepare_batch(images, targets)
         if self.distiller is not None:
             return self.distiller(images, targets)
