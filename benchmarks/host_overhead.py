@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -39,6 +40,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import aidkd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import KITTI_CLASSES, environment, source_commit, synth_batches, write_results
@@ -89,13 +92,17 @@ def is_host_copy(func, args, kwargs) -> bool:
     return False
 
 
-def _caller(skip: str = "host_overhead") -> str:
-    """``file:function`` of the innermost aidkd frame (where an op or sync comes from)."""
+# the package's own files (by its folder: a checkout or virtual environment may itself lie under a folder named aidkd)
+PACKAGE_DIR = os.path.dirname(aidkd.__file__) + os.sep
+
+
+def _caller() -> str:
+    """``file:function`` (relative to the package) of the innermost aidkd frame (where an op or sync comes from)."""
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
-        if "/aidkd/" in path and skip not in path:
-            return f"{path.split('/aidkd/', 1)[1]}:{frame.f_code.co_name}"
+        if path.startswith(PACKAGE_DIR):
+            return f"{path[len(PACKAGE_DIR):]}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "torch/lightning"
 

@@ -56,3 +56,15 @@ def test_kd_aid_step_syncs_at_most_twice_and_its_ops_do_not_grow_with_the_batch(
     if family == "gfl":
         assert c[8]["ops"]["rest"] <= c[2]["ops"]["rest"]
     assert c[8]["ops"]["model"] == c[2]["ops"]["model"] > 0  # the same backbones and heads, batched
+
+
+def test_ops_are_attributed_to_the_package_not_to_a_folder_named_aidkd(bench):
+    """A checkout (and its .venv) may lie under a folder named aidkd: torch's frames there are not aidkd's, or
+    host-only reads are miscounted as syncs."""
+    code = compile("def outer():\n    return inner()\n", "/ci/aidkd/.venv/lib/torch/_dynamo/eval_frame.py", "exec")
+    namespace = {"inner": lambda: bench._caller()}
+    exec(code, namespace)  # noqa: S102 (a frame whose file lies under a folder named aidkd)
+    assert namespace["outer"]() == "torch/lightning"
+    from aidkd.models import targets
+
+    assert bench.PACKAGE_DIR + "models/targets.py" == targets.__file__
