@@ -80,3 +80,20 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def confident_retinanet_file(path, classes: list[str], height: int, width: int):
+    """A RetinaNet model file for ``classes`` that makes a few confident detections on any image (random head weights,
+    background logit pushed down): for predict / export tests that need boxes, not accuracy."""
+    from aidkd.models import build_detector, model_meta, save_model_file
+
+    torch.manual_seed(0)
+    model = build_detector("retinanet", "resnet18", len(classes) + 1, min_size=height, max_size=width, fpn_channels=16)
+    with torch.no_grad():
+        for name, p in model.head.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif "cls_logits" in name:
+                p.fill_(-2.0)
+                p.view(-1, len(classes) + 1)[:, 0] = -20.0
+    return save_model_file(path, model, model_meta(model, classes, height, width, {}))

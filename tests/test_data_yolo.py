@@ -279,20 +279,9 @@ def test_train_and_evaluate_on_yolo_data_as_on_the_same_kitti_data(tmp_path, tin
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """A RetinaNet for (person, bike) with a few confident detections per image."""
-    from aidkd.models import build_detector, model_meta, save_model_file
+    from tests.conftest import confident_retinanet_file
 
-    torch.manual_seed(0)
-    classes = ["person", "bike"]
-    model = build_detector("retinanet", "resnet18", len(classes) + 1, min_size=48, max_size=100, fpn_channels=16)
-    with torch.no_grad():
-        for name, p in model.head.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-            elif "cls_logits" in name:
-                p.fill_(-2.0)
-                p.view(-1, len(classes) + 1)[:, 0] = -20.0
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    return save_model_file(path, model, model_meta(model, classes, 48, 100, {}))
+    return confident_retinanet_file(tmp_path_factory.mktemp("model") / "model.pt", ["person", "bike"], 48, 100)
 
 
 def test_predict_writes_yolo_labels_that_read_back(tmp_path, model_file):

@@ -11,6 +11,7 @@ from aidkd.engine.predict import is_video_source, predict_command
 from aidkd.engine.video import count_frames, iter_video_frames, video_fps, write_video
 from aidkd.eval.kitti_io import read_kitti_predictions
 from aidkd.models import build_detector, model_meta, save_model_file
+from tests.conftest import confident_retinanet_file
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 H, W = 64, 160
@@ -18,17 +19,7 @@ H, W = 64, 160
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_detector("retinanet", "resnet18", len(CLASSES) + 1, min_size=H, max_size=W, fpn_channels=16)
-    with torch.no_grad():  # a few confident detections per image
-        for name, p in model.head.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-            elif "cls_logits" in name:
-                p.fill_(-2.0)
-                p.view(-1, len(CLASSES) + 1)[:, 0] = -20.0
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    return save_model_file(path, model, model_meta(model, CLASSES, H, W, {}))
+    return confident_retinanet_file(tmp_path_factory.mktemp("model") / "model.pt", CLASSES, H, W)
 
 
 def _cfg():
