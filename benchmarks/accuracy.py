@@ -58,7 +58,7 @@ from aidkd.eval import read_metrics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the benchmarks' shared helpers, also when this file is imported by path (tests)
-from _common import portable
+from _common import portable, source_commit
 
 REPO = HERE.parent
 PROFILES_DIR = HERE / "profiles"
@@ -676,20 +676,44 @@ def markdown(prof: dict, scale: float, summary: dict, plan: list[dict], finished
             lines.append(f"| {LABELS[v]} | {e['n']} | {cells} | {secs_txt} |")
         lines.append("")
         lines += paired_table(fam, metrics)
-    missing = [r["key"] for r in plan if r["key"] not in finished]
+    wanted = [r["key"] for r in plan if requested(r, args)]
+    missing = [k for k in wanted if k not in finished]
     if missing:
         more = " ..." if len(missing) > 20 else ""
-        lines += [f"Not run (budget or failure): {len(missing)} of {len(plan)} runs: {', '.join(missing[:20])}{more}",
+        lines += [f"Not run (budget or failure): {len(missing)} of {len(wanted)} runs: {', '.join(missing[:20])}{more}",
                   ""]
     run_s = sum(f["seconds"] for f in finished.values() if f.get("seconds"))
     timing = (f"Wall time of this invocation: {elapsed / 60:.1f} min (finished runs are skipped, so a re-run that "
               f"only summarises is short); sum of the runs' training times: {run_s / 60:.1f} min.")
-    scale_arg = f" --distill-scale {Fraction(scale).limit_denominator(1000)}" if scale_tag(scale) else ""
-    lines += [timing, "",
-              (f"Reproduce: `.venv/bin/python benchmarks/accuracy.py --profile {prof['name']}{scale_arg}{' --smoke' if args.smoke else ''} --jobs 2 "
-              "--threads 1` (finished runs are skipped)"),
-              "", "Written by: `.venv/bin/python benchmarks/accuracy.py " + " ".join(args.argv) + "`"]
+    lines += [timing, "", f"Reproduce: `{reproduce_command(prof, scale, args)}` (finished runs are skipped)", "",
+              f"Written at commit {source_commit()} by: `.venv/bin/python benchmarks/accuracy.py "
+              + " ".join(args.argv) + "`"]
     return "\n".join(lines)
+
+
+def requested(run: dict, args) -> bool:
+    """Whether this invocation asked for ``run`` (``--variants`` selects; teachers are always needed)."""
+    variants = getattr(args, "variants", None)
+    return not variants or run["variant"] in variants or run["kind"] == "teacher" or (
+        run["kind"] == "self_teacher" and "self_kd_aid" in variants)
+
+
+def reproduce_command(prof: dict, scale: float, args) -> str:
+    """The command that trains (or, once trained, re-summarises) what this results file shows."""
+    parts = [".venv/bin/python benchmarks/accuracy.py", f"--profile {prof['name']}"]
+    if getattr(args, "only", None):
+        parts.append(f"--only {args.only}")
+    if getattr(args, "seeds", None):
+        parts.append("--seeds " + " ".join(map(str, args.seeds)))
+    if getattr(args, "variants", None):
+        parts.append("--variants " + " ".join(args.variants))
+    if scale_tag(scale):
+        parts.append(f"--distill-scale {Fraction(scale).limit_denominator(1000)}")
+    if getattr(args, "smoke", False):
+        parts.append("--smoke")
+    if getattr(args, "results_dir", None):
+        parts.append(f"--results-dir {portable(str(args.results_dir))}")
+    return " ".join(parts + ["--jobs 2 --threads 1"])
 
 
 def paired_table(fam: dict, metrics: list[tuple[str, str]]) -> list[str]:
@@ -803,9 +827,8 @@ def main(argv=None) -> int:
     plans = {sc: plan_runs(prof, runs_dir, families, seeds, sc) for sc in scales}
     every_run = list({r["key"]: r for p in plans.values() for r in p}.values())  # teachers / students shared
     every_run.sort(key=lambda r: r["variant"] not in ("teacher", "self_teacher"))
-    plan = [r for r in every_run  # what is trained now; stale_runs below checks every_run, as the summaries read it
-            if not args.variants or r["variant"] in args.variants or r["kind"] == "teacher"
-            or (r["kind"] == "self_teacher" and "self_kd_aid" in args.variants)]
+    # what is trained now; stale_runs below checks every_run, as the summaries read it
+    plan = [r for r in every_run if requested(r, args)]
     missing = sorted({r["cfg"]["model"]["weights"] for r in plan if r["cfg"]["model"].get("weights")
                       and not Path(r["cfg"]["model"]["weights"]).exists()})
     if missing:

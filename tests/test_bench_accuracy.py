@@ -413,3 +413,22 @@ def test_variants_option_adds_variants_the_profile_does_not_list(acc, tmp_path, 
                      "--results-dir", str(tmp_path / "res"), "--variants", "student", "pkd", "--dry-run"]) == 0
     planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("one-stage/")]
     assert planned == ["one-stage/teacher", "one-stage/student_seed0", "one-stage/pkd_seed0"]
+
+
+def test_results_of_a_variant_selection_name_its_command_commit_and_only_its_missing_runs(acc, tmp_path):
+    """A `--variants` invocation listed every profile variant it never meant to train as "Not run", and its
+    Reproduce line dropped the selection (re-running it trained the profile's default variants instead)."""
+    prof = acc.load_profile("synth_cpu")
+    prof["variants"] = [*prof.get("variants", acc.DEFAULT_VARIANTS), "pkd"]  # as main() adds what --variants names
+    plan = acc.plan_runs(prof, tmp_path, ["one-stage"], [0])
+    finished = {r["key"]: {"metrics": {"coco/AP": 1.0}, "seconds": 1.0} for r in plan
+                if r["variant"] in ("teacher", "student")}
+    args = SimpleNamespace(argv=["--only", "one-stage", "--variants", "student", "pkd"], smoke=False,
+                           only="one-stage", seeds=[0], variants=["student", "pkd"],
+                           results_dir="benchmarks/results/accuracy_x")
+    md = acc.markdown(prof, 1.0, acc.aggregate(plan, finished), plan, finished, args, 1.0)
+    not_run = next(line for line in md.splitlines() if line.startswith("Not run"))
+    assert not_run.endswith("1 of 3 runs: one-stage/pkd_seed0")  # teacher, student, pkd; kd & co not requested
+    assert ("Reproduce: `.venv/bin/python benchmarks/accuracy.py --profile synth_cpu --only one-stage --seeds 0 "
+            "--variants student pkd --results-dir benchmarks/results/accuracy_x --jobs 2 --threads 1`") in md
+    assert f"Written at commit {acc.source_commit()} by:" in md
