@@ -269,3 +269,52 @@ def test_global_terms_pixel_hands_the_pixel_maps_to_the_global_terms():
     assert level.location_weights(level.make(None, torch.ones(3), BOXES, SHAPES, STRIDES, 2)) is None
     with pytest.raises(ValueError, match="global_terms"):
         AIDWeighting(global_terms="box")
+
+
+def test_all_levels_at_once_equal_each_level_and_image_alone():
+    """The batched map of every level (one op set for all levels) against ``box_cell_owner`` of each image and level
+    on its own: random boxes, tiny ones (they claim their centre cell), ones off the map, and padded batches."""
+    from aidkd.distill.base import box_cell_owner_levels, split_levels
+
+    gen = torch.Generator().manual_seed(0)
+    shapes, strides = [(12, 40), (6, 20), (3, 10), (2, 5), (1, 3)], [8, 16, 32, 64, 128]
+    for _ in range(50):
+        counts = torch.randint(0, 7, (3,), generator=gen).tolist()
+        boxes = []
+        for n in counts:
+            xy = torch.rand(n, 2, generator=gen) * torch.tensor([360.0, 110.0]) - 20
+            boxes.append(torch.cat([xy, xy + torch.rand(n, 2, generator=gen) ** 3 * 200], dim=1))
+        padded = torch.zeros(3, max(counts), 4)
+        valid = torch.zeros(3, max(counts), dtype=torch.bool)
+        for b, bx in enumerate(boxes):
+            padded[b, :len(bx)], valid[b, :len(bx)] = bx, True
+        owners = split_levels(box_cell_owner_levels(padded, valid, shapes, strides), shapes)
+        for (h, w), s, owner in zip(shapes, strides, owners):
+            for b, bx in enumerate(boxes):
+                assert torch.equal(owner[b], box_cell_owner(bx, h, w, s))
+
+
+def test_instance_maps_of_five_levels_cost_the_ops_of_one():
+    """AID's instance maps were built level by level (~75 aten ops per level and step, each a kernel launch on a
+    GPU): all levels now share one batched op set, so five levels launch no more kernels than one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    weighting = AIDWeighting("instance")
+    shapes, strides = [(12, 40), (6, 20), (3, 10), (2, 5), (1, 3)], [8, 16, 32, 64, 128]
+    counts = {}
+    for levels in (1, 5):
+        weighting.make(LOSSES, None, BOXES, shapes[:levels], strides[:levels], 2)  # constants built once
+        with Count() as c:
+            weighting.make(LOSSES, None, BOXES, shapes[:levels], strides[:levels], 2)
+        counts[levels] = c.kernels
+    assert counts[5] == counts[1] < 100, counts

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from aidkd.models.targets import pad_per_image
 
-from .base import box_cell_owner_batch
+from .base import box_cell_owner_levels, split_levels
 
 Granularity = Literal["instance", "image", "batch", "level"]
 GRANULARITIES: tuple[str, ...] = ("instance", "image", "batch", "level")
@@ -93,7 +93,8 @@ def instance_pixel_weights(
                              f"{image_weights.shape[0]} weights")
     if not len(boxes):
         return torch.ones((0, height, width), dtype=torch.float32, device=device)
-    return _padded_pixel_weights(*_padded_boxes_and_weights(boxes, weights, device), height, width, stride)
+    return _padded_pixel_weights_levels(*_padded_boxes_and_weights(boxes, weights, device), [(height, width)],
+                                        [stride])[0]
 
 
 def _padded_boxes_and_weights(boxes: Sequence[Tensor], weights: Sequence[Tensor], device: torch.device
@@ -104,12 +105,12 @@ def _padded_boxes_and_weights(boxes: Sequence[Tensor], weights: Sequence[Tensor]
     return padded, valid, w.detach()
 
 
-def _padded_pixel_weights(boxes: Tensor, valid: Tensor, weights: Tensor, height: int, width: int, stride: float
-                          ) -> Tensor:
-    """:func:`instance_pixel_weights` of a padded batch: one batched op per step, whatever the batch size."""
-    owner = box_cell_owner_batch(boxes, valid, height, width, stride)  # (B, H, W)
-    owned = weights.gather(1, owner.clamp(min=0).flatten(1)).view_as(owner)
-    return torch.where(owner >= 0, owned, torch.ones_like(owned))
+def _padded_pixel_weights_levels(boxes: Tensor, valid: Tensor, weights: Tensor, shapes: Sequence[tuple[int, int]],
+                                 strides: Sequence[float]) -> list[Tensor]:
+    """:func:`instance_pixel_weights` of a padded batch, every level (``shapes`` [(H, W)], ``strides``) in one batched
+    op: as many ops whatever the batch size and the number of levels."""
+    owner = box_cell_owner_levels(boxes, valid, list(shapes), list(strides))  # (B, C)
+    return split_levels(torch.where(owner >= 0, weights.gather(1, owner.clamp(min=0)), 1.0), list(shapes))
 
 
 class AIDWeights(NamedTuple):
@@ -221,8 +222,8 @@ class AIDWeighting:
             weights = self.last_instance_weights
             assert weights is not None
             image_weights = _per_image_mean(weights, empty_value=1.0, device=device)
-            padded = _padded_boxes_and_weights(boxes, weights, device)  # once for every level
-            pixel_weights = [_padded_pixel_weights(*padded, h, w, s) for (h, w), s in zip(feature_shapes, strides)]
+            pixel_weights = _padded_pixel_weights_levels(*_padded_boxes_and_weights(boxes, weights, device),
+                                                         feature_shapes, strides)
             return AIDWeights(pixel_weights, image_weights, None)
         if self.granularity == "image":
             # D^T of an image = mean of its instances' losses (0 without boxes -> weight 1)

@@ -28,6 +28,7 @@ apply unchanged at any batch size and resolution: ``normalized = published * sqr
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -265,30 +266,59 @@ def box_cell_owner(boxes: Tensor, height: int, width: int, stride: float) -> Ten
     a larger box that covers it.)
     """
     valid = torch.ones((1, boxes.shape[0]), dtype=torch.bool, device=boxes.device)
-    return box_cell_owner_batch(boxes.reshape(1, -1, 4), valid, height, width, stride)[0]
+    return box_cell_owner_levels(boxes.reshape(1, -1, 4), valid, [(height, width)], [stride]).view(height, width)
 
 
-def box_cell_owner_batch(boxes: Tensor, valid: Tensor, height: int, width: int, stride: float) -> Tensor:
-    """:func:`box_cell_owner` of a padded batch: ``boxes`` (B, M, 4) with ``valid`` Bool (B, M) marking the real
-    ones; returns (B, H, W) int64. One batched op per step: no loop over images or boxes, no host sync."""
+@functools.lru_cache(maxsize=32)
+def _level_cells(shapes: tuple[tuple[int, int], ...], strides: tuple[float, ...], device: torch.device
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every cell of every level, flattened level after level (row-major within a level): centre x, centre y (C,),
+    the level one-hot (C, L), and per level its first cell, height, width and stride (L,) each. Constant for a
+    padded size, so built once and reused (no ops per step)."""
+    xs, ys, levels = [], [], []
+    for level, ((h, w), s) in enumerate(zip(shapes, strides)):
+        cy, cx = torch.meshgrid((torch.arange(h, dtype=torch.float32, device=device) + 0.5) * s,
+                                (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * s, indexing="ij")
+        xs.append(cx.flatten())
+        ys.append(cy.flatten())
+        levels.append(torch.full((h * w,), level, device=device))
+    one_hot = torch.nn.functional.one_hot(torch.cat(levels), len(shapes)).to(torch.float32)
+    sizes = torch.tensor([h * w for h, w in shapes], device=device)
+    starts = sizes.cumsum(0) - sizes
+    hw = torch.tensor(shapes, device=device)
+    return (torch.cat(xs), torch.cat(ys), one_hot, starts, hw,
+            torch.tensor(strides, dtype=torch.float32, device=device))
+
+
+def split_levels(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """(B, C) values of every cell of every level (flattened as :func:`box_cell_owner_levels` does) as per level
+    (B, H_l, W_l) views."""
+    return [v.view(flat.shape[0], h, w) for v, (h, w) in zip(flat.split([h * w for h, w in shapes], dim=1), shapes)]
+
+
+def box_cell_owner_levels(boxes: Tensor, valid: Tensor, shapes: list[tuple[int, int]], strides: list[float]
+                          ) -> Tensor:
+    """:func:`box_cell_owner` of a padded batch and every FPN level at once (one batched op: no loop over images,
+    boxes or levels, no host sync):
+    ``boxes`` (B, M, 4), ``valid`` (B, M), ``shapes`` [(H_l, W_l)], ``strides`` [s_l]; returns (B, C) int64, the
+    levels' cells flattened one after the other (row-major; :func:`split_levels` gives them back per level), equal
+    image by image and level by level to ``box_cell_owner(boxes[b][valid[b]], H_l, W_l, s_l)``."""
     batch, num = boxes.shape[:2]
+    shapes = [(int(h), int(w)) for h, w in shapes]
     if num == 0:
-        return torch.full((batch, height, width), -1, dtype=torch.long, device=boxes.device)
-    covered, empty, centre_row, centre_col = _cell_cover(boxes, height, width, stride)
-    covered &= valid[:, :, None, None]
-    x1, y1, x2, y2 = boxes.to(torch.float32).unbind(-1)
-    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (B, M)
-    claims = torch.zeros_like(covered)
-    b = torch.arange(batch, device=boxes.device)[:, None].expand(batch, num)
-    k = torch.arange(num, device=boxes.device)[None, :].expand(batch, num)
-    claims[b, k, centre_row, centre_col] = empty & valid  # distinct (b, k): each written once
+        return torch.full((batch, sum(h * w for h, w in shapes)), -1, dtype=torch.long, device=boxes.device)
+    cell_x, cell_y, one_hot, starts, hw, level_strides = _level_cells(
+        tuple(shapes), tuple(float(s) for s in strides), boxes.device)
+    x1, y1, x2, y2 = (v[..., None] for v in boxes.to(torch.float32).unbind(-1))  # (B, M, 1) each
+    covered = (cell_x >= x1) & (cell_x < x2) & (cell_y >= y1) & (cell_y < y2) & valid[..., None]  # (B, M, C)
+    # per level, boxes that cover no cell centre there claim the cell holding their centre (clamped into the map)
+    empty = (covered.to(torch.float32) @ one_hot) == 0  # (B, M, L)
+    col = torch.floor((x1 + x2) / 2 / level_strides).long().clamp(min=0).minimum(hw[:, 1] - 1)  # (B, M, L)
+    row = torch.floor((y1 + y2) / 2 / level_strides).long().clamp(min=0).minimum(hw[:, 0] - 1)
+    claims = torch.zeros_like(covered).scatter_(2, starts + row * hw[:, 1] + col, empty & valid[..., None])
+    area = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (B, M, 1)
     inf = torch.full_like(area, float("inf"))
-
-    def smallest(member: Tensor) -> Tensor:
-        # argmin returns the first minimum, so ties go to the lower index
-        return torch.where(member, area[:, :, None, None], inf[:, :, None, None]).argmin(dim=1)
-
-    by_cover, by_claim = smallest(covered), smallest(claims)
-    is_covered, is_claimed = covered.any(dim=1), claims.any(dim=1)
-    owner = torch.where(is_covered, by_cover, by_claim)
-    return torch.where(is_covered | is_claimed, owner, torch.full_like(owner, -1))
+    # the smallest box (argmin: the first minimum, so ties go to the lower index); a covering box beats a claim
+    by_cover = torch.where(covered, area, inf).argmin(dim=1)  # (B, C)
+    by_claim = torch.where(claims, area, inf).argmin(dim=1)
+    return torch.where(covered.any(dim=1), by_cover, torch.where(claims.any(dim=1), by_claim, -1))

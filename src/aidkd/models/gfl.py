@@ -31,6 +31,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
+from aidkd.models.anchor_cache import cached_anchors
 from aidkd.models.atss import ATSSAssigner
 from aidkd.models.backbones import build_fpn_backbone
 from aidkd.models.gfl_losses import (
@@ -331,12 +332,17 @@ class GFL(nn.Module):
         strides = self.feature_strides(images, features)
         device = features[0].device
         grid_sizes = [list(f.shape[-2:]) for f in features]
-        self.anchor_generator.set_cell_anchors(torch.float32, device)
-        # torch.full, not torch.tensor: a host-to-device copy would wait for the device's queue
-        stride_tensors = [[torch.full((), s, dtype=torch.int64, device=device)] * 2 for s in strides]
-        per_level = self.anchor_generator.grid_anchors(grid_sizes, stride_tensors)
-        anchors = torch.cat(per_level, dim=0)
-        return [anchors for _ in images.image_sizes], [a.shape[0] for a in per_level]
+
+        def build() -> tuple[Tensor, list[int]]:
+            self.anchor_generator.set_cell_anchors(torch.float32, device)
+            # torch.full, not torch.tensor: a host-to-device copy would wait for the device's queue
+            stride_tensors = [[torch.full((), s, dtype=torch.int64, device=device)] * 2 for s in strides]
+            per_level = self.anchor_generator.grid_anchors(grid_sizes, stride_tensors)
+            return torch.cat(per_level, dim=0), [a.shape[0] for a in per_level]
+
+        key = (tuple(map(tuple, grid_sizes)), tuple(strides), device)
+        anchors, num_per_level = cached_anchors(self.anchor_generator, key, build)
+        return [anchors for _ in images.image_sizes], list(num_per_level)
 
     def _anchor_strides(self, num_anchors_per_level: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         levels = per_level_values(range(len(num_anchors_per_level)), num_anchors_per_level, device, torch.int64)

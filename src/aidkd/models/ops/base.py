@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from aidkd.models.anchor_cache import cached_anchors
 from aidkd.models.targets import BETWEEN_THRESHOLDS, pad_per_image, per_level_values, unpad_per_image
 
 
@@ -142,7 +143,10 @@ def feature_strides(images: ImageList, features) -> list[int]:
 def shared_anchors(anchor_generator, images: ImageList, features: list[Tensor]) -> list[Tensor]:
     """torchvision's ``AnchorGenerator(images, features)``, whose anchors depend only on the padded batch size and
     the feature sizes: built once and shared by every image (the same tensor), not once per image."""
-    one = anchor_generator(ImageList(images.tensors, list(images.image_sizes[:1])), features)[0]
+    key = (tuple(images.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in features), features[0].dtype,
+           features[0].device)
+    one = cached_anchors(anchor_generator, key, lambda: anchor_generator(
+        ImageList(images.tensors, list(images.image_sizes[:1])), features)[0])
     return [one] * len(images.image_sizes)
 
 
