@@ -12,6 +12,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from aidkd.distill.head import HeadInputs
 from aidkd.distill.registry import build_method
 from aidkd.distill.teacher_cache import TeacherLossCache, share_across_ranks
 from aidkd.models.ops import (
+    assign_batch,
     assign_locations,
     detection_losses,
     extract_features,
@@ -30,11 +32,24 @@ from aidkd.models.ops import (
     get_ops,
     head_outputs,
     prepare_inputs,
+    same_assignment,
     teacher_loss_parts,
     teacher_losses,
 )
 
 log = logging.getLogger("aidkd.distill")
+
+
+class StepAssignment(NamedTuple):
+    """The student's assignment of its anchors / locations to a batch's boxes ([B, A]) and its anchors per level:
+    shared with the teacher's losses when both detectors assign alike (``same_assignment``)."""
+
+    matched: Tensor
+    num_per_level: list[int]
+
+    def of(self, idx: list[int] | None) -> StepAssignment:
+        """The assignment of images ``idx`` of the batch (all when ``None``)."""
+        return self if idx is None else StepAssignment(self.matched[idx], self.num_per_level)
 
 LOW_HIT_RATE = 0.5  #: teacher-loss cache hit rate after the first epoch below which ``end_epoch`` warns
 
@@ -113,6 +128,9 @@ class Distiller(nn.Module):
             raise ValueError("distillation needs at least one method (e.g. attention, nonlocal, fitnet, fgd)")
         self.uses_head = any(m.uses_head for m in self.methods.values())
         self.family = self._check_heads(sample_shape) if self.uses_head else None
+        # the teacher's losses and the head methods reuse the student's assignment of each step (it depends only on
+        # the boxes, the anchors and the assigner's settings, which are then the same)
+        self.shares_assignment = same_assignment(student, teacher) and (aid is not None or self.uses_head)
         if self.uses_head and aid is not None and aid.granularity == "level":
             raise ValueError("head methods (" + ", ".join(k for k, m in self.methods.items() if m.uses_head)
                              + ") take instance, image or batch AID weights; set distill.aid.granularity to one of them")
@@ -235,7 +253,7 @@ class Distiller(nn.Module):
         return self._teacher_terms(image_list, t_feats, targets, t_out, run_autocast)[:2]
 
     def _teacher_terms(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None,
-                       run_autocast: tuple[bool, torch.dtype] | None = None
+                       run_autocast: tuple[bool, torch.dtype] | None = None, assignment: StepAssignment | None = None
                        ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         """Per-instance teacher losses (and per-level ones for level AID); samples in the cache skip the head.
 
@@ -245,29 +263,34 @@ class Distiller(nn.Module):
         teacher's backbone under the run's autocast (``run_autocast``: (enabled, dtype), default the current one),
         like the batch's features. ``t_out``: the head's outputs on the whole batch (``FrozenTeacher.head_outputs``,
         computed so), reused instead of running the head again. With decoupled AID also the cls / box parts of the
-        per-instance losses (else ``None``)."""
+        per-instance losses (else ``None``). ``assignment``: the student's of this batch, used on the batch's own
+        padded size instead of assigning again (``shares_assignment``)."""
         device = image_list.tensors.device.type
         if run_autocast is None:
             run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
             return self._teacher_losses_fp32(ImageList(image_list.tensors.float(), image_list.image_sizes),
                                              OrderedDict((k, v.float()) for k, v in t_feats.items()), targets, t_out,
-                                             run_autocast)
+                                             run_autocast, assignment)
 
-    def _instance_losses(self, images: ImageList, feats, targets: list[dict], outputs: dict | None
+    def _instance_losses(self, images: ImageList, feats, targets: list[dict], outputs: dict | None,
+                         assignment: StepAssignment | None = None
                          ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
-        if outputs is None and self.decoupled:
+        if outputs is None and (self.decoupled or assignment is not None):
             outputs = self.teacher.head_outputs(images, feats)  # once for both reductions
+        if assignment is not None and outputs["num_per_level"] == assignment.num_per_level:
+            outputs = {**outputs, "matched": assignment.matched}
         tl = teacher_losses(self.teacher.model, images, feats, targets, outputs)
         parts = (teacher_loss_parts(self.teacher.model, images, feats, targets, outputs)
                  if self.decoupled else None)
         return tl.per_instance, tl.per_level, parts
 
     def _teacher_losses_fp32(self, image_list: ImageList, t_feats, targets: list[dict], t_out: dict | None = None,
-                             run_autocast: tuple[bool, torch.dtype] = (False, torch.float32)
+                             run_autocast: tuple[bool, torch.dtype] = (False, torch.float32),
+                             assignment: StepAssignment | None = None
                              ) -> tuple[list[Tensor], Tensor | None, dict[str, list[Tensor]] | None]:
         if self.loss_cache is None:
-            per_instance, per_level, parts = self._instance_losses(image_list, t_feats, targets, t_out)
+            per_instance, per_level, parts = self._instance_losses(image_list, t_feats, targets, t_out, assignment)
             per_level = per_level[self.levels.teacher_idx] if per_level is not None else None
             return per_instance, per_level, parts
         padded = tuple(image_list.tensors.shape[-2:])
@@ -283,19 +306,21 @@ class Distiller(nn.Module):
         # An entry holds the total per instance, or with decoupled AID (N, 3): total, cls, box.
         for shape, idx in groups.items():
             sizes = [image_list.image_sizes[i] for i in idx]
-            sub_out = None
+            sub_out = sub_assignment = None
             if shape == padded:
                 whole = len(idx) == len(targets)
                 sub_images = image_list if whole else ImageList(image_list.tensors[idx], sizes)
                 sub_feats = t_feats if whole else OrderedDict((k, v[idx]) for k, v in t_feats.items())
                 sub_out = t_out if whole else None
+                sub_assignment = None if assignment is None else assignment.of(None if whole else idx)
             else:
                 sub_images = ImageList(image_list.tensors[idx, :, :shape[0], :shape[1]].contiguous(), sizes)
                 enabled, dtype = run_autocast
                 with torch.autocast(sub_images.tensors.device.type, dtype=dtype, enabled=enabled):
                     sub_feats = self.teacher.features(sub_images)
                 sub_feats = OrderedDict((k, v.float()) for k, v in sub_feats.items())
-            per_instance, _, parts = self._instance_losses(sub_images, sub_feats, [targets[i] for i in idx], sub_out)
+            per_instance, _, parts = self._instance_losses(sub_images, sub_feats, [targets[i] for i in idx], sub_out,
+                                                           sub_assignment)
             for j, (i, losses) in enumerate(zip(idx, per_instance)):
                 if parts is not None:
                     losses = torch.stack([losses, parts["cls"][j], parts["box"][j]], dim=1)
@@ -362,7 +387,11 @@ class Distiller(nn.Module):
         image_list, targets = prepare_inputs(student, images, targets)
         s_feats = extract_features(student, image_list)
         # head methods: the student's head runs once, for its loss and the distillation
-        s_out = head_outputs(student, image_list, s_feats) if self.uses_head else None
+        s_out = head_outputs(student, image_list, s_feats) if self.uses_head or self.shares_assignment else None
+        assignment = None
+        if self.shares_assignment:  # assigned once: the student's loss, the teacher's losses, the head methods
+            s_out["matched"] = assign_batch(student, s_out, targets)
+            assignment = StepAssignment(s_out["matched"], list(s_out["num_per_level"]))
         losses = detection_losses(student, image_list, s_feats, targets, s_out)
 
         t_feats = self.teacher.features(image_list)
@@ -379,7 +408,7 @@ class Distiller(nn.Module):
             run_autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
             with torch.no_grad(), torch.autocast(device, enabled=False):
                 per_instance, per_level, parts = self._teacher_terms(image_list, t_feats, targets, t_out,
-                                                                     run_autocast)
+                                                                     run_autocast, assignment)
                 weights = self.aid.make(per_instance, per_level, boxes, [tuple(f.shape[-2:]) for f in s_sel],
                                         self.levels.strides, len(images))
                 pixel_w, image_w, level_w = weights
@@ -402,7 +431,12 @@ class Distiller(nn.Module):
         """The head methods' inputs: both heads' outputs, the student's assignment and the instance weights
         (instance AID: each box's weight, background 1; image / batch AID: the image's weight -- for batch the
         batch's mean -- everywhere; decoupled: separate cls / box weights)."""
-        matched = None if self.family == "fasterrcnn" else assign_locations(self.student, s_out, targets)
+        if self.family == "fasterrcnn":
+            matched = None
+        elif "matched" in s_out:
+            matched = list(s_out["matched"].unbind(0))
+        else:
+            matched = assign_locations(self.student, s_out, targets)
         cls_w = box_w = background = None
         if self.aid is not None:
             if self.aid.granularity in ("image", "batch"):

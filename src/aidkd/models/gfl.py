@@ -389,13 +389,15 @@ class GFL(nn.Module):
         head_outputs: dict[str, Tensor],
         anchors: list[Tensor],
         num_anchors_per_level: list[int],
-        matched_idxs: list[Tensor] | None = None,
+        matched_idxs: list[Tensor] | Tensor | None = None,
     ) -> GFLLossTerms:
-        """Per-location losses; ``matched_idxs`` defaults to :meth:`assign`'s."""
+        """Per-location losses; ``matched_idxs`` (per image [A], or stacked [B, A]) defaults to :meth:`assign`'s."""
         cls_logits = head_outputs["cls_logits"].float()  # [B, A, K]
         bbox_regression = head_outputs["bbox_regression"].float()  # [B, A, 4 * (reg_max + 1)]
-        matched = (self._assign_batch(targets, anchors, num_anchors_per_level) if matched_idxs is None
-                   else torch.stack(matched_idxs))  # [B, A]
+        if matched_idxs is None:
+            matched = self._assign_batch(targets, anchors, num_anchors_per_level)  # [B, A]
+        else:
+            matched = matched_idxs if isinstance(matched_idxs, Tensor) else torch.stack(matched_idxs)
         batch, num_locations = matched.shape
         pos = matched >= 0
         levels, strides = self._anchor_strides(num_anchors_per_level, cls_logits.device)

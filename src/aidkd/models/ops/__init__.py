@@ -53,10 +53,10 @@ from aidkd.models.targets import (
 
 __all__ = [
     "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "DetectorOps", "FCOSOps", "FasterRCNNOps", "GFLOps", "RetinaNetOps",
-    "TeacherLosses", "anchor_focal_terms", "assign_locations", "box_centres", "centres_in_boxes", "check_targets",
+    "TeacherLosses", "anchor_focal_terms", "assign_batch", "assign_locations", "box_centres", "centres_in_boxes", "check_targets",
     "decode_boxes", "detection_losses", "extract_features", "feature_strides", "get_ops", "head_outputs",
     "ignore_background", "ignore_boxes_of", "level_index", "per_instance_mean", "predict", "prepare_inputs",
-    "register_family", "teacher_loss_parts", "teacher_losses", "unwrap_model",
+    "register_family", "same_assignment", "teacher_loss_parts", "teacher_losses", "unwrap_model",
 ]
 
 _REGISTRY: dict[type, DetectorOps] = {}
@@ -143,6 +143,22 @@ def assign_locations(model: nn.Module, outputs: dict, targets: list[dict]) -> li
     check_targets(targets)
     with torch.no_grad():
         return get_ops(model).assign(unwrap_model(model), outputs, targets)
+
+
+def same_assignment(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two detectors assign the same anchors / locations to the same boxes whenever their feature sizes
+    agree (same family, anchor settings and assigner): then one assignment per step serves both (put it in
+    ``outputs["matched"]``, see :meth:`DetectorOps.assign_batch`)."""
+    ops_a, ops_b = get_ops(a), get_ops(b)
+    config = ops_a.assignment_config(unwrap_model(a))
+    return ops_a is ops_b and config is not None and config == ops_b.assignment_config(unwrap_model(b))
+
+
+def assign_batch(model: nn.Module, outputs: dict, targets: list[dict]) -> Tensor:
+    """:func:`assign_locations` as one Int64[B, A] tensor (no gradient; ``targets`` as :func:`detection_losses`
+    checks them)."""
+    with torch.no_grad():
+        return get_ops(model).assign_batch(unwrap_model(model), outputs, targets)
 
 
 def decode_boxes(model: nn.Module, outputs: dict) -> Tensor:

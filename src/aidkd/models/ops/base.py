@@ -103,6 +103,19 @@ class DetectorOps:
         loss uses): per image Int64[A], the box index, -1 background, -2 ignored background."""
         raise NotImplementedError(f"{type(self).__name__} has no dense assignment of locations to boxes")
 
+    def assign_batch(self, model: nn.Module, outputs: dict, targets: list[dict]) -> Tensor:
+        """:meth:`assign` as one Int64[B, A] tensor. ``outputs["matched"]``, when set (an assignment computed once
+        per step and shared: :func:`aidkd.models.ops.share_assignment`), is used instead by every loss of the
+        one-stage families."""
+        return torch.stack(self.assign(model, outputs, targets))
+
+    def assignment_config(self, model: nn.Module) -> tuple | None:
+        """Everything besides the input that :meth:`assign` depends on (anchor settings, assigner and its
+        parameters), hashable; two models with equal configs assign the same locations to the same boxes at the same
+        feature sizes. ``None`` (the default, and for an assigner or matcher this package does not know): never
+        shared."""
+        return None
+
     def decode_boxes(self, model: nn.Module, outputs: dict) -> Tensor:
         """[B, A, 4]: the box (xyxy, input-tensor pixels) the head predicts at every anchor / location."""
         raise NotImplementedError(f"{type(self).__name__} has no dense box predictions")
@@ -148,6 +161,12 @@ def shared_anchors(anchor_generator, images: ImageList, features: list[Tensor]) 
     one = cached_anchors(anchor_generator, key, lambda: anchor_generator(
         ImageList(images.tensors, list(images.image_sizes[:1])), features)[0])
     return [one] * len(images.image_sizes)
+
+
+def anchor_config(anchor_generator) -> tuple:
+    """What torchvision's ``AnchorGenerator`` builds its anchors from (besides the feature and input sizes)."""
+    return (type(anchor_generator).__name__, tuple(map(tuple, anchor_generator.sizes)),
+            tuple(map(tuple, anchor_generator.aspect_ratios)))
 
 
 def level_index(num_per_level: list[int], device) -> Tensor:

@@ -29,6 +29,7 @@ from aidkd.models.gfl_losses import giou_loss
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
+    anchor_config,
     batched_instance_terms,
     cls_box_split,
     focal_terms,
@@ -79,7 +80,15 @@ class FCOSOps(DetectorOps):
         return ignore_background_batch(matched, anchors_t, targets)
 
     def assign(self, model, outputs: dict, targets) -> list[Tensor]:
-        return self.match(model, outputs["anchors"], targets, outputs["num_per_level"])
+        return list(self.assign_batch(model, outputs, targets).unbind(0))
+
+    def assign_batch(self, model, outputs: dict, targets) -> Tensor:
+        if "matched" in outputs:
+            return outputs["matched"]
+        return self._match_batch(model, outputs["anchors"], targets, outputs["num_per_level"])
+
+    def assignment_config(self, model) -> tuple | None:
+        return ("fcos", anchor_config(model.anchor_generator), float(model.center_sampling_radius))
 
     def decode_boxes(self, model, outputs: dict) -> Tensor:
         return model.head.box_coder.decode(outputs["bbox_regression"].float(), torch.stack(outputs["anchors"]))
@@ -125,7 +134,7 @@ class FCOSOps(DetectorOps):
 
     def loss_terms(self, model, images, features, targets, outputs=None) -> tuple[FCOSTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        matched = self._match_batch(model, outputs["anchors"], targets, outputs["num_per_level"])  # [B, A]
+        matched = self.assign_batch(model, outputs, targets)  # [B, A]
         anchors = torch.stack(outputs["anchors"])
         boxes, _ = pad_per_image([t["boxes"] for t in targets])
         labels, _ = pad_per_image([t["labels"] for t in targets])

@@ -15,12 +15,14 @@ from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
+from aidkd.models.atss import ATSSAssigner
 from aidkd.models.gfl import GFL, GFLLossTerms
 from aidkd.models.gfl_losses import distance2bbox, integral
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
     _instance_term_means,
+    anchor_config,
     batched_instance_terms,
     cls_box_split,
     summed_terms,
@@ -41,7 +43,8 @@ class GFLOps(DetectorOps):
 
     def loss_terms(self, model: GFL, images: ImageList, features, targets, outputs=None) -> tuple[GFLLossTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
-        terms = model.compute_loss_terms(targets, outputs, outputs["anchors"], outputs["num_per_level"])
+        terms = model.compute_loss_terms(targets, outputs, outputs["anchors"], outputs["num_per_level"],
+                                         outputs.get("matched"))
         return terms, outputs
 
     def detection_losses(self, model: GFL, images: ImageList, features, targets, outputs=None) -> dict[str, Tensor]:
@@ -65,7 +68,18 @@ class GFLOps(DetectorOps):
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))
 
     def assign(self, model: GFL, outputs: dict, targets) -> list[Tensor]:
-        return model.assign(targets, outputs["anchors"], outputs["num_per_level"])
+        return list(self.assign_batch(model, outputs, targets).unbind(0))
+
+    def assign_batch(self, model: GFL, outputs: dict, targets) -> Tensor:
+        if "matched" in outputs:
+            return outputs["matched"]
+        return model._assign_batch(targets, outputs["anchors"], outputs["num_per_level"])
+
+    def assignment_config(self, model: GFL) -> tuple | None:
+        if type(model.assigner) is not ATSSAssigner:
+            return None
+        return ("gfl", anchor_config(model.anchor_generator), tuple(model.anchor_strides), model.assigner.topk,
+                model.assigner.min_inside)
 
     def decode_boxes(self, model: GFL, outputs: dict) -> Tensor:
         anchors = torch.stack(outputs["anchors"])

@@ -29,6 +29,7 @@ from aidkd.models.gfl_losses import giou_loss
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
+    anchor_config,
     batched_instance_terms,
     cls_box_split,
     focal_terms,
@@ -111,7 +112,17 @@ class RetinaNetOps(DetectorOps):
         return torch.stack(matched)
 
     def assign(self, model, outputs: dict, targets) -> list[Tensor]:
-        return self.match(model, outputs["anchors"], targets)
+        return list(self.assign_batch(model, outputs, targets).unbind(0))
+
+    def assign_batch(self, model, outputs: dict, targets) -> Tensor:
+        return outputs["matched"] if "matched" in outputs else self._match_batch(model, outputs["anchors"], targets)
+
+    def assignment_config(self, model) -> tuple | None:
+        m = model.proposal_matcher
+        if type(m) is not det_utils.Matcher:
+            return None
+        return ("retinanet", anchor_config(model.anchor_generator), m.high_threshold, m.low_threshold,
+                m.allow_low_quality_matches)
 
     def decode_boxes(self, model, outputs: dict) -> Tensor:
         regression = outputs["bbox_regression"].float()
@@ -123,7 +134,7 @@ class RetinaNetOps(DetectorOps):
     def loss_terms(self, model, images, features, targets, outputs=None) -> tuple[RetinaNetTerms, dict]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
         anchors = torch.stack(outputs["anchors"])  # [B, A, 4]
-        matched = self._match_batch(model, outputs["anchors"], targets)  # [B, A]
+        matched = outputs["matched"] if "matched" in outputs else self._match_batch(model, outputs["anchors"], targets)
         reg_head = model.head.regression_head
         loss_type = getattr(reg_head, "_loss_type", "l1")
         # every anchor's box and class from the padded targets: no loop over images, no boolean indexing
