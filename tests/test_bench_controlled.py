@@ -389,3 +389,10 @@ def test_analysis_of_a_teacher_that_finds_nothing_prints_na(ctl):
     assert summary["auc_found_vs_missed"] is None
     lines = "\n".join(ctl.analysis_lines(summary, "Car", rows))
     assert "found vs missed: n/a" in lines and "| 0.1 | 0.74-0.74 | n/a | 0.741 |" in lines
+
+
+def test_missing_analysis_says_when_it_runs(ctl):
+    """A plan without an AID variant (the strength sweep) has a finished teacher but no analysis: the results said
+    the teacher had not finished."""
+    text = " ".join(ctl.analysis_lines(None, "Car", None))
+    assert "AID variant" in text and "did not finish" not in text
