@@ -182,3 +182,50 @@ def test_the_training_step_and_callbacks_see_the_batch_the_model_trains_on(synth
     assert all(t["scale"] == 0.75 and t["scale_xy"] == (0.75, 0.75) for t in targets)
     boxes = torch.cat([torch.cat([t["boxes"], t["ignore_boxes"]]) for t in targets])
     assert boxes.numel() and bool((boxes[:, 2:] <= torch.tensor([144.0, 48.0])).all())
+
+
+def test_same_size_images_are_resized_in_one_call_with_each_sample_s_result():
+    """A batch's uint8 images of one size go through one interpolation (KITTI's batches: one call, not one per
+    image); every sample equals resizing it alone, bit for bit, images of another size and float images too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aidkd.data import resize_sample, resize_samples
+
+    class Interpolations(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "upsample_bilinear2d" in func.overloadpacket.__name__:
+                type(self).calls += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+
+    def sample(h, w, dtype=torch.uint8):
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        boxes = torch.rand(3, 4, generator=g) * torch.tensor([w / 2, h / 2, w / 2, h / 2])
+        boxes[:, 2:] += boxes[:, :2] + 1
+        return (image if dtype == torch.uint8 else image.float() / 255), {"boxes": boxes, "ignore_boxes": boxes[:1]}
+
+    batch = [sample(83, 247), sample(83, 247), sample(60, 200), sample(83, 247), sample(48, 143, torch.float32)]
+    images, targets = [im for im, _ in batch], [t for _, t in batch]
+    with Interpolations():
+        got_images, got_targets = resize_samples(images, targets, MIN_SIZE, MAX_SIZE)
+    assert Interpolations.calls == 2  # one per size: 83x247 (three images) and 60x200
+    for (image, target), got_image, got_target in zip(batch, got_images, got_targets):
+        if image.dtype != torch.uint8:
+            assert got_image is image and got_target is target  # ready as it is
+            continue
+        want_image, want_target = resize_sample(image, target, MIN_SIZE, MAX_SIZE)
+        assert torch.equal(got_image, want_image)
+        assert want_target.keys() == got_target.keys()
+        for key in ("boxes", "ignore_boxes"):
+            assert torch.equal(got_target[key], want_target[key])
+        assert got_target["scale_xy"] == want_target["scale_xy"]
+
+
+def test_scaling_boxes_by_python_numbers_gives_the_factor_tensor_s_values():
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.rand(50, 4, generator=g) * 1000
+    for sx, sy in ((0.5783132530120482, 0.5789473684210527), (1 / 3, 2.7), (1.0, 1.0)):
+        assert torch.equal(scale_boxes(boxes, sx, sy), boxes * torch.tensor([sx, sy, sx, sy]))

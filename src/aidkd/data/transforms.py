@@ -56,14 +56,16 @@ def resize_image(img: Image.Image, min_size: int, max_size: int) -> tuple[Image.
 
 def resize_tensor(image: torch.Tensor, min_size: int, max_size: int
                   ) -> tuple[torch.Tensor, float, tuple[float, float]]:
-    """Resize a float CHW image keep-ratio with the interpolation of torchvision's ``GeneralizedRCNNTransform``
-    (bilinear, ``align_corners=False``, no antialiasing), so training images are made the way the model (and its
-    ONNX graph) resizes at inference. Returns ``(image, scale, (sx, sy))`` as :func:`resize_image`."""
+    """Resize a float CHW image (or a batch of same-size images, NCHW) keep-ratio with the interpolation of
+    torchvision's ``GeneralizedRCNNTransform`` (bilinear, ``align_corners=False``, no antialiasing), so training
+    images are made the way the model (and its ONNX graph) resizes at inference. Returns ``(image, scale, (sx,
+    sy))`` as :func:`resize_image`."""
     h, w = image.shape[-2:]
     nh, nw, s = resized_size(h, w, min_size, max_size)
     if (nh, nw) != (h, w):
-        image = torch.nn.functional.interpolate(image[None], size=(nh, nw), mode="bilinear",
-                                                align_corners=False)[0]
+        batch = image if image.dim() == 4 else image[None]
+        batch = torch.nn.functional.interpolate(batch, size=(nh, nw), mode="bilinear", align_corners=False)
+        image = batch if image.dim() == 4 else batch[0]
     return image, s, (nw / w, nh / h)
 
 
@@ -78,13 +80,16 @@ def resize_sample(image: torch.Tensor, target: dict, min_size: int, max_size: in
     if image.dtype == torch.uint8:
         image = image_to_float(image)
     image, scale, (sx, sy) = resize_tensor(image, min_size, max_size)
-    nh, nw = image.shape[-2:]
+    return image, _scaled_target(target, scale, sx, sy, *image.shape[-2:])
+
+
+def _scaled_target(target: dict, scale: float, sx: float, sy: float, height: int, width: int) -> dict:
     out = dict(target)
     for key in PIXEL_FIELDS:
         if isinstance(out.get(key), torch.Tensor):
-            out[key] = clip_boxes(scale_boxes(out[key], sx, sy), nh, nw)
+            out[key] = clip_boxes(scale_boxes(out[key], sx, sy), height, width)
     out["scale"], out["scale_xy"] = float(scale), (float(sx), float(sy))
-    return image, out
+    return out
 
 
 def resize_samples(images: list[torch.Tensor], targets: list[dict], min_size: int, max_size: int
@@ -93,16 +98,28 @@ def resize_samples(images: list[torch.Tensor], targets: list[dict], min_size: in
     original size, boxes in its pixels) through :func:`resize_sample`, where it lies (on the device after the
     transfer). Float images are ready (the dataset resized them, or the model's transform will) and stay as they
     are."""
-    pairs = [resize_sample(im, t, min_size, max_size) if im.dtype == torch.uint8 else (im, t)
-             for im, t in zip(images, targets)]
-    return [im for im, _ in pairs], [t for _, t in pairs]
+    images, targets = list(images), list(targets)
+    # images of one size (most of a KITTI batch) are made float and resized in one call, not one call each
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        if im.dtype == torch.uint8:
+            groups.setdefault(tuple(im.shape), []).append(i)
+    for idx in groups.values():
+        stacked = image_to_float(torch.stack([images[i] for i in idx]))
+        resized, scale, (sx, sy) = resize_tensor(stacked, min_size, max_size)
+        for i, image in zip(idx, resized.unbind(0)):
+            images[i], targets[i] = image, _scaled_target(targets[i], scale, sx, sy, *image.shape[-2:])
+    return images, targets
 
 
 def scale_boxes(boxes: torch.Tensor, sx: float, sy: float | None = None) -> torch.Tensor:
     """Multiply xyxy boxes by per-axis factors (``sy`` defaults to ``sx``), on the boxes' device."""
     sy = sx if sy is None else sy
-    f = torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device=boxes.device)
-    return boxes * f
+    # by Python scalars: a factor tensor made on the host would be a blocking copy to the device per call
+    out = boxes.clone()
+    out[..., 0::2] *= sx
+    out[..., 1::2] *= sy
+    return out
 
 
 def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
