@@ -27,10 +27,10 @@ def _inputs(model, height, width):
     return images, feats
 
 
-@pytest.mark.parametrize("arch", ["gfl", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["gfl", "retinanet", "fcos", "fasterrcnn"])
 def test_cached_anchors_equal_fresh_ones_at_alternating_sizes_and_cost_no_ops(arch):
     model = build_detector(arch, "resnet18", 4, min_size=64, max_size=192, fpn_channels=16).eval()
-    gen = model.anchor_generator
+    gen = model.rpn.anchor_generator if arch == "fasterrcnn" else model.anchor_generator
 
     def anchors(images, feats):
         if arch == "gfl":

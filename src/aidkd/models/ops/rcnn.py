@@ -36,6 +36,7 @@ from aidkd.models.ops.base import (
     level_index,
     per_instance_parts,
     per_instance_totals,
+    shared_anchors,
 )
 from aidkd.models.targets import (
     BELOW_LOW_THRESHOLD,
@@ -87,7 +88,7 @@ class FasterRCNNOps(DetectorOps):
         rpn = model.rpn
         feats = list(features.values())
         objectness, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(images, feats)
+        anchors = shared_anchors(rpn.anchor_generator, images, feats)
         num_images = len(anchors)
         num_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
