@@ -467,8 +467,8 @@ def analysis_lines(summary: dict | None, subset_class: str, rows: list[dict] | N
     """The instance analysis of the teacher: found / missed and, the question here, does w single out the subset
     (``affected`` rows) against the ``rest`` rows (default: every other row)?"""
     if summary is None:
-        return ["Instance analysis: not available (it runs once the teacher has finished and an AID variant is "
-                "planned: it analyses the teacher with that variant's AID settings).", ""]
+        return [("Instance analysis: not available (it runs once the teacher has finished and an AID variant is "
+                "planned: it analyses the teacher with that variant's AID settings)."), ""]
     from aidkd.eval.instances import roc_auc, weight_at
 
     lines = ["## Instance analysis of the teacher (clean val labels, `aidkd analyze`)", "",

@@ -118,6 +118,10 @@ class StepCounter:
         self.ops: Counter[str] = Counter()
         self.views: Counter[str] = Counter()  # of which views (no kernel: a new tensor header on the same memory)
         self.rest_by_caller: Counter[str] = Counter()
+        # the rest's ops by pass (forward / backward) and kind (kernel / view): the forward kernels are what the
+        # step launches outside the backbones, heads, backward and optimizer
+        self.rest_split: Counter[str] = Counter()
+        self._in_backward = False
         self.syncs: list[tuple[str, str]] = []
         self.host_copies: list[str] = []
         self.where = where
@@ -152,6 +156,7 @@ class StepCounter:
 
     def _current_part(self) -> str:
         node = torch._C._current_autograd_node()
+        self._in_backward = node is not None
         if node is not None:  # in backward
             if type(node).__name__ == "AccumulateGrad" or node.metadata.get("aidkd_part") == "model":
                 return "model"
@@ -163,6 +168,9 @@ class StepCounter:
         self.ops[part] += 1
         if func.is_view:
             self.views[part] += 1
+        if part == "rest":
+            self.rest_split[f"{'backward' if self._in_backward else 'forward'}_"
+                            f"{'views' if func.is_view else 'kernels'}"] += 1
         if part == "rest" and self.where:
             self.rest_by_caller[_caller()] += 1
         if is_sync(func, args, kwargs):
@@ -203,7 +211,7 @@ class StepCounter:
     def summary(self) -> dict:
         device = [s for s in self.syncs if s not in HOST_ONLY_READS]
         return {"ops": dict(self.ops), "total_ops": sum(self.ops.values()), "views": dict(self.views),
-                "syncs": len(device),
+                "rest_split": dict(self.rest_split), "syncs": len(device),
                 "host_only_reads": len(self.syncs) - len(device),
                 "sync_sources": dict(Counter(f"{op} @ {where}" for op, where in device).most_common()),
                 "host_copies": len(self.host_copies),
@@ -416,19 +424,23 @@ def markdown(res: dict, args) -> str:
              "`DetectionTask.training_step`, backward, gradient clipping, SGD.")
     legend = ("`model`: backbones' and heads' forward (student and teacher) and backward, gradient accumulation; "
               "`transform`: torchvision's normalise + pad (per image); `optimizer`: clipping + SGD; `rest`: "
-              "everything else (targets, assignment, losses, AID weights, distillation terms, their backward). "
+              "everything else (targets, assignment, losses, AID weights, distillation terms, their backward); "
+              "`of which forward kernels`: the rest's forward ops that launch a kernel (no views, no backward). "
               "A sync is an op that reads a device value on the host (benchmarks/host_overhead.py's docstring). Host "
               "copies: tensors made from host data in the step (`torch.tensor`, `as_tensor`); on CUDA a plain copy "
               "waits for the device's queue, one from pinned memory (`aidkd.models.targets.host_tensor`) does not; "
               "the CPU proxy counts both.")
     lines = ["# Host overhead of one training step (CPU proxy)", "", f"Command: `{res['command']}`  ", head, "",
              setup, "", legend, "", "## Ops and syncs per step", "",
-             "| family / variant / batch | total ops | model | transform | optimizer | rest | syncs | host copies |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| family / variant / batch | total ops | model | transform | optimizer | rest | of which forward "
+              "kernels | syncs | host copies |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, c in res["counts"].items():
         o = c["ops"]
+        fwd = c.get("rest_split", {}).get("forward_kernels", "n/a")
         lines.append(f"| {key} | {c['total_ops']} | {o.get('model', 0)} | {o.get('transform', 0)} | "
-                     f"{o.get('optimizer', 0)} | {o.get('rest', 0)} | {c['syncs']} | {c.get('host_copies', 'n/a')} |")
+                     f"{o.get('optimizer', 0)} | {o.get('rest', 0)} | {fwd} | {c['syncs']} | "
+                     f"{c.get('host_copies', 'n/a')} |")
     lines += ["", "## Batch growth", "", ratio_table(res, args), ""]
     if res["times"]:
         lines += ["## Step time split (torch.profiler, CPU)", "",
