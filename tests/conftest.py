@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aidkd.data import generate_synth
 
@@ -97,3 +98,22 @@ def confident_retinanet_file(path, classes: list[str], height: int, width: int):
                 p.fill_(-2.0)
                 p.view(-1, len(classes) + 1)[:, 0] = -20.0
     return save_model_file(path, model, model_meta(model, classes, height, width, {}))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (``with OpCounter() as c:``): ``ops`` all of them, ``kernels``
+    those that are not views, ``named(part)`` those whose name contains ``part``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.kernels = 0
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.kernels += not func.is_view
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def named(self, part: str) -> int:
+        return sum(part in n for n in self.names)

@@ -297,24 +297,14 @@ def test_all_levels_at_once_equal_each_level_and_image_alone():
 def test_instance_maps_of_five_levels_cost_the_ops_of_one():
     """AID's instance maps were built level by level (~75 aten ops per level and step, each a kernel launch on a
     GPU): all levels now share one batched op set, so five levels launch no more kernels than one."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.kernels = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.kernels += 1
-            return func(*args, **(kwargs or {}))
+    from tests.conftest import OpCounter
 
     weighting = AIDWeighting("instance")
     shapes, strides = [(12, 40), (6, 20), (3, 10), (2, 5), (1, 3)], [8, 16, 32, 64, 128]
     counts = {}
     for levels in (1, 5):
         weighting.make(LOSSES, None, BOXES, shapes[:levels], strides[:levels], 2)  # constants built once
-        with Count() as c:
+        with OpCounter() as c:
             weighting.make(LOSSES, None, BOXES, shapes[:levels], strides[:levels], 2)
         counts[levels] = c.kernels
     assert counts[5] == counts[1] < 100, counts

@@ -4,28 +4,18 @@ The losses are those of assigning separately, to the bit; a teacher that assigns
 import pytest
 import torch
 from test_distill_head import H, W, make_batch, make_distiller
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from aidkd.distill import AIDWeighting
 from aidkd.models import build_detector
 from aidkd.models.atss import ATSSAssigner
 from aidkd.models.ops import same_assignment
-
-
-class CountCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
+from tests.conftest import OpCounter
 
 
 def _losses(d, images, targets, share):
     d.shares_assignment = share
     torch.manual_seed(1)
-    with CountCalls() as count:
+    with OpCounter() as count:
         out = d(images, targets)
     return {k: v.detach() for k, v in out.items()}, count.ops
 

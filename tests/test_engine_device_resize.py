@@ -187,17 +187,8 @@ def test_the_training_step_and_callbacks_see_the_batch_the_model_trains_on(synth
 def test_same_size_images_are_resized_in_one_call_with_each_sample_s_result():
     """A batch's uint8 images of one size go through one interpolation (KITTI's batches: one call, not one per
     image); every sample equals resizing it alone, bit for bit, images of another size and float images too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from aidkd.data import resize_sample, resize_samples
-
-    class Interpolations(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "upsample_bilinear2d" in func.overloadpacket.__name__:
-                type(self).calls += 1
-            return func(*args, **(kwargs or {}))
+    from tests.conftest import OpCounter
 
     g = torch.Generator().manual_seed(0)
 
@@ -209,9 +200,9 @@ def test_same_size_images_are_resized_in_one_call_with_each_sample_s_result():
 
     batch = [sample(83, 247), sample(83, 247), sample(60, 200), sample(83, 247), sample(48, 143, torch.float32)]
     images, targets = [im for im, _ in batch], [t for _, t in batch]
-    with Interpolations():
+    with OpCounter() as count:
         got_images, got_targets = resize_samples(images, targets, MIN_SIZE, MAX_SIZE)
-    assert Interpolations.calls == 2  # one per size: 83x247 (three images) and 60x200
+    assert count.named("upsample_bilinear2d") == 2  # one per size: 83x247 (three images) and 60x200
     for (image, target), got_image, got_target in zip(batch, got_images, got_targets):
         if image.dtype != torch.uint8:
             assert got_image is image and got_target is target  # ready as it is

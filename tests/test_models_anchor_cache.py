@@ -2,22 +2,12 @@
 every size a run alternates between, and no aten op for a size seen before."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
 from aidkd.models import build_detector
 from aidkd.models.anchor_cache import CACHE_SIZE
 from aidkd.models.ops.base import shared_anchors
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
+from tests.conftest import OpCounter
 
 
 def _inputs(model, height, width):
@@ -46,7 +36,7 @@ def test_cached_anchors_equal_fresh_ones_at_alternating_sizes_and_cost_no_ops(ar
     expected = {s: [a.clone() for a in fresh(*inputs[s])] for s in set(sizes)}
     gen.__dict__.pop("_aidkd_anchor_cache")
     for i, s in enumerate(sizes):
-        with CountOps() as count:
+        with OpCounter() as count:
             got = anchors(*inputs[s])
         assert (count.ops == 0) == (s in sizes[:i])  # a size seen before runs nothing
         assert len(got) == 2 and all(torch.equal(a, e) for a, e in zip(got, expected[s]))
