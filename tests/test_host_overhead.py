@@ -74,3 +74,28 @@ def test_ops_are_attributed_to_the_package_not_to_a_folder_named_aidkd(bench):
     from aidkd.models import targets
 
     assert bench.PACKAGE_DIR + "models/targets.py" == targets.__file__
+
+
+def test_faster_rcnn_teacher_rpn_reduction_reads_nothing_from_the_device(bench, batch8):
+    """The RPN half of Faster R-CNN's per-instance teacher losses was reduced image by image (boolean indexing,
+    bincount and the fallback's count: four syncs per image); the batch shares its anchors, so it is one padded
+    reduction now. (The RoI half keeps per-image RoI sets.)"""
+    from aidkd.models import build_detector
+    from aidkd.models.ops import get_ops, head_outputs, prepare_inputs
+    from aidkd.models.ops.base import summed_terms
+
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", "resnet18", 4, min_size=64, max_size=192, fpn_channels=16).eval()
+    images, targets = batch8
+    ops = get_ops(model)
+    with torch.no_grad():
+        image_list, prepared = prepare_inputs(model, images, targets)
+        outputs = head_outputs(model, image_list, model.backbone(image_list.tensors))
+        rpn = ops.rpn_terms(model, outputs, prepared, sample=False)
+        counter = bench.StepCounter([])
+        with counter:
+            means = ops._rpn_instance_means(model, rpn, outputs, prepared, summed_terms)["total"]
+        counter.close()
+    assert counter.summary()["syncs"] == 0, counter.summary()["sync_sources"]
+    assert [m.shape[0] for m in means] == [t["boxes"].shape[0] for t in prepared]
+    assert all(torch.isfinite(m).all() for m in means)

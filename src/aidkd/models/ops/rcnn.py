@@ -33,10 +33,13 @@ from torchvision.ops import boxes as box_ops
 from aidkd.models.ops.base import (
     DetectorOps,
     TeacherLosses,
+    batched_instance_terms,
+    cls_box_split,
     level_index,
     per_instance_parts,
     per_instance_totals,
     shared_anchors,
+    summed_terms,
 )
 from aidkd.models.targets import (
     BELOW_LOW_THRESHOLD,
@@ -230,7 +233,7 @@ class FasterRCNNOps(DetectorOps):
     def teacher_losses(self, model, images, features, targets, outputs=None) -> TeacherLosses:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
         rpn, roi = self._teacher_terms(model, images, features, targets, outputs)
-        rpn_means = per_instance_totals(*self._rpn_instance_terms(model, rpn, outputs, targets))
+        rpn_means = self._rpn_instance_means(model, rpn, outputs, targets, summed_terms)["total"]
         roi_means = per_instance_totals(*self._roi_instance_terms(roi, targets))
         per_instance = [a + b for a, b in zip(rpn_means, roi_means)]
         # per level: positive RPN anchors of each level / all positive RPN anchors, + the positive-RoI loss mean
@@ -249,7 +252,7 @@ class FasterRCNNOps(DetectorOps):
         and fallbacks as :meth:`teacher_losses` (each of its two means split in two)."""
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)
         rpn, roi = self._teacher_terms(model, images, features, targets, outputs)
-        rpn_parts = per_instance_parts(*self._rpn_instance_terms(model, rpn, outputs, targets))
+        rpn_parts = self._rpn_instance_means(model, rpn, outputs, targets, cls_box_split)
         roi_parts = per_instance_parts(*self._roi_instance_terms(roi, targets))
         return {k: [a + b for a, b in zip(rpn_parts[k], roi_parts[k])] for k in ("cls", "box")}
 
@@ -259,11 +262,34 @@ class FasterRCNNOps(DetectorOps):
         roi = self.roi_terms(model, images, features, outputs["proposals"], targets, sample=False)
         return rpn, roi
 
-    def _rpn_instance_terms(self, model, rpn: RPNTerms, outputs, targets):
-        """Arguments of ``per_instance_totals`` / ``per_instance_parts`` for the RPN stage (objectness is cls)."""
+    def _rpn_instance_means(self, model, rpn: RPNTerms, outputs, targets, view) -> dict[str, list[Tensor]]:
+        """Per box, the mean of the RPN terms (objectness is cls) over its anchors, with the fallback: batched over
+        images when they share their anchors (always, with the per-size anchor cache), per image otherwise."""
+        anchors = outputs["anchors"]
+        if all(a is anchors[0] for a in anchors):
+            per_anchor = {"cls": torch.stack(rpn.objectness), "box": torch.stack(rpn.box)}
+            return batched_instance_terms(per_anchor, torch.stack(rpn.matched_idxs), targets, lambda boxes, labels:
+                                          self._fallback_terms_batch(model, outputs, boxes), view)
         per_anchor = [{"cls": o, "box": b} for o, b in zip(rpn.objectness, rpn.box)]
-        return per_anchor, rpn.matched_idxs, targets, lambda i, which: self._fallback_terms(
-            model, outputs, i, targets[i], which)
+        means = (per_instance_totals if view is summed_terms else per_instance_parts)(
+            per_anchor, rpn.matched_idxs, targets, lambda i, which: self._fallback_terms(
+                model, outputs, i, targets[i], which))
+        return {"total": means} if view is summed_terms else means
+
+    def _fallback_terms_batch(self, model, outputs, boxes: Tensor) -> dict[str, Tensor]:
+        """:meth:`_fallback_terms` of every box of the padded batch (``[B, M, 4]``): ``{name: [B, M]}``."""
+        rpn = model.rpn
+        anchors = outputs["anchors"][0]
+        batch, num = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4).to(anchors.dtype)
+        best = box_ops.box_iou(flat, anchors).argmax(dim=1)  # [B * M]
+        image = torch.arange(batch, device=anchors.device).repeat_interleave(num, output_size=batch * num)
+        obj = F.binary_cross_entropy_with_logits(outputs["objectness"][image, best].float(),
+                                                 torch.ones_like(best, dtype=torch.float32), reduction="none")
+        target_deltas = rpn.box_coder.encode_single(flat, anchors[best])
+        box = F.smooth_l1_loss(outputs["rpn_deltas"][image, best].float(), target_deltas, beta=SMOOTH_L1_BETA,
+                               reduction="none").sum(-1)
+        return {"cls": obj.view(batch, num), "box": box.view(batch, num)}
 
     @staticmethod
     def _roi_instance_terms(roi: RoITerms, targets):
