@@ -222,8 +222,9 @@ def weakening_advice(summary: dict) -> str:
              f" ({s['mean_found']:.2f} on the instances the teacher finds, {s['mean_missed']:.2f} on those it misses)")
     return (f"What to expect: at alpha {summary['alpha']:g} AID scales the distillation terms by {s['mean']:.2f} on "
             f"average{where}. In a controlled test with a teacher wrong on a known subset, AID acted as "
-            "teacher-aware weakening: it did not protect the student on that subset more than KD weakened uniformly "
-            "by the same mean weight (docs/results.md, controlled experiment). Before crediting AID's weighting, "
+            "teacher-aware weakening: it did not protect the student on that subset more than the same distillation "
+            "(feature or head terms) weakened uniformly by the same mean weight (docs/results.md, controlled "
+            "experiment). Before crediting AID's weighting, "
             f"compare it with KD at distill.loss_scale x {s['mean']:.2f} (or distill.aid.granularity: batch).")
 
 
