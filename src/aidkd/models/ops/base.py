@@ -101,13 +101,13 @@ class DetectorOps:
     def assign(self, model: nn.Module, outputs: dict, targets: list[dict]) -> list[Tensor]:
         """The model's own assignment of its anchors / locations to the boxes of ``targets`` (the one its training
         loss uses): per image Int64[A], the box index, -1 background, -2 ignored background."""
-        raise NotImplementedError(f"{type(self).__name__} has no dense assignment of locations to boxes")
+        return list(self.assign_batch(model, outputs, targets).unbind(0))
 
     def assign_batch(self, model: nn.Module, outputs: dict, targets: list[dict]) -> Tensor:
         """:meth:`assign` as one Int64[B, A] tensor. ``outputs["matched"]``, when set (an assignment computed once
-        per step and shared: :func:`aidkd.models.ops.share_assignment`), is used instead by every loss of the
+        per step and shared: :func:`aidkd.models.ops.same_assignment`), is used instead by every loss of the
         one-stage families."""
-        return torch.stack(self.assign(model, outputs, targets))
+        raise NotImplementedError(f"{type(self).__name__} has no dense assignment of locations to boxes")
 
     def assignment_config(self, model: nn.Module) -> tuple | None:
         """Everything besides the input that :meth:`assign` depends on (anchor settings, assigner and its

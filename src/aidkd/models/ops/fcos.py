@@ -79,9 +79,6 @@ class FCOSOps(DetectorOps):
         matched = self._match_padded(model, anchors_t, boxes, valid, num_per_level)
         return ignore_background_batch(matched, anchors_t, targets)
 
-    def assign(self, model, outputs: dict, targets) -> list[Tensor]:
-        return list(self.assign_batch(model, outputs, targets).unbind(0))
-
     def assign_batch(self, model, outputs: dict, targets) -> Tensor:
         if "matched" in outputs:
             return outputs["matched"]

@@ -67,9 +67,6 @@ class GFLOps(DetectorOps):
     def predict(self, model: GFL, images: ImageList, features, outputs=None) -> list[dict[str, Tensor]]:
         return self._postprocess_by_level(model, images, features, outputs, ("cls_logits", "bbox_regression"))
 
-    def assign(self, model: GFL, outputs: dict, targets) -> list[Tensor]:
-        return list(self.assign_batch(model, outputs, targets).unbind(0))
-
     def assign_batch(self, model: GFL, outputs: dict, targets) -> Tensor:
         if "matched" in outputs:
             return outputs["matched"]

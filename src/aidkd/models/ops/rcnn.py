@@ -263,21 +263,15 @@ class FasterRCNNOps(DetectorOps):
         return rpn, roi
 
     def _rpn_instance_means(self, model, rpn: RPNTerms, outputs, targets, view) -> dict[str, list[Tensor]]:
-        """Per box, the mean of the RPN terms (objectness is cls) over its anchors, with the fallback: batched over
-        images when they share their anchors (always, with the per-size anchor cache), per image otherwise."""
-        anchors = outputs["anchors"]
-        if all(a is anchors[0] for a in anchors):
-            per_anchor = {"cls": torch.stack(rpn.objectness), "box": torch.stack(rpn.box)}
-            return batched_instance_terms(per_anchor, torch.stack(rpn.matched_idxs), targets, lambda boxes, labels:
-                                          self._fallback_terms_batch(model, outputs, boxes), view)
-        per_anchor = [{"cls": o, "box": b} for o, b in zip(rpn.objectness, rpn.box)]
-        means = (per_instance_totals if view is summed_terms else per_instance_parts)(
-            per_anchor, rpn.matched_idxs, targets, lambda i, which: self._fallback_terms(
-                model, outputs, i, targets[i], which))
-        return {"total": means} if view is summed_terms else means
+        """Per box, the mean of the RPN terms (objectness is cls) over its anchors, with the fallback; one padded
+        reduction for the batch (its images share their anchors: ``shared_anchors``)."""
+        per_anchor = {"cls": torch.stack(rpn.objectness), "box": torch.stack(rpn.box)}
+        return batched_instance_terms(per_anchor, torch.stack(rpn.matched_idxs), targets, lambda boxes, labels:
+                                      self._fallback_terms_batch(model, outputs, boxes), view)
 
     def _fallback_terms_batch(self, model, outputs, boxes: Tensor) -> dict[str, Tensor]:
-        """:meth:`_fallback_terms` of every box of the padded batch (``[B, M, 4]``): ``{name: [B, M]}``."""
+        """Objectness BCE and smooth-L1 of every box of the padded batch (``[B, M, 4]``) at its best-IoU anchor, taken
+        as matched to it: ``{name: [B, M]}``."""
         rpn = model.rpn
         anchors = outputs["anchors"][0]
         batch, num = boxes.shape[:2]
@@ -297,19 +291,6 @@ class FasterRCNNOps(DetectorOps):
         matched = [torch.where(lab > 0, m, torch.full_like(m, -1)) for m, lab in zip(roi.matched_idxs, roi.labels)]
         per_roi = [{"cls": c, "box": b} for c, b in zip(roi.cls, roi.box)]
         return per_roi, matched, targets, None
-
-    def _fallback_terms(self, model, outputs, i, target, which: Tensor) -> dict[str, Tensor]:
-        """Objectness BCE and smooth-L1 of boxes ``which`` at their best-IoU anchors, taken as matched to them."""
-        rpn = model.rpn
-        anchors = outputs["anchors"][i]
-        boxes = target["boxes"][which].to(anchors.dtype)
-        best = box_ops.box_iou(boxes, anchors).argmax(dim=1)
-        obj = F.binary_cross_entropy_with_logits(outputs["objectness"][i][best].float(),
-                                                 torch.ones_like(best, dtype=torch.float32), reduction="none")
-        target_deltas = rpn.box_coder.encode_single(boxes, anchors[best])
-        box = F.smooth_l1_loss(outputs["rpn_deltas"][i][best].float(), target_deltas, beta=SMOOTH_L1_BETA,
-                               reduction="none").sum(-1)
-        return {"cls": obj, "box": box}
 
     def predict(self, model, images, features, outputs=None) -> list[dict[str, Tensor]]:
         outputs = outputs if outputs is not None else self.head_outputs(model, images, features)

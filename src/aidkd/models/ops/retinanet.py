@@ -111,9 +111,6 @@ class RetinaNetOps(DetectorOps):
             matched.append(ignore_background(m, anchors_i, ignore_boxes_of(t)))
         return torch.stack(matched)
 
-    def assign(self, model, outputs: dict, targets) -> list[Tensor]:
-        return list(self.assign_batch(model, outputs, targets).unbind(0))
-
     def assign_batch(self, model, outputs: dict, targets) -> Tensor:
         return outputs["matched"] if "matched" in outputs else self._match_batch(model, outputs["anchors"], targets)
 
